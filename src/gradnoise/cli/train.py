@@ -1,0 +1,5 @@
+"""`gradnoise train …` sub-commands."""
+
+
+def register(commands) -> None:
+    """Add this module's sub-commands to the `gradnoise` parser."""
