@@ -89,7 +89,8 @@ def add_noise_(tensors: list[torch.Tensor], sigma, seed: int) -> None:
         tuple(t.numel() for t in contiguous), device)
     if total > _MAX_ELEMENTS:
         raise ValueError(f"fused noise kernel handles at most {_MAX_ELEMENTS} elements per call, got {total}")
-    addresses = torch.tensor([t.data_ptr() for t in contiguous], dtype=torch.int64).to(device, non_blocking=True)
+    addresses = torch.tensor([t.data_ptr() for t in contiguous], dtype=torch.int64)
+    addresses = addresses.to(device, non_blocking=True)
     if isinstance(sigma, torch.Tensor):
         sigma_tensor = sigma.reshape(1).to(device=device, dtype=torch.float32)
     else:

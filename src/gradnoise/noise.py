@@ -210,7 +210,9 @@ class GradientNoise:
         attach: bool = True,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UserError(f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise UserError(
+                f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if isinstance(schedule, str):
             schedule = schedules.parse(schedule)
         if not isinstance(schedule, schedules.Schedule):
@@ -229,7 +231,7 @@ class GradientNoise:
         self.track_stats = track_stats
         self.step = 0
         self.last_stats: dict[str, float] = {}
-        self._sigma: float | torch.Tensor = schedule(0) if not isinstance(schedule, schedules.Relative) else 0.0
+        self._sigma: float | torch.Tensor = 0.0
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: dict = {}
         self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
@@ -240,7 +242,7 @@ class GradientNoise:
 
     @property
     def sigma(self) -> float:
-        """σ used at the last step (for relative mode: after scaling by RMS(g))."""
+        """σ used at the last step (relative mode: after scaling by RMS(g)); 0 before the first."""
         return float(self._sigma)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:

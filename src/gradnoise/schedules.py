@@ -290,7 +290,10 @@ def parse(spec: str) -> Schedule | None:
     if name == Relative.name:
         inner = parse(params)
         if inner is None:
-            raise UserError(f"noise schedule {spec!r}: relative needs a schedule, e.g. relative:exp:sigma0=0.1,gamma=0.99")
+            raise UserError(
+                f"noise schedule {spec!r}: relative needs a schedule, "
+                "e.g. relative:exp:sigma0=0.1,gamma=0.99"
+            )
         return Relative(inner)
     if name not in _SCHEDULES:
         allowed = ", ".join(["none", *_SCHEDULES, "relative:<spec>"])

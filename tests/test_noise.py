@@ -1,0 +1,310 @@
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import gradnoise
+from gradnoise import GradientNoise, UserError, add_noise_, noise, schedules
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _zero_grad_model(dtype=torch.float32, sizes=((300, 200), (200,), (50, 40))):
+    params = [torch.nn.Parameter(torch.zeros(size, dtype=dtype)) for size in sizes]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return params
+
+
+def _assert_standard_normal_scaled(sample: torch.Tensor, sigma: float):
+    """mean ≈ 0 and std ≈ σ within 5 standard errors of each estimator."""
+    x = sample.double().flatten()
+    n = x.numel()
+    # For a normal sample: se(mean) = σ/√n, se(sd) ≈ σ/√(2(n−1)).
+    assert abs(x.mean().item()) < 5 * sigma / math.sqrt(n)
+    # bf16/fp16 round each sample (relative error ≤ 2^-8): allow that too.
+    assert abs(x.std().item() - sigma) < 5 * sigma / math.sqrt(2 * (n - 1)) + sigma * 2**-8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noise_on_zero_gradients_has_mean_zero_and_std_sigma(dtype):
+    params = _zero_grad_model(dtype)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    gn = GradientNoise(optimizer, schedules.Exponential(sigma0=0.2, gamma=0.5), seed=3)
+    optimizer.step()
+    for p in params:
+        assert p.grad.dtype == dtype
+        _assert_standard_normal_scaled(p.grad, 0.2)
+    _assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.2)
+    assert gn.sigma == pytest.approx(0.2) and gn.step == 1
+
+    for p in params:
+        p.grad.zero_()
+    optimizer.step()  # σ_1 = 0.2 · 0.5
+    _assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relative_mode_scales_noise_by_the_gradient_rms(dtype):
+    params = _zero_grad_model(dtype)
+    rms = 3.0
+    for p in params:
+        p.grad.fill_(rms)  # RMS of a constant gradient is the constant
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    gn = GradientNoise(optimizer, schedules.Constant(0.1), seed=0, mode="relative")
+    optimizer.step()
+    assert gn.mode == "relative" and gn.sigma == pytest.approx(0.3, rel=1e-3)
+    added = torch.cat([(p.grad.float() - rms).flatten() for p in params])
+    _assert_standard_normal_scaled(added, 0.3)
+
+
+def test_relative_schedule_spec_equals_relative_mode():
+    params = _zero_grad_model()
+    by_mode = GradientNoise(torch.optim.SGD(params, lr=0.0), "const:sigma=0.1", mode="relative")
+    by_spec = GradientNoise(torch.optim.SGD(params, lr=0.0), "relative:const:sigma=0.1")
+    assert by_mode.schedule == by_spec.schedule
+
+
+def _noisy_run(seed, steps, state=None, start=0):
+    params = _zero_grad_model()
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    gn = GradientNoise(optimizer, schedules.Exponential(0.1, 0.9), seed=seed)
+    if state is not None:
+        gn.load_state_dict(state)
+    drawn = []
+    for _ in range(start, steps):
+        for p in params:
+            p.grad.zero_()
+        optimizer.step()
+        drawn.append(torch.cat([p.grad.flatten().clone() for p in params]))
+    return gn, drawn
+
+
+def test_same_seed_same_noise_different_seed_different_noise():
+    _, a = _noisy_run(seed=1, steps=3)
+    _, b = _noisy_run(seed=1, steps=3)
+    _, c = _noisy_run(seed=2, steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not any(torch.equal(x, z) for x, z in zip(a, c, strict=True))
+    assert not torch.equal(a[0] / a[0].std(), a[1] / a[1].std())  # fresh noise each step
+
+
+def test_state_dict_round_trip_continues_the_stream_exactly():
+    _, uninterrupted = _noisy_run(seed=5, steps=6)
+    first_half, _ = _noisy_run(seed=5, steps=3)
+    state = first_half.state_dict()
+    resumed, second_half = _noisy_run(seed=999, steps=6, state=state, start=3)
+    assert resumed.step == 6
+    assert all(torch.equal(x, y) for x, y in zip(uninterrupted[3:], second_half, strict=True))
+
+
+def test_load_state_dict_refuses_another_schedule():
+    gn, _ = _noisy_run(seed=0, steps=1)
+    other = GradientNoise(torch.optim.SGD(_zero_grad_model(), lr=0.1), "const:sigma=0.1")
+    with pytest.raises(UserError, match=r"exp:sigma0=0\.1"):
+        other.load_state_dict(gn.state_dict())
+
+
+def test_a_noisy_step_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    _noisy_run(seed=0, steps=2)
+    add_noise_([torch.zeros(10)], 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_noise_is_drawn_once_per_optimizer_step_under_accumulation():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.state_dict())
+    data = [torch.randn(16, 8) for _ in range(12)]
+
+    accumulating_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    accumulating = GradientNoise(accumulating_opt, "const:sigma=0.05", seed=7)
+    for step in range(3):  # 3 optimizer steps of 4 micro-batches
+        for micro in range(4):
+            (model(data[4 * step + micro]).square().mean() / 4).backward()
+        accumulating_opt.step()
+        accumulating_opt.zero_grad()
+
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    GradientNoise(reference_opt, "const:sigma=0.05", seed=7)
+    for step in range(3):  # the same gradients in one backward each
+        reference(torch.cat(data[4 * step: 4 * step + 4])).square().mean().backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+
+    assert accumulating.step == 3
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+def test_a_step_skipped_by_grad_scaler_draws_no_noise_and_is_not_counted():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gn = GradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    for overflow in (False, True, False):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        changed = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        assert changed != overflow
+    assert gn.step == 2
+    assert gn.sigma == pytest.approx(0.05)  # σ_1: the skipped step did not advance t
+
+
+def test_noise_lands_after_gradient_clipping():
+    params = _zero_grad_model()
+    for p in params:
+        p.grad.fill_(10.0)
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    GradientNoise(optimizer, "const:sigma=1.0", seed=0)
+    before = [p.detach().clone() for p in params]
+    torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+    optimizer.step()
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+    # A clipped update has norm 1e-3; noise added after clipping has std 1 per element.
+    _assert_standard_normal_scaled(update, 1.0)
+
+
+def test_noise_multiplier_per_param_group():
+    quiet, loud, normal = _zero_grad_model(sizes=((100, 100), (100, 100), (100, 100)))
+    optimizer = torch.optim.SGD(
+        [
+            {"params": [quiet], "noise_multiplier": 0.0},
+            {"params": [loud], "noise_multiplier": 2.0},
+            {"params": [normal]},
+        ],
+        lr=0.0,
+    )
+    GradientNoise(optimizer, "const:sigma=0.1", seed=0)
+    optimizer.step()
+    assert torch.count_nonzero(quiet.grad) == 0
+    _assert_standard_normal_scaled(loud.grad, 0.2)
+    _assert_standard_normal_scaled(normal.grad, 0.1)
+
+
+def test_bad_noise_multiplier_is_refused():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(UserError, match="noise_multiplier=-1"):
+        GradientNoise(torch.optim.SGD([{"params": [p], "noise_multiplier": -1}], lr=0.1), "const:sigma=0.1")
+
+
+def test_remove_detaches_the_hook():
+    params = _zero_grad_model()
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    gn = GradientNoise(optimizer, "const:sigma=0.1")
+    gn.remove()
+    optimizer.step()
+    assert gn.step == 0 and all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_track_stats_reports_gradient_and_noise_norms():
+    params = _zero_grad_model(sizes=((400, 250),))
+    params[0].grad.fill_(0.5)  # ‖g‖ = 0.5 · √100000
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    gn = GradientNoise(optimizer, "const:sigma=0.1", track_stats=True)
+    optimizer.step()
+    n = 100_000
+    assert gn.last_stats["grad_norm"] == pytest.approx(0.5 * math.sqrt(n), rel=1e-5)
+    # ‖σε‖² / σ² ~ χ²_n: mean n, sd √(2n)
+    assert abs(gn.last_stats["noise_norm"] ** 2 / 0.01 - n) < 5 * math.sqrt(2 * n)
+    assert gn.last_stats["noise_to_grad"] == pytest.approx(
+        gn.last_stats["noise_norm"] / gn.last_stats["grad_norm"])
+    _assert_standard_normal_scaled(params[0].grad - 0.5, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"mode": "loud"}, ["mode='loud'", "absolute", "relative"]),
+        ({"schedule": "exp:sigma0=0.1"}, ["gamma"]),
+        ({"schedule": 0.1}, ["schedule"]),
+    ],
+)
+def test_bad_arguments_raise_user_errors(kwargs, words):
+    arguments = {"schedule": "const:sigma=0.1", **kwargs}
+    optimizer = torch.optim.SGD(_zero_grad_model(), lr=0.1)
+    with pytest.raises(UserError) as error:
+        GradientNoise(optimizer, **arguments)
+    for word in words:
+        assert word in str(error.value)
+    with pytest.raises(UserError, match="Optimizer"):
+        GradientNoise(torch.nn.Linear(2, 2), "const:sigma=0.1")
+    with pytest.raises(UserError, match="sigma=-1"):
+        add_noise_([torch.zeros(2)], -1.0)
+
+
+def test_add_noise_batches_tensors_independently():
+    big, small = torch.zeros(3 * noise._CPU_CHUNK + 17), torch.zeros(1000)
+    add_noise_([big, small], 1.0, torch.Generator().manual_seed(0))
+    _assert_standard_normal_scaled(big, 1.0)
+    _assert_standard_normal_scaled(small, 1.0)
+    chunks = big.split(noise._CPU_CHUNK)
+    # Chunks come from different generators: their correlation is ~N(0, 1/n).
+    correlation = torch.corrcoef(torch.stack([chunks[0], chunks[1]]))[0, 1]
+    assert abs(correlation) < 5 / math.sqrt(noise._CPU_CHUNK)
+    assert not torch.equal(big[:1000], small)
+
+
+def test_noise_stream_does_not_depend_on_the_number_of_threads(monkeypatch):
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(noise, "_thread_pool", ThreadPoolExecutor(threads))
+        tensor = torch.zeros(5 * noise._CPU_CHUNK)
+        add_noise_([tensor], 0.5, torch.Generator().manual_seed(11))
+        results.append(tensor)
+    assert torch.equal(*results)
+
+
+def test_add_noise_with_tensor_sigma_and_workspace_reuse():
+    workspace = {}
+    first, second = torch.zeros(5000), torch.zeros(5000)
+    add_noise_([first], torch.tensor(0.3), torch.Generator().manual_seed(1), workspace=workspace)
+    buffer = next(iter(workspace.values()))
+    add_noise_([second], 0.3, torch.Generator().manual_seed(1), workspace=workspace)
+    assert next(iter(workspace.values())) is buffer
+    torch.testing.assert_close(first, second)
+    _assert_standard_normal_scaled(first, 0.3)
+
+
+def test_public_api_is_exported():
+    assert gradnoise.GradientNoise is GradientNoise
+    assert gradnoise.add_noise_ is add_noise_
+    assert gradnoise.schedules.parse("none") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
+    if not fused:
+        monkeypatch.setenv("GRADNOISE_DISABLE_TRITON", "1")
+
+    def noisy_gradients(seed, mode="absolute"):
+        params = [torch.nn.Parameter(torch.zeros(size, device="cuda", dtype=dtype))
+                  for size in ((1000, 300), (7,), (4097,), (64, 64))]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        GradientNoise(optimizer, "const:sigma=0.25", seed=seed, mode=mode)
+        optimizer.step()
+        return [(p.grad.float() - 1).cpu() for p in params]
+
+    first, again, other = noisy_gradients(4), noisy_gradients(4), noisy_gradients(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    for added in first:
+        if added.numel() > 1000:
+            _assert_standard_normal_scaled(added, 0.25)
+    _assert_standard_normal_scaled(torch.cat([a.flatten() for a in first]), 0.25)
+    relative = noisy_gradients(4, mode="relative")  # RMS of all-ones gradients is 1
+    _assert_standard_normal_scaled(torch.cat([a.flatten() for a in relative]), 0.25)
