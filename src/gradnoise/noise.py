@@ -41,6 +41,8 @@ __all__ = ["GradientNoise", "add_noise_"]
 _CPU_CHUNK = 1 << 18
 _KEY_LIMIT = 2**63 - 1
 _thread_pool: ThreadPoolExecutor | None = None
+# One reusable generator per accelerator device: re-seeded from the key at every use.
+_device_generators: dict[torch.device, torch.Generator] = {}
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -74,7 +76,9 @@ def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> dict:
 def _fill_standard_normal(buffer: torch.Tensor, key: int) -> None:
     """buffer ← N(0, 1) samples determined by `key` alone."""
     if buffer.device.type != "cpu":
-        generator = torch.Generator(buffer.device)
+        generator = _device_generators.get(buffer.device)
+        if generator is None:
+            generator = _device_generators[buffer.device] = torch.Generator(buffer.device)
         generator.manual_seed(key)
         buffer.normal_(generator=generator)
         return
