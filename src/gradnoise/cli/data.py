@@ -1,5 +1,60 @@
-"""`gradnoise data …` sub-commands."""
+"""`gradnoise data …` sub-commands: prepare a corpus, list what is prepared."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 
 def register(commands) -> None:
-    """Add this module's sub-commands to the `gradnoise` parser."""
+    """Add `gradnoise data prepare` and `gradnoise data list` to the `gradnoise` parser."""
+    data = commands.add_parser("data", help="prepare and list corpora")
+    actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    prepare = actions.add_parser(
+        "prepare",
+        help="download or read, verify, tokenize and split a corpus",
+        description="Verify a raw corpus (pinned sha256, or size and alphabet for text8), "
+        "tokenize it and write train/val/test token files under $GRADNOISE_HOME.",
+    )
+    prepare.add_argument("name", metavar="NAME", help="shakespeare_char, enwik8 or text8")
+    prepare.add_argument(
+        "--source",
+        metavar="PATH_OR_URL",
+        help="local file or http(s) URL (zip, gz, xz or plain); default: canonical address",
+    )
+    prepare.add_argument(
+        "--sha256",
+        metavar="HEX",
+        help="sha256 of the uncompressed corpus; overrides the pinned one",
+    )
+    prepare.add_argument("--home", type=Path, metavar="DIR", help="default: $GRADNOISE_HOME")
+    prepare.set_defaults(func=_prepare)
+
+    listing = actions.add_parser("list", help="show the prepared corpora")
+    listing.add_argument("--home", type=Path, metavar="DIR", help="default: $GRADNOISE_HOME")
+    listing.set_defaults(func=_list)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from gradnoise.lm import data
+
+    directory = data.prepare(args.name, args.source, args.sha256, home=args.home)
+    corpus = data.load(args.name, home=args.home)
+    sizes = ", ".join(f"{split} {len(tokens):,}" for split, tokens in corpus.splits.items())
+    print(f"{args.name}: vocab {corpus.vocab_size}, {sizes} tokens -> {directory}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from gradnoise.lm import data
+
+    rows = data.prepared(home=args.home)
+    if not rows:
+        print(f"nothing prepared under {args.home or data.gradnoise_home()}")
+        return 0
+    for row in rows:
+        sizes = ", ".join(f"{split} {count:,}" for split, count in row["splits"].items())
+        print(f"{row['name']:<18} vocab {row['vocab_size']:<4} {sizes}")
+        print(f"{'':<18} {row['path']}  sha256 {row['source_sha256']}")
+    return 0

@@ -1,0 +1,462 @@
+"""Corpora for the small-LM harness: download, verify, tokenize, split, batch.
+
+Three corpora, each a registry entry in `CORPORA`:
+
+    shakespeare_char  tiny Shakespeare, shipped inside the package (runs offline)
+    enwik8            first 10^8 bytes of English Wikipedia, modelled as raw bytes
+    text8             10^8 characters of lowercase a-z and space
+
+`prepare(name)` turns a raw corpus into token files under
+`$GRADNOISE_HOME/<name>/` (train.bin, val.bin[, test.bin], meta.json);
+`load(name)` memory-maps them; `get_batch` draws (x, y) windows from a split
+with a generator the run owns, so a seed fixes the batches for every method.
+
+The pipeline holds the raw corpus in memory (10^8 bytes at most) and writes
+nothing until it is verified and tokenized; the output is built in a temporary
+directory beside its destination and moved into place with `os.replace`, so a
+failure or an interrupt leaves either the old directory or nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gradnoise.errors import UserError
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """How to obtain, verify, tokenize and split one corpus.
+
+    tokenization: "chars" (vocabulary = sorted set of characters seen) or
+        "bytes" (vocabulary = the 256 byte values, token = byte).
+    alphabet: the bytes the raw corpus may contain (None: any byte).
+    sha256: pinned checksum of the uncompressed corpus, or None.
+    size: the canonical size of the uncompressed corpus in bytes; checked only
+        when no sha256 is in effect (a checksum already fixes the size).
+    splits: (split, percent) in corpus order; boundaries are
+        n·(cumulative percent) // 100, so 90/5/5 of 10^8 is exactly 90M/5M/5M.
+    packaged: file under gradnoise/lm/corpora used when no source is given.
+    """
+
+    name: str
+    url: str
+    sha256: str | None
+    size: int
+    tokenization: str
+    alphabet: bytes | None
+    alphabet_description: str
+    splits: tuple[tuple[str, int], ...]
+    description: str
+    packaged: str | None = None
+
+
+CORPORA: dict[str, CorpusSpec] = {
+    "shakespeare_char": CorpusSpec(
+        name="shakespeare_char",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        size=1_115_394,
+        tokenization="chars",
+        alphabet=bytes(range(128)),
+        alphabet_description="ASCII",
+        splits=(("train", 90), ("val", 10)),  # as nanoGPT: no test split
+        description="tiny Shakespeare (karpathy/char-rnn), 40,000 lines",
+        packaged="shakespeare_char.txt",
+    ),
+    "enwik8": CorpusSpec(
+        name="enwik8",
+        url="http://mattmahoney.net/dc/enwik8.zip",
+        sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
+        size=100_000_000,
+        tokenization="bytes",
+        alphabet=None,
+        alphabet_description="any byte",
+        splits=(("train", 90), ("val", 5), ("test", 5)),
+        description="first 10^8 bytes of the English Wikipedia dump of 2006-03-03 (Hutter Prize)",
+    ),
+    "text8": CorpusSpec(
+        name="text8",
+        url="http://mattmahoney.net/dc/text8.zip",
+        sha256=None,  # no published checksum: size and alphabet are verified instead
+        size=100_000_000,
+        tokenization="chars",
+        alphabet=b" abcdefghijklmnopqrstuvwxyz",
+        alphabet_description="lowercase a-z and space",
+        splits=(("train", 90), ("val", 5), ("test", 5)),
+        description="10^8 characters of cleaned English Wikipedia (from enwik9)",
+    ),
+}
+
+
+def gradnoise_home() -> Path:
+    """Where prepared data lives: $GRADNOISE_HOME, or ~/.cache/gradnoise."""
+    return Path(os.environ.get("GRADNOISE_HOME") or "~/.cache/gradnoise").expanduser()
+
+
+class Corpus:
+    """A prepared corpus: memory-mapped token splits and the vocabulary.
+
+    splits maps "train", "val" (and "test" where the corpus has one) to 1-D
+    np.memmap arrays of token ids, of the dtype meta.json records (uint8: every
+    vocabulary here has at most 256 entries).
+    """
+
+    def __init__(self, meta: dict, splits: dict[str, np.ndarray]):
+        self.name: str = meta["name"]
+        self.vocab_size: int = meta["vocab_size"]
+        self.meta = meta
+        self.splits = splits
+        self._chars: list[str] | None = None if meta["vocab"] == "bytes" else meta["vocab"]
+        self._ids = None if self._chars is None else {c: i for i, c in enumerate(self._chars)}
+
+    def has_split(self, name: str) -> bool:
+        return name in self.splits
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`: its UTF-8 bytes, or its characters' vocabulary indices."""
+        if self._ids is None:
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+        unknown = next((c for c in text if c not in self._ids), None)
+        if unknown is not None:
+            raise UserError(
+                f"character {unknown!r} is not in the {self.name} vocabulary; "
+                f"allowed: {''.join(self._chars)!r}"
+            )
+        return np.array([self._ids[c] for c in text], dtype=np.dtype(self.meta["dtype"]))
+
+    def decode(self, ids) -> str:
+        """Text of a 1-D sequence of token ids (list, np.ndarray or torch.Tensor).
+
+        Byte vocabularies decode as UTF-8 with errors="replace": a window cut
+        through a multi-byte character still decodes.
+        """
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if self._chars is None:
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self._chars[i] for i in ids)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{split}={len(tokens):,}" for split, tokens in self.splits.items())
+        return f"Corpus({self.name!r}, vocab_size={self.vocab_size}, {sizes})"
+
+
+def prepare(
+    name: str,
+    source: str | None = None,
+    sha256: str | None = None,
+    *,
+    home: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download or read, verify, tokenize and split a corpus; return its directory.
+
+    source: a local file or an http(s) URL, holding the corpus as zip (one
+        member), gzip, xz or plain bytes (detected by magic bytes). Default:
+        the packaged copy for shakespeare_char, the canonical URL otherwise.
+    sha256: checksum the uncompressed corpus must have; overrides the pinned one
+        (and, for text8, replaces the size check; the alphabet is always checked).
+    Writes <home>/<name>/{train,val[,test]}.bin and meta.json atomically,
+    replacing an earlier preparation only once the new one is complete.
+    """
+    return _prepare(_spec(name), source, sha256, home=home, progress=progress, overwrite=True)
+
+
+def load(name: str, *, home: Path | None = None) -> Corpus:
+    """Memory-map a prepared corpus. shakespeare_char is prepared on first use."""
+    spec = _spec(name)
+    directory = _home(home) / name
+    if not (directory / META_FILE).is_file():
+        if spec.packaged is None:
+            raise UserError(
+                f"{name} is not prepared under {directory.parent}; run "
+                f"`gradnoise data prepare {name}` (downloads {spec.url}) or "
+                f"`gradnoise data prepare {name} --source FILE`"
+            )
+        _prepare(spec, None, None, home=home, progress=False, overwrite=False)
+    meta = json.loads((directory / META_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{directory} was prepared in format {meta.get('format_version')}, this version "
+            f"reads format {FORMAT_VERSION}; run `gradnoise data prepare {name}` again"
+        )
+    dtype = np.dtype(meta["dtype"])
+    splits = {}
+    for split, count in meta["splits"].items():
+        path = directory / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != count * dtype.itemsize:
+            raise UserError(
+                f"{path} is missing or does not hold the {count:,} tokens meta.json records; "
+                f"run `gradnoise data prepare {name}` again"
+            )
+        splits[split] = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    return Corpus(meta, splits)
+
+
+def prepared(*, home: Path | None = None) -> list[dict]:
+    """The prepared corpora under home: name, path, split sizes, vocab size, source sha256."""
+    home = _home(home)
+    if not home.is_dir():
+        return []
+    rows = []
+    for directory in sorted(home.iterdir()):
+        meta_path = directory / META_FILE
+        if directory.name.startswith(".") or not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        rows.append(
+            {
+                "name": meta["name"],
+                "path": str(directory),
+                "splits": meta["splits"],
+                "vocab_size": meta["vocab_size"],
+                "source_sha256": meta["source_sha256"],
+            }
+        )
+    return rows
+
+
+def get_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_size random windows of a split: x = tokens[i : i+T], y = tokens[i+1 : i+T+1].
+
+    Offsets i ~ U{0, …, len(tokens) - T - 1} come from `generator` (a CPU
+    torch.Generator owned by the run), never from the global RNG. Returns int64
+    CPU tensors of shape (batch_size, block_size); the caller moves them.
+    """
+    if len(tokens) <= block_size:
+        raise UserError(
+            f"a split of {len(tokens):,} tokens is too short for block_size={block_size}; "
+            f"it needs at least block_size + 1 = {block_size + 1} tokens"
+        )
+    offsets = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+    windows = np.array(tokens[offsets.numpy()[:, None] + np.arange(block_size + 1)], np.int64)
+    windows = torch.from_numpy(windows)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+# --- preparation --------------------------------------------------------------
+
+
+def _home(home: Path | str | None) -> Path:
+    return Path(home).expanduser() if home is not None else gradnoise_home()
+
+
+def _spec(name: str) -> CorpusSpec:
+    if name not in CORPORA:
+        raise UserError(f"unknown corpus {name!r}; allowed: {', '.join(CORPORA)}")
+    return CORPORA[name]
+
+
+def _prepare(
+    spec: CorpusSpec,
+    source: str | None,
+    sha256: str | None,
+    *,
+    home: Path | None,
+    progress: bool,
+    overwrite: bool,
+) -> Path:
+    expected_sha256 = _checked_sha256(sha256) if sha256 is not None else spec.sha256
+    data, origin = _read_source(spec, source, progress)
+    corpus = _unpack(data, origin)
+    actual_sha256 = hashlib.sha256(corpus).hexdigest()
+    _verify(spec, corpus, actual_sha256, expected_sha256, origin)
+    vocab, tokens = _tokenize(spec, corpus)
+    splits = _split(spec, tokens, origin)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "vocab": vocab,
+        "vocab_size": 256 if vocab == "bytes" else len(vocab),
+        "dtype": tokens.dtype.name,
+        "splits": {split: len(part) for split, part in splits.items()},
+        "source": origin,
+        "source_bytes": len(corpus),
+        "source_sha256": actual_sha256,
+    }
+
+    home = _home(home)
+    target = home / spec.name
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", suffix=".partial", dir=home))
+    except OSError as error:
+        raise UserError(f"cannot write under {home}: {error.strerror or error}") from error
+    try:
+        built = workspace / spec.name
+        built.mkdir()
+        for split, part in splits.items():
+            _write_split(built / f"{split}.bin", part)
+        (built / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _install(built, target, workspace, overwrite)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return target
+
+
+def _checked_sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise UserError(f"sha256 must be 64 hexadecimal digits, got {value!r}")
+    return value.lower()
+
+
+def _read_source(spec: CorpusSpec, source: str | None, progress: bool) -> tuple[bytes, str]:
+    """The bytes of the (possibly compressed) corpus and a description of where they came from."""
+    if source is None and spec.packaged is not None:
+        packaged = resources.files("gradnoise.lm").joinpath("corpora", spec.packaged)
+        return packaged.read_bytes(), f"packaged copy of {spec.url}"
+    url = source or spec.url
+    if url.startswith(("http://", "https://")):
+        return _download(url, spec.name, progress), url
+    path = Path(url).expanduser()
+    try:
+        return path.read_bytes(), str(path.resolve())
+    except OSError as error:
+        raise UserError(f"cannot read source {url!r}: {error.strerror or error}") from error
+
+
+def _download(url: str, name: str, progress: bool) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"download {name}",
+                disable=not progress,
+            ) as bar:
+                while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+                    buffer.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise UserError(f"cannot download {url}: {reason}") from error
+    if total is not None and buffer.tell() != total:
+        raise UserError(
+            f"download of {url} is truncated: got {buffer.tell():,} bytes, the server announced {total:,}"
+        )
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes, origin: str) -> bytes:
+    """The uncompressed corpus: zip (exactly one member), gzip, xz, or plain bytes."""
+    try:
+        if data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                members = [info for info in archive.infolist() if not info.is_dir()]
+                if len(members) != 1:
+                    names = ", ".join(info.filename for info in members) or "none"
+                    raise UserError(
+                        f"zip archive {origin} must hold exactly one file (the corpus); "
+                        f"found {len(members)}: {names}"
+                    )
+                return archive.read(members[0])
+        if data.startswith(b"\x1f\x8b"):
+            return gzip.decompress(data)
+        if data.startswith(b"\xfd7zXZ\x00"):
+            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+    except (zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, lzma.LZMAError, EOFError) as error:
+        raise UserError(f"{origin} is a truncated or corrupt archive: {error}") from error
+    return data
+
+
+def _verify(
+    spec: CorpusSpec, corpus: bytes, actual_sha256: str, expected_sha256: str | None, origin: str
+) -> None:
+    if expected_sha256 is not None and actual_sha256 != expected_sha256:
+        raise UserError(
+            f"sha256 of {spec.name} is {actual_sha256}, expected {expected_sha256} "
+            f"({len(corpus):,} bytes from {origin})"
+        )
+    if expected_sha256 is None and len(corpus) != spec.size:
+        raise UserError(
+            f"size of {spec.name} is {len(corpus):,} bytes, expected {spec.size:,} "
+            f"(from {origin}); pin a sha256 to accept a different corpus"
+        )
+    if spec.alphabet is not None:
+        allowed = np.zeros(256, dtype=bool)
+        allowed[np.frombuffer(spec.alphabet, dtype=np.uint8)] = True
+        forbidden = ~allowed[np.frombuffer(corpus, dtype=np.uint8)]
+        if forbidden.any():
+            position = int(forbidden.argmax())
+            byte = corpus[position]
+            shown = f"{chr(byte)!r} (byte 0x{byte:02x})" if byte < 128 else f"byte 0x{byte:02x}"
+            raise UserError(
+                f"{spec.name} may only contain {spec.alphabet_description}; "
+                f"found {shown} at position {position:,} of {origin}"
+            )
+
+
+def _tokenize(spec: CorpusSpec, corpus: bytes) -> tuple[list[str] | str, np.ndarray]:
+    """(vocabulary, token ids). Character vocabularies are over single-byte
+    (ASCII) alphabets, so characters and bytes coincide, every vocabulary fits
+    uint8, and a 256-entry lookup table maps the whole corpus at once."""
+    raw = np.frombuffer(corpus, dtype=np.uint8)
+    if spec.tokenization == "bytes":
+        return "bytes", raw
+    seen = np.flatnonzero(np.bincount(raw, minlength=256))
+    lookup = np.zeros(256, dtype=np.uint8)
+    lookup[seen] = np.arange(len(seen))
+    return [chr(byte) for byte in seen], lookup[raw]
+
+
+def _split(spec: CorpusSpec, tokens: np.ndarray, origin: str) -> dict[str, np.ndarray]:
+    splits, start, cumulative = {}, 0, 0
+    for split, percent in spec.splits:
+        cumulative += percent
+        stop = len(tokens) * cumulative // 100
+        if stop == start:
+            raise UserError(
+                f"{spec.name} from {origin} has {len(tokens):,} tokens, too few for a "
+                f"non-empty {split} split ({percent}% of the corpus)"
+            )
+        splits[split] = tokens[start:stop]
+        start = stop
+    return splits
+
+
+def _write_split(path: Path, tokens: np.ndarray) -> None:
+    tokens.tofile(path)
+
+
+def _install(built: Path, target: Path, workspace: Path, overwrite: bool) -> None:
+    """Move the finished directory to target. An existing target is kept when
+    not overwriting (another process prepared it meanwhile), else swapped out
+    into the workspace, which the caller deletes."""
+    try:
+        os.replace(built, target)  # atomic while target does not exist
+    except OSError:
+        if not overwrite and (target / META_FILE).is_file():
+            return
+        os.replace(target, workspace / "previous")
+        os.replace(built, target)
