@@ -1,5 +1,172 @@
-"""`gradnoise train …` sub-commands."""
+"""`gradnoise train`, `gradnoise sample` and `gradnoise export`.
+
+Exit status of `gradnoise train`: 0 the run finished, 3 it diverged (non-finite loss;
+the message says where), 143 (128 + SIGTERM) it was stopped by SIGTERM after writing a
+checkpoint: run the same command with --resume to continue. 2: bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gradnoise.errors import UserError
+
+EXIT_STATUS = {"done": 0, "diverged": 3, "interrupted": 143}
 
 
 def register(commands) -> None:
-    """Add this module's sub-commands to the `gradnoise` parser."""
+    """Add `train`, `sample` and `export` to the `gradnoise` parser."""
+    train = commands.add_parser(
+        "train",
+        help="train a small GPT (tiny or paper preset, any value overridable)",
+        description="Train a character-level GPT. Values come from a preset for the dataset "
+        "(or a whole config file), then key=value overrides, e.g. "
+        "`gradnoise train --preset paper noise=exp:sigma0=0.1,gamma=0.99 seed=3`. "
+        "Exit status: 0 done, 3 diverged, 143 stopped by SIGTERM (checkpoint written; rerun "
+        "with --resume), 2 bad input. Under torchrun every rank trains its slice of the batch "
+        "(DDP); --run-dir is then required.",
+    )
+    train.add_argument("--dataset", help="shakespeare_char (default), enwik8 or text8")
+    train.add_argument("--preset", choices=("tiny", "paper"), help="default: tiny")
+    train.add_argument(
+        "--config-file", type=Path, metavar="JSON",
+        help="a whole training config (e.g. a run's config.json); overrides still apply",
+    )
+    train.add_argument(
+        "--run-dir", type=Path, metavar="DIR",
+        help="where config.json, log.jsonl, checkpoints/ and result.json go "
+        "(default: runs/DATASET-PRESET-seedS-TIME)",
+    )
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue from the run directory's latest checkpoint (start afresh if it has none)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    train.set_defaults(func=_train)
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate text from a run or an export",
+        description="Generate text from a run directory (its latest checkpoint) or an export "
+        "directory. The same --seed gives the same text.",
+    )
+    sample.add_argument("path", type=Path, metavar="RUN_DIR|EXPORT_DIR")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    sample.add_argument("--max-new-tokens", type=int, default=500, metavar="N")
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=200, metavar="K", help="0 = no cut (default 200)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    sample.set_defaults(func=_sample)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's model for GPT.from_pretrained",
+        description="Write config.json, model.safetensors and vocab.json of a run's latest "
+        "checkpoint to OUT_DIR; gradnoise.lm.GPT.from_pretrained(OUT_DIR) loads it.",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.set_defaults(func=_export)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
+    from gradnoise.lm.trainer import train
+
+    overrides = parse_overrides(args.overrides)
+    if args.config_file is not None:
+        if args.dataset is not None or args.preset is not None:
+            raise UserError(
+                "--config-file gives the whole config; change it with key=value overrides, "
+                "not --dataset or --preset"
+            )
+        cfg = TrainConfig.from_dict(_read_json(args.config_file)).replace(**overrides)
+    else:
+        cfg = resolve_config(args.dataset or "shakespeare_char", args.preset or "tiny", overrides)
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    run_dir = args.run_dir
+    if run_dir is None:
+        if distributed or args.resume:
+            raise UserError("--run-dir is required with --resume and under torchrun")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}"
+
+    result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _report(result, run_dir)
+    return EXIT_STATUS[result["status"]]
+
+
+def _report(result: dict, run_dir: Path) -> None:
+    finals = result["finals"]
+    if result["status"] == "diverged":
+        print(f"gradnoise: {result['error']}", file=sys.stderr)
+    elif result["status"] == "interrupted":
+        print(
+            f"gradnoise: stopped at step {finals['steps']} (checkpoint written); "
+            f"continue with --resume --run-dir {run_dir}",
+            file=sys.stderr,
+        )
+    else:
+        line = (
+            f"done: {finals['steps']} steps, train {finals['train_loss']:.4f}, "
+            f"val {finals['val_loss']:.4f} (best {finals['best_val_loss']:.4f} "
+            f"at step {finals['best_val_step']})"
+        )
+        for split in ("val", "test"):
+            if finals.get(f"{split}_loss_full") is not None:
+                line += f", full {split} {finals[f'{split}_loss_full']:.4f} nats"
+                line += f" = {finals[f'{split}_bpc_full']:.4f} bpc"
+        print(line)
+    print(f"results in {run_dir}")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from gradnoise.lm.checkpoint import load_trained
+    from gradnoise.lm.model import sample_text
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 0")
+    model, vocab = load_trained(args.path, map_location=_device(args.device))
+    text = sample_text(
+        model, vocab, args.prompt, args.max_new_tokens, args.temperature,
+        args.top_k or None, args.seed,
+    )
+    print(text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gradnoise.lm.checkpoint import export
+
+    out = export(args.run_dir, args.out_dir)
+    print(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
+    return 0
+
+
+def _device(requested: str):
+    import torch
+
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read --config-file {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"--config-file {path} is not valid JSON: {error}") from None
