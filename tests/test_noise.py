@@ -308,3 +308,28 @@ def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
     _assert_standard_normal_scaled(torch.cat([a.flatten() for a in first]), 0.25)
     relative = noisy_gradients(4, mode="relative")  # RMS of all-ones gradients is 1
     _assert_standard_normal_scaled(torch.cat([a.flatten() for a in relative]), 0.25)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_noise_follows_the_closure_when_step_gets_one(as_keyword):
+    params = _zero_grad_model()
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    gn = GradientNoise(optimizer, "const:sigma=1.0", seed=0)
+
+    def closure():  # computes (and clips) the gradients the step will use
+        for p in params:
+            p.grad = torch.full_like(p, 10.0)
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1e-3)
+        return torch.tensor(0.0)
+
+    before = [p.detach().clone() for p in params]
+    loss = optimizer.step(closure=closure) if as_keyword else optimizer.step(closure)
+    assert loss == 0.0 and gn.step == 1
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+    # Noise added before the closure would be overwritten, leaving an update of norm 1e-3.
+    _assert_standard_normal_scaled(update, 1.0)
+
+
+def test_step_keys_are_distinct_across_seeds_and_steps():
+    keys = {noise._mix(seed, step) for seed in range(50) for step in range(2000)}
+    assert len(keys) == 50 * 2000

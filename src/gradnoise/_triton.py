@@ -76,7 +76,8 @@ def _launch_table(addresses: tuple[int, ...], numels: tuple[int, ...], device: t
     if len(programs) * _BLOCK > _MAX_ELEMENTS:
         raise ValueError(f"fused noise kernel handles at most {_MAX_ELEMENTS} elements per call")
     flat = [*addresses, *numels, *(value for program in programs for value in program)]
-    return torch.tensor(flat, dtype=torch.int64).to(device), len(programs)
+    # From pinned memory the copy is asynchronous: a cache miss does not stall the host.
+    return torch.tensor(flat, dtype=torch.int64).pin_memory().to(device, non_blocking=True), len(programs)
 
 
 def add_noise_(tensors: list[torch.Tensor], sigma, seed: int) -> None:

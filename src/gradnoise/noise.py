@@ -6,12 +6,10 @@ use: after `clip_grad_norm_`, after `GradScaler.unscale_`, once per optimizer
 step however many micro-batches were accumulated. A step that GradScaler skips
 never calls `optimizer.step()`, so it draws no noise and is not counted.
 
-The noise has its own random stream. Each step draws one 63-bit key from a
-private CPU `torch.Generator`; every batch of noise that step is generated from
-that key, so the stream depends only on the seed and the step (optax-style
-explicit state), never on the global RNG, and `state_dict()` resumes it exactly.
-Runs with and without noise therefore see the same initial weights, batches and
-dropout masks.
+The noise has its own random stream, never the global RNG. Its state is
+explicit, as in optax: (seed, step). Step t's noise is generated from the key
+splitmix64(seed, t), so `state_dict()` resumes the stream exactly and runs
+with and without noise see the same initial weights, batches and dropout masks.
 
 `add_noise_` is the batched kernel: on CUDA one fused Triton kernel generates
 and adds the noise for every tensor in a single pass over the gradients (8 bytes
@@ -52,11 +50,19 @@ def _pool() -> ThreadPoolExecutor:
     return _thread_pool
 
 
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function: a bijection of 64-bit integers that mixes well."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def _mix(key: int, *indices: int) -> int:
-    """A distinct seed for (key, indices), deterministic across processes."""
+    """A key for (key, indices), like JAX's fold_in; deterministic across processes."""
     for index in indices:
-        key = (key * 6364136223846793005 + 1442695040888963407 + index) % _KEY_LIMIT
-    return key
+        key = _splitmix64(key ^ _splitmix64(index))
+    return key % _KEY_LIMIT
 
 
 def _draw_key(generator: torch.Generator | None) -> int:
@@ -64,13 +70,13 @@ def _draw_key(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, _KEY_LIMIT, (1,), generator=generator, device=device).item())
 
 
-def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> dict:
+def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.device, torch.dtype, list]]:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:
         if not tensor.dtype.is_floating_point:
             raise UserError(f"add_noise_: tensors must be floating point, got {tensor.dtype}")
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    return groups
+    return [(device, dtype, group) for (device, dtype), group in groups.items()]
 
 
 def _fill_standard_normal(buffer: torch.Tensor, key: int) -> None:
@@ -104,24 +110,35 @@ def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
     return _triton.available() and dtype in _triton.DTYPES
 
 
-def draw_noise(
-    tensors: Sequence[torch.Tensor], key: int, workspace: dict | None = None
-) -> list[torch.Tensor]:
-    """Standard-normal noise shaped like `tensors` (views into one flat buffer
-    per (device, dtype)); the same `key` always gives the same noise."""
-    noise: list[torch.Tensor | None] = [None] * len(tensors)
-    position = {id(t): i for i, t in enumerate(tensors)}
-    for group_index, ((device, dtype), group) in enumerate(_group_by_device_dtype(tensors).items()):
-        total = sum(t.numel() for t in group)
-        buffer = None if workspace is None else workspace.get((device, dtype))
-        if buffer is None or buffer.numel() != total:
-            buffer = torch.empty(total, device=device, dtype=dtype)
-            if workspace is not None:
-                workspace[(device, dtype)] = buffer
-        _fill_standard_normal(buffer, _mix(key, group_index))
-        for tensor, view in zip(group, buffer.split([t.numel() for t in group]), strict=True):
-            noise[position[id(tensor)]] = view.view_as(tensor)
-    return noise  # type: ignore[return-value]
+def _draw_group_noise(tensors: list[torch.Tensor], key: int, workspace: dict | None) -> list[torch.Tensor]:
+    """N(0, 1) noise shaped like `tensors` (one device and dtype), as views into
+    one flat buffer; the same key always gives the same noise."""
+    device, dtype, numels = tensors[0].device, tensors[0].dtype, [t.numel() for t in tensors]
+    total = sum(numels)
+    buffer = None if workspace is None else workspace.get((device, dtype))
+    if buffer is None or buffer.numel() != total:
+        buffer = torch.empty(total, device=device, dtype=dtype)
+        if workspace is not None:
+            workspace[(device, dtype)] = buffer
+    _fill_standard_normal(buffer, key)
+    return [view.view_as(t) for t, view in zip(tensors, buffer.split(numels), strict=True)]
+
+
+def _add_noise_to_groups(groups, sigma: float | torch.Tensor, key: int, workspace: dict | None) -> None:
+    """t ← t + σ·ε for groups of (device, dtype, tensors); group i's noise from key (key, i)."""
+    for index, (device, dtype, tensors) in enumerate(groups):
+        group_key = _mix(key, index)
+        if _use_triton(device, dtype):
+            from gradnoise import _triton
+
+            _triton.add_noise_(tensors, sigma, group_key)
+            continue
+        noise = _draw_group_noise(tensors, group_key, workspace)
+        if isinstance(sigma, torch.Tensor):
+            torch._foreach_mul_(noise, sigma)
+            torch._foreach_add_(tensors, noise)
+        else:
+            torch._foreach_add_(tensors, noise, alpha=sigma)
 
 
 @torch.no_grad()
@@ -151,26 +168,7 @@ def add_noise_(
             raise UserError(f"add_noise_: sigma={sigma!r} must be a finite number ≥ 0")
         if sigma == 0:
             return
-    _add_noise_with_key(tensors, sigma, _draw_key(generator), workspace)
-
-
-def _add_noise_with_key(tensors, sigma, key: int, workspace: dict | None) -> None:
-    groups = _group_by_device_dtype(tensors)
-    fallback = []
-    for group_index, ((device, dtype), group) in enumerate(groups.items()):
-        if _use_triton(device, dtype):
-            from gradnoise import _triton
-
-            _triton.add_noise_(group, sigma, _mix(key, group_index, 1))
-        else:
-            fallback.extend(group)
-    if fallback:
-        noise = draw_noise(fallback, key, workspace)
-        if isinstance(sigma, torch.Tensor):
-            torch._foreach_mul_(noise, sigma)
-            torch._foreach_add_(fallback, noise)
-        else:
-            torch._foreach_add_(fallback, noise, alpha=sigma)
+    _add_noise_to_groups(_group_by_device_dtype(tensors), sigma, _draw_key(generator), workspace)
 
 
 def _global_rms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -192,7 +190,7 @@ class GradientNoise:
     Args:
         optimizer: any `torch.optim.Optimizer`.
         schedule: a `gradnoise.schedules` schedule, or a spec string for `schedules.parse`.
-        seed: seeds the private generator. Under DDP use the same seed on every
+        seed: with the step, determines the noise. Under DDP use the same seed on every
             replica (gradients are already averaged, so identical noise keeps
             replicas identical); for sharded gradients (FSDP, ZeRO) use
             ``seed + rank`` so every shard gets independent noise.
@@ -236,8 +234,8 @@ class GradientNoise:
         self.step = 0
         self.last_stats: dict[str, float] = {}
         self._sigma: float | torch.Tensor = 0.0
-        self._generator = torch.Generator().manual_seed(seed)
         self._workspace: dict = {}
+        self._plan: list | None = None
         self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
 
     @property
@@ -249,49 +247,90 @@ class GradientNoise:
         """σ used at the last step (relative mode: after scaling by RMS(g)); 0 before the first."""
         return float(self._sigma)
 
-    def _pre_step(self, optimizer, args, kwargs) -> None:
+    def _pre_step(self, optimizer, args, kwargs):
+        """Add the noise once the step's gradients are final.
+
+        `opt.step(closure)` computes them inside the closure (after which
+        Lightning, for one, clips them), so the closure is wrapped and the
+        noise follows it; with no closure they are final now.
+        """
         if kwargs.get("grad_scale") is not None:
             raise UserError(
                 "GradientNoise: the optimizer got still-scaled gradients from GradScaler; "
                 "call scaler.unscale_(optimizer) before scaler.step(optimizer)"
             )
-        self.apply()
+        # `args` starts with the optimizer itself: step(closure) passes (optimizer, closure).
+        closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self.apply()
+            return None
+
+        def noisy_closure():
+            result = closure()
+            self.apply()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": noisy_closure}
+        return (args[0], noisy_closure, *args[2:]), kwargs
+
+    def _groups(self) -> list[tuple[dict, list]]:
+        """Per param group: the group and its params by (device, dtype), cached.
+
+        A gradient always has its parameter's device and dtype, so the
+        grouping is computed once from the parameters, not every step.
+        """
+        groups = self.optimizer.param_groups
+        if self._plan is None or len(self._plan) != len(groups):
+            self._plan = [(group, _group_by_device_dtype(group["params"])) for group in groups]
+        return self._plan
+
+    def _gradients(self) -> list[tuple[float, list]]:
+        """This step's (noise multiplier, [(device, dtype, gradients)]) per param group."""
+        result = []
+        for group, by_device in self._groups():
+            multiplier = float(group.get("noise_multiplier", 1.0))
+            present = []
+            for device, dtype, params in by_device:
+                grads = [p.grad for p in params if p.grad is not None]
+                if grads:
+                    present.append((device, dtype, grads))
+            if present:
+                result.append((multiplier, present))
+        return result
 
     @torch.no_grad()
     def apply(self) -> None:
         """Add this step's noise to the gradients and advance the step count."""
-        by_multiplier: dict[float, list[torch.Tensor]] = {}
-        for group in self.optimizer.param_groups:
-            multiplier = float(group.get("noise_multiplier", 1.0))
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            if grads:
-                by_multiplier.setdefault(multiplier, []).extend(grads)
-        all_grads = [g for grads in by_multiplier.values() for g in grads]
-        key = _draw_key(self._generator)
+        gradients = self._gradients()
+        key = _mix(self.seed, self.step)
         sigma: float | torch.Tensor = self.schedule(self.step)
-        if all_grads and isinstance(self.schedule, schedules.Relative):
+        if gradients and isinstance(self.schedule, schedules.Relative):
+            all_grads = [g for _, groups in gradients for _, _, grads in groups for g in grads]
             sigma = sigma * _global_rms(all_grads)
         self._sigma = sigma
         if self.track_stats:
-            self._record_stats(by_multiplier, sigma, key)
+            self._add_and_record_stats(gradients, sigma, key)
         else:
-            for index, (multiplier, grads) in enumerate(by_multiplier.items()):
+            for index, (multiplier, groups) in enumerate(gradients):
                 if multiplier > 0 and (isinstance(sigma, torch.Tensor) or sigma > 0):
-                    _add_noise_with_key(grads, sigma * multiplier, _mix(key, index), self._workspace)
+                    _add_noise_to_groups(groups, sigma * multiplier, _mix(key, index), self._workspace)
         self.step += 1
 
-    def _record_stats(self, by_multiplier, sigma, key) -> None:
-        all_grads = [g for grads in by_multiplier.values() for g in grads]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(
-            [n.float() for n in torch._foreach_norm(all_grads)]))) if all_grads else 0.0
+    def _add_and_record_stats(self, gradients, sigma, key) -> None:
+        """The same noise as `apply`'s unfused path, also measuring ‖g‖ and ‖noise‖."""
+        all_grads = [g for _, groups in gradients for _, _, grads in groups for g in grads]
+        norms = [n.float() for n in torch._foreach_norm(all_grads)] if all_grads else []
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         noise_squared = 0.0
-        for index, (multiplier, grads) in enumerate(by_multiplier.items()):
+        for index, (multiplier, groups) in enumerate(gradients):
             if multiplier == 0:
                 continue
-            noise = draw_noise(grads, _mix(key, index), self._workspace)
-            torch._foreach_mul_(noise, sigma * multiplier)
-            noise_squared += sum(float(n.float().square().sum()) for n in noise)
-            torch._foreach_add_(grads, noise)
+            for group_index, (_, _, grads) in enumerate(groups):
+                noise = _draw_group_noise(grads, _mix(_mix(key, index), group_index), self._workspace)
+                torch._foreach_mul_(noise, sigma * multiplier)
+                noise_squared += sum(float(n.float().square().sum()) for n in noise)
+                torch._foreach_add_(grads, noise)
         noise_norm = math.sqrt(noise_squared)
         self.last_stats = {
             "grad_norm": grad_norm,
@@ -300,11 +339,10 @@ class GradientNoise:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the noise stream exactly."""
+        """Everything needed to continue the noise stream exactly: (seed, step) and the schedule's state."""
         return {
             "step": self.step,
             "seed": self.seed,
-            "generator": self._generator.get_state(),
             "schedule_spec": self.schedule.spec,
             "schedule_state": self.schedule.state_dict(),
         }
@@ -317,7 +355,6 @@ class GradientNoise:
             )
         self.step = int(state["step"])
         self.seed = int(state["seed"])
-        self._generator.set_state(state["generator"])
         self.schedule.load_state_dict(state["schedule_state"])
 
     def remove(self) -> None:
