@@ -1,0 +1,94 @@
+"""Under DDP every replica must add the same noise, or the replicas drift apart.
+
+Two CPU processes (gloo) train a small model wrapped in DistributedDataParallel
+with noisy AdamW steps, each rank on its own batches (DDP averages the
+gradients). Every rank seeds its global RNG differently, as nanoGPT does
+(``torch.manual_seed(1337 + rank)``). GradientNoise with the same seed on every
+rank keeps the replicas bit-identical; noise drawn from the per-rank global RNG
+(the naive way) makes them diverge.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from gradnoise import GradientNoise, schedules
+
+WORLD_SIZE = 2
+STEPS = 5
+SIGMA = 0.01
+VARIANTS = ("none", "gradnoise", "naive")
+
+
+def naive_noise(optimizer: torch.optim.Optimizer, sigma: float) -> None:
+    """The per-rank way: noise from the global RNG, one kernel pair per tensor."""
+
+    def add(*_):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.add_(torch.randn_like(p.grad) * sigma)
+
+    optimizer.register_step_pre_hook(add)
+
+
+def train_replica(rank: int, variant: str) -> torch.Tensor:
+    torch.manual_seed(1337 + rank)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
+    replica = nn.parallel.DistributedDataParallel(model)  # broadcasts rank 0's weights
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if variant == "gradnoise":
+        GradientNoise(optimizer, schedules.Constant(SIGMA), seed=0)
+    elif variant == "naive":
+        naive_noise(optimizer, SIGMA)
+    data = torch.Generator().manual_seed(100 + rank)
+    for _ in range(STEPS):
+        x = torch.randn(16, 8, generator=data)
+        y = torch.randn(16, 4, generator=data)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(replica(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def worker(rank: int, rendezvous: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        gathered = {}
+        for variant in VARIANTS:
+            params = train_replica(rank, variant)
+            everyone = [torch.empty_like(params) for _ in range(WORLD_SIZE)]
+            dist.all_gather(everyone, params)
+            gathered[variant] = torch.stack(everyone)
+        if rank == 0:
+            torch.save(gathered, results)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """variant → (rank, parameter) tensor of every replica's final parameters."""
+    directory = tmp_path_factory.mktemp("ddp")
+    results = directory / "params.pt"
+    mp.spawn(worker, args=(str(directory / "rendezvous"), str(results)), nprocs=WORLD_SIZE, join=True)
+    return torch.load(results, weights_only=True)
+
+
+def test_gradnoise_keeps_ddp_replicas_bit_identical(replicas):
+    torch.testing.assert_close(replicas["gradnoise"][0], replicas["gradnoise"][1], rtol=0, atol=0)
+    # and the noise did act: the noisy run left the noiseless one
+    assert not torch.equal(replicas["gradnoise"][0], replicas["none"][0])
+
+
+def test_naive_per_rank_global_rng_noise_makes_replicas_diverge(replicas):
+    torch.testing.assert_close(replicas["none"][0], replicas["none"][1], rtol=0, atol=0)
+    difference = (replicas["naive"][0] - replicas["naive"][1]).abs()
+    # AdamW moves each weight by up to lr per step; different noise on each rank
+    # turns that into differences of the order of lr, far above float rounding.
+    assert difference.max().item() > 1e-3
