@@ -1,0 +1,461 @@
+"""Benchmarks (they print figures; nothing here is a test).
+
+`bench_noise`: what gradient noise costs. One process, one model and one
+optimizer per preset; the variants take turns step by step (round-robin, the
+starting variant rotating each repetition), so drift in clock speed or in
+other load on the machine hits every variant alike:
+
+    none               no noise
+    loop               the per-parameter loop in a step pre-hook, as ESPnet's
+                       add_gradient_noise and Chainer's GradientNoise hook do:
+                       for g in grads: g.add_(torch.randn_like(g) * σ)
+    gradnoise          GradientNoise (on CUDA: the fused Triton kernel)
+    gradnoise-unfused  CUDA only: GradientNoise with GRADNOISE_DISABLE_TRITON=1
+
+A step is the harness's: zero_grad, forward, backward, clip_grad_norm_(1.0),
+AdamW step (bf16 autocast and torch.compile on CUDA). Then the noise op alone on
+the model's gradients, against two references measured in the same run:
+
+    fill reference  the same number of N(0, 1) samples drawn as fast as the
+                    device can: on CPU one chunk per thread, each thread with
+                    its own generator; on CUDA one normal_ into a kept buffer
+    copy            a large tensor copy_, bytes read + written: the device's
+                    memory bandwidth, the physical bound of an in-place op
+
+Effective bandwidth of a noise op = 8 bytes per fp32 gradient element (the
+gradient read and written once) / time.
+
+`bench_train`: one run of the harness trainer (`gradnoise.lm.trainer.train`)
+in a temporary directory: wall time including evaluation, median ms/step,
+tokens/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+import gradnoise
+from gradnoise.errors import UserError
+from gradnoise.lm.config import resolve_config
+from gradnoise.lm.model import GPT
+from gradnoise.lm.trainer import build_optimizer, describe_device
+
+PRESETS = ("tiny", "paper")
+SIGMA = 0.01
+BYTES_PER_ELEMENT = 8  # an fp32 gradient read and written once
+# Steps per variant when --steps is not given: a paper-model step takes seconds on CPU.
+# On CUDA a small model's step is bound by the host (Python and kernel launches), whose
+# speed wanders by ±10% from block to block: many interleaved steps make the medians steady.
+DEFAULT_STEPS = {("cpu", "tiny"): 30, ("cpu", "paper"): 3, ("cuda", "tiny"): 300, ("cuda", "paper"): 200}
+WARMUP_STEPS = {"cpu": 1, "cuda": 5}  # CUDA: torch.compile and autotuning happen here
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+# Targets of the library issue.
+CPU_FILL_RATIO_TARGET = 1.2  # gradnoise op ≤ 1.2 × the all-core normal fill
+GPU_OVERHEAD_TARGET_PCT = 0.5  # of the paper model's compiled bf16 step
+GPU_COPY_FRACTION_TARGET_PCT = 50.0
+
+
+# --- timing ---------------------------------------------------------------------------
+
+
+class Timer:
+    """Seconds per call of a function: perf_counter on CPU; on CUDA events around
+    `repeat` back-to-back calls, then a synchronize (the device starts idle)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, function: Callable[[], object], repeat: int = 1) -> float:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(repeat):
+                function()
+            return (time.perf_counter() - start) / repeat
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeat):
+            function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / repeat
+
+
+def interleaved(measures: dict[str, Callable[[], float]], repetitions: int) -> dict[str, list[float]]:
+    """Run every measure once per repetition, the order rotating so none is always first."""
+    names = list(measures)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for repetition in range(repetitions):
+        shift = repetition % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measures[name]())
+    return samples
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
+        raise UserError(f"device={requested!r} is not allowed: use cpu, cuda or cuda:N")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={requested!r} but CUDA is not available here; use --device cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+# --- the noise ops and their references -------------------------------------------------
+
+
+def loop_noise_(grads: list[torch.Tensor], sigma: float) -> None:
+    """The per-parameter way (ESPnet, Chainer): a random and an add kernel per tensor."""
+    for grad in grads:
+        grad.add_(torch.randn_like(grad) * sigma)
+
+
+class NormalFill:
+    """The fill reference: `numel` N(0, 1) samples as fast as the device allows."""
+
+    def __init__(self, numel: int, device: torch.device):
+        self.buffer = torch.empty(numel, device=device)
+        self.device = device
+        if device.type == "cpu":
+            threads = max(1, torch.get_num_threads())
+            self.chunks = self.buffer.tensor_split(threads)
+            self.generators = [torch.Generator().manual_seed(i) for i in range(threads)]
+            self.pool = ThreadPoolExecutor(threads, "normal-fill")
+
+    def __call__(self) -> None:
+        if self.device.type != "cpu":
+            self.buffer.normal_()
+            return
+        list(self.pool.map(lambda pair: pair[0].normal_(generator=pair[1]),
+                           zip(self.chunks, self.generators, strict=True)))
+
+    def close(self) -> None:
+        if self.device.type == "cpu":
+            self.pool.shutdown()
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, repetitions: int = 10) -> float:
+    """GB/s of a large copy_, counting the bytes read and the bytes written."""
+    source = torch.ones(COPY_BYTES[device.type] // 4, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # first touch: page faults are not bandwidth
+    seconds = statistics.median(timer(lambda: target.copy_(source)) for _ in range(repetitions))
+    return 2 * source.numel() * 4 / seconds / 1e9
+
+
+# --- bench noise ------------------------------------------------------------------------
+
+
+def _percent(value: float, reference: float) -> float:
+    return 100.0 * (value - reference) / reference
+
+
+def _quartiles_ms(samples: list[float]) -> list[float]:
+    if len(samples) < 2:
+        return [1e3 * samples[0]] * 2
+    low, _, high = statistics.quantiles(samples, n=4)
+    return [1e3 * low, 1e3 * high]
+
+
+def bench_noise(
+    presets: tuple[str, ...] = PRESETS,
+    device: str = "cpu",
+    steps: int | None = None,
+    compile: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Time training steps and noise ops for each preset; see the module docstring.
+
+    Returns {"device", "torch", "threads", "dtype", "compile", "copy_gb_s",
+    "presets": {name: {"params", "batch_size", "block_size", "steps",
+    "step_ms", "step_ms_iqr", "overhead_pct", "op_us", "op_gb_s", "op_pct_of_copy",
+    "targets"}}}. Times are medians over the repetitions; step_ms_iqr holds each
+    variant's quartiles (25%, 75%) as a measure of the spread.
+    """
+    for preset in presets:
+        if preset not in PRESETS:
+            raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)} or both")
+    if steps is not None and steps < 1:
+        raise UserError(f"steps={steps} is not allowed: steps must be an integer ≥ 1")
+    log = log or (lambda message: None)
+    torch_device = resolve_device(device)
+    cuda = torch_device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    timer = Timer(torch_device)
+    log(f"measuring copy bandwidth on {describe_device(torch_device)}")
+    result = {
+        "device": describe_device(torch_device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": bool(cuda and compile),
+        "copy_gb_s": copy_bandwidth(torch_device, timer),
+        "presets": {},
+    }
+    for preset in presets:
+        repetitions = steps or DEFAULT_STEPS[(torch_device.type, preset)]
+        log(f"{preset}: {repetitions} steps per variant")
+        result["presets"][preset] = _bench_preset(
+            preset, torch_device, dtype, repetitions, result["compile"], timer, result["copy_gb_s"], log
+        )
+    return result
+
+
+def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_gb_s, log) -> dict:
+    cuda = device.type == "cuda"
+    cfg = resolve_config("shakespeare_char", preset)
+    torch.manual_seed(0)
+    raw_model = GPT(cfg.model_config(vocab_size=65)).to(device)
+    model = torch.compile(raw_model) if use_compile else raw_model
+    optimizer = build_optimizer(raw_model, cfg, device)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    batches = torch.Generator().manual_seed(0)
+    x = torch.randint(65, (cfg.batch_size, cfg.block_size), generator=batches).to(device)
+    y = torch.randint(65, (cfg.batch_size, cfg.block_size), generator=batches).to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+
+    def noise() -> gradnoise.GradientNoise:
+        return gradnoise.GradientNoise(optimizer, gradnoise.schedules.Constant(SIGMA), attach=False)
+
+    hooks: dict[str, Callable[[], None] | None] = {
+        "none": None,
+        "loop": lambda: loop_noise_([p.grad for p in params if p.grad is not None], SIGMA),
+        "gradnoise": noise().apply,
+    }
+    if cuda:
+        unfused = noise()
+
+        def apply_unfused() -> None:
+            with environment("GRADNOISE_DISABLE_TRITON", "1"):
+                unfused.apply()
+
+        hooks["gradnoise-unfused"] = apply_unfused
+
+    def measure_step(hook) -> Callable[[], float]:
+        def measure() -> float:
+            handle = None
+            if hook is not None:
+                handle = optimizer.register_step_pre_hook(lambda *_: hook())
+            try:
+                return timer(train_step)
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+        return measure
+
+    step_measures = {name: measure_step(hook) for name, hook in hooks.items()}
+    log(f"{preset}: warming up")
+    interleaved(step_measures, WARMUP_STEPS[device.type])
+    log(f"{preset}: timing training steps")
+    step_samples = interleaved(step_measures, repetitions)
+    step_ms = {name: 1e3 * statistics.median(samples) for name, samples in step_samples.items()}
+    step_ms_iqr = {name: _quartiles_ms(samples) for name, samples in step_samples.items()}
+
+    # The noise ops alone, on the gradients of one more backward pass.
+    train_step()
+    grads = [p.grad for p in params]
+    workspace: dict = {}
+    generator = torch.Generator().manual_seed(0)
+    fill = NormalFill(numel, device)
+    calls = 20 if cuda else 1  # a CUDA op lasts tens of µs: time a batch of calls
+
+    def gradnoise_unfused_op() -> None:
+        with environment("GRADNOISE_DISABLE_TRITON", "1"):
+            gradnoise.add_noise_(grads, SIGMA, generator, workspace=workspace)
+
+    ops: dict[str, Callable[[], None]] = {
+        "gradnoise": lambda: gradnoise.add_noise_(grads, SIGMA, generator, workspace=workspace),
+        "loop": lambda: loop_noise_(grads, SIGMA),
+        "fill_reference": fill,
+    }
+    if cuda:
+        ops["gradnoise-unfused"] = gradnoise_unfused_op
+    op_measures = {name: (lambda op=op: timer(op, repeat=calls)) for name, op in ops.items()}
+    interleaved(op_measures, 2)
+    log(f"{preset}: timing the noise op alone")
+    op_samples = interleaved(op_measures, max(10, 3 * repetitions))
+    fill.close()
+    op_seconds = {name: statistics.median(samples) for name, samples in op_samples.items()}
+    op_gb_s = {name: BYTES_PER_ELEMENT * numel / s / 1e9 for name, s in op_seconds.items()}
+
+    overhead = {name: _percent(ms, step_ms["none"]) for name, ms in step_ms.items() if name != "none"}
+    return {
+        "params": numel,
+        "batch_size": cfg.batch_size,
+        "block_size": cfg.block_size,
+        "model": f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, dropout {cfg.dropout}",
+        "steps": repetitions,
+        "step_ms": step_ms,
+        "step_ms_iqr": step_ms_iqr,
+        "overhead_pct": overhead,
+        "op_us": {name: 1e6 * s for name, s in op_seconds.items()},
+        "op_gb_s": op_gb_s,
+        "op_pct_of_copy": {name: 100 * gb / copy_gb_s for name, gb in op_gb_s.items()},
+        "targets": _targets(device, op_seconds, overhead, op_gb_s["gradnoise"], copy_gb_s),
+    }
+
+
+def _targets(device, op_seconds, overhead, gradnoise_gb_s, copy_gb_s) -> dict:
+    """The library issue's targets: {name: {"value", "target", "met"}}.
+
+    CPU: the op within 1.2× the all-core normal fill and never slower than the
+    loop. CUDA: step overhead ≤ 0.5% and the op at ≥ 50% of copy bandwidth.
+    """
+    loop_ratio = op_seconds["gradnoise"] / op_seconds["loop"]
+    targets = {"op_vs_loop": {"value": loop_ratio, "target": "≤ 1", "met": loop_ratio <= 1.0}}
+    if device.type == "cuda":
+        copy_pct = 100 * gradnoise_gb_s / copy_gb_s
+        targets["step_overhead_pct"] = {"value": overhead["gradnoise"],
+                                        "target": f"≤ {GPU_OVERHEAD_TARGET_PCT}",
+                                        "met": overhead["gradnoise"] <= GPU_OVERHEAD_TARGET_PCT}
+        targets["op_pct_of_copy"] = {"value": copy_pct, "target": f"≥ {GPU_COPY_FRACTION_TARGET_PCT}",
+                                     "met": copy_pct >= GPU_COPY_FRACTION_TARGET_PCT}
+    else:
+        fill_ratio = op_seconds["gradnoise"] / op_seconds["fill_reference"]
+        targets["op_vs_fill"] = {"value": fill_ratio, "target": f"≤ {CPU_FILL_RATIO_TARGET}",
+                                 "met": fill_ratio <= CPU_FILL_RATIO_TARGET}
+    return targets
+
+
+def format_noise_report(result: dict) -> str:
+    """The human-readable table of a `bench_noise` result."""
+    lines = [
+        f"gradnoise bench noise: {result['device']}, torch {result['torch']}, "
+        f"{result['threads']} threads, {result['dtype']}, "
+        f"{'torch.compile' if result['compile'] else 'eager'}",
+        f"device copy bandwidth: {result['copy_gb_s']:.1f} GB/s (copy_, bytes read + written)",
+    ]
+    for preset, r in result["presets"].items():
+        lines += [
+            "",
+            f"{preset}: GPT {r['model']}; {r['params'] / 1e6:.2f} M parameters; "
+            f"batch {r['batch_size']} × {r['block_size']}; median of {r['steps']} interleaved "
+            "steps per variant",
+            f"  {'variant':<20}{'ms/step':>12}{'overhead':>11}   quartiles (ms)",
+        ]
+        for name, ms in r["step_ms"].items():
+            overhead = "" if name == "none" else f"{r['overhead_pct'][name]:+.2f}%"
+            low, high = r["step_ms_iqr"][name]
+            lines.append(f"  {name:<20}{ms:>12.2f}{overhead:>11}   {low:.2f} to {high:.2f}")
+        lines += [
+            f"  noise op alone on the {r['params'] / 1e6:.2f} M gradient elements "
+            f"({BYTES_PER_ELEMENT} bytes each):",
+            f"  {'op':<20}{'µs':>12}{'GB/s':>11}{'% of copy':>11}",
+        ]
+        for name, us in r["op_us"].items():
+            lines.append(
+                f"  {name:<20}{us:>12.1f}{r['op_gb_s'][name]:>11.2f}{r['op_pct_of_copy'][name]:>10.1f}%"
+            )
+        lines.append("  targets:")
+        for name, t in r["targets"].items():
+            lines.append(f"    {name:<20}{t['value']:>9.3f}  (target {t['target']}): "
+                         f"{'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# --- bench train ------------------------------------------------------------------------
+
+
+def bench_train(
+    dataset: str = "shakespeare_char",
+    preset: str = "paper",
+    overrides: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the harness trainer once in a temporary directory and time it.
+
+    Returns {"device", "dataset", "preset", "steps", "wall_s" (the whole
+    `train` call: setup, compilation, training, evals, checkpoints, the final
+    exact eval), "to_last_step_s" (from the call to the end of the last
+    optimizer step: setup, compilation, training and every eval but the one
+    after the last step), "train_s" (optimizer steps only), "step_ms_median",
+    "tokens_per_s", "val_loss", "best_val_loss", "config"}.
+    """
+    from gradnoise.lm.trainer import train
+
+    cfg = resolve_config(dataset, preset, overrides)
+    last_step_at = []
+
+    def mark_step(step, inputs, targets) -> None:
+        if step == cfg.max_iters:
+            last_step_at.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory(prefix="gradnoise-bench-") as run_dir:
+        start = time.perf_counter()
+        result = train(cfg, Path(run_dir) / "run", progress=progress, on_step=mark_step)
+        wall_s = time.perf_counter() - start
+    finals = result["finals"]
+    if result["status"] != "done":
+        raise UserError(f"the benchmark run did not finish: {result['status']}: {result['error']}")
+    step_s = finals["step_time_median_s"]
+    return {
+        "device": result["device"],
+        "dataset": dataset,
+        "preset": preset,
+        "steps": finals["steps"],
+        "wall_s": wall_s,
+        "to_last_step_s": last_step_at[0] - start if last_step_at else None,
+        "train_s": finals["train_s"],
+        "step_ms_median": None if step_s is None else 1e3 * step_s,
+        "tokens_per_s": finals["tokens_per_s"],
+        "val_loss": finals["val_loss"],
+        "best_val_loss": finals["best_val_loss"],
+        "config": cfg.to_dict(),
+    }
+
+
+def format_train_report(result: dict) -> str:
+    def number(value, form: str) -> str:
+        return "n/a" if value is None else format(value, form)
+
+    return "\n".join([
+        f"gradnoise bench train: {result['dataset']}, preset {result['preset']}, {result['device']}",
+        f"  steps            {result['steps']}",
+        f"  wall time        {result['wall_s']:.1f} s (everything: setup, compile, training, "
+        "evals, checkpoints, final exact eval)",
+        f"  to last step     {number(result['to_last_step_s'], '.1f')} s (setup, compile, training "
+        "and the evals before the last step)",
+        f"  training time    {result['train_s']:.1f} s (optimizer steps only)",
+        f"  ms/step          {number(result['step_ms_median'], '.2f')} (median over log windows)",
+        f"  tokens/s         {number(result['tokens_per_s'], ',.0f')}",
+        f"  val loss         final {number(result['val_loss'], '.4f')}, "
+        f"best {number(result['best_val_loss'], '.4f')} nats",
+    ])
