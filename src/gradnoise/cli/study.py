@@ -1,5 +1,123 @@
-"""`gradnoise study …` sub-commands."""
+"""`gradnoise study …` sub-commands: list, run, status, report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 
 def register(commands) -> None:
     """Add this module's sub-commands to the `gradnoise` parser."""
+    study = commands.add_parser(
+        "study",
+        help="run a grid of methods × datasets × seeds into SQLite, and report it",
+        description="Studies: a YAML spec expands to runs (dataset × method × seed); "
+        "results go to DIR/study.sqlite; the report compares methods with paired statistics.",
+    )
+    actions = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="the packaged study specs")
+    listing.set_defaults(func=list_specs)
+
+    run = actions.add_parser(
+        "run",
+        help="run a study (skips finished runs, resumes interrupted ones)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every run of a study spec not finished yet.\n\n"
+        "  gradnoise study run quick --jobs 2 --report\n"
+        "  gradnoise study run paper-small --devices cuda:0 --per-device 4\n"
+        "  gradnoise study run my.yaml --executor ray --address auto\n"
+        "  gradnoise study run quick --dir /tmp/smoke --set max_iters=50",
+    )
+    run.add_argument("spec", metavar="SPEC_OR_NAME", help="a spec YAML file or a packaged name")
+    run.add_argument("--dir", type=Path, help="study directory (default: ./studies/<name>)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
+    run.add_argument("--jobs", type=int, default=1, help="concurrent runs (local executor)")
+    run.add_argument(
+        "--devices",
+        help="comma-separated devices, e.g. cuda:0,cuda:1; runs go round-robin over them",
+    )
+    run.add_argument(
+        "--per-device", type=int, default=1, help="concurrent runs sharing one device (GPU)"
+    )
+    run.add_argument(
+        "--set",
+        dest="set_values",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config value for every run, above the spec's own (repeatable), e.g. max_iters=50",
+    )
+    run.add_argument("--report", action="store_true", help="write the report when done")
+    run.add_argument("--no-progress", action="store_true", help="no live status display")
+    run.set_defaults(func=run_spec)
+
+    status = actions.add_parser("status", help="progress of a study (from another terminal)")
+    status.add_argument("dir", type=Path, metavar="DIR")
+    status.set_defaults(func=show_status)
+
+    report = actions.add_parser("report", help="write DIR/report: tables, plots, index.html")
+    report.add_argument("dir", type=Path, metavar="DIR")
+    report.set_defaults(func=write_report)
+
+
+def list_specs(args) -> int:
+    from gradnoise.study.spec import load_spec, packaged_specs
+
+    for name in packaged_specs():
+        spec = load_spec(name)
+        summary = spec.description.splitlines()[0] if spec.description else ""
+        print(f"{name:<12} {len(spec.runs):>4} runs  {summary}")
+    return 0
+
+
+def run_spec(args) -> int:
+    from gradnoise.lm.config import parse_overrides
+    from gradnoise.study.runner import run_study
+    from gradnoise.study.spec import load_spec
+
+    spec = load_spec(args.spec, parse_overrides(args.set_values))
+    study_dir = args.dir or Path("studies") / spec.name
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    summary = run_study(
+        spec,
+        study_dir,
+        executor=args.executor,
+        jobs=args.jobs,
+        devices=devices,
+        per_device=args.per_device,
+        address=args.address,
+        progress=not args.no_progress,
+    )
+    print(
+        f"study {summary['name']} in {summary['study_dir']}: {summary['done']} done, "
+        f"{summary['diverged']} diverged, {summary['failed']} failed of {summary['total']} runs "
+        f"({summary['ran']} run now, {summary['skipped']} already finished) "
+        f"in {summary['wall_s']:.0f} s"
+    )
+    if args.report:
+        from gradnoise.study.report import write_report as write
+
+        print(f"report: {write(study_dir) / 'index.html'}")
+    if summary["failed"]:
+        print(f"see the errors with: gradnoise study status {study_dir}")
+        return 1
+    return 0
+
+
+def show_status(args) -> int:
+    from gradnoise.study.runner import study_status
+
+    print(study_status(args.dir))
+    return 0
+
+
+def write_report(args) -> int:
+    from gradnoise.errors import UserError
+    from gradnoise.study.report import write_report as write
+
+    if not (args.dir / "study.sqlite").exists():
+        raise UserError(f"{args.dir} holds no study (no study.sqlite)")
+    print(f"report: {write(args.dir) / 'index.html'}")
+    return 0

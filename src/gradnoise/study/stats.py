@@ -1,0 +1,215 @@
+"""The study's statistics: summaries, paired comparisons, Holm, convergence speed, cost.
+
+Seeds are paired (seed s means the same init, batches and dropout masks for
+every method), so methods are compared through per-seed differences
+d_s = method_s − baseline_s. Every test and quantile comes from scipy.stats;
+degenerate inputs give NaN plus a `note` saying why, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.stats
+
+CONFIDENCE = 0.95
+NAN = float("nan")
+
+
+def _measured(value: float | None) -> bool:
+    """None and NaN mean "not measured" (e.g. test loss where there is no test split)."""
+    return value is not None and not math.isnan(value)
+
+
+def _present(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if _measured(v)]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """n values as mean ± sd with a 95% t confidence interval for the mean."""
+
+    n: int
+    mean: float
+    sd: float
+    ci_low: float
+    ci_high: float
+    note: str = ""
+
+
+def summarize(values: Iterable[float | None]) -> Summary:
+    """Mean, sample sd and 95% t interval of `values` (None / NaN are skipped).
+
+        mean = Σx / n,   sd = sqrt(Σ(x − mean)² / (n − 1)),
+        CI   = mean ± t_{0.975, n−1} · sd / √n
+
+    With n = 1 the mean is the value and sd / CI are NaN (one seed carries no
+    spread); with n = 0 everything is NaN.
+    """
+    xs = _present(values)
+    n = len(xs)
+    if n == 0:
+        return Summary(0, NAN, NAN, NAN, NAN, "no values")
+    mean = float(np.mean(xs))
+    if n == 1:
+        return Summary(1, mean, NAN, NAN, NAN, "one value: no sd or CI")
+    sd = float(np.std(xs, ddof=1))
+    half_width = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / math.sqrt(n)
+    return Summary(n, mean, sd, mean - half_width, mean + half_width)
+
+
+def wilcoxon_min_p(n_nonzero: int) -> float:
+    """The smallest two-sided p the Wilcoxon signed-rank test can give with n pairs.
+
+    Reached when every difference has the same sign; exactly 2 / 2ⁿ for the
+    exact null distribution (n = 3 → 0.25, n = 5 → 0.0625), so with few seeds
+    the test cannot reach p < 0.05 at all, whatever the effect.
+    """
+    if n_nonzero < 1:
+        return NAN
+    return float(scipy.stats.wilcoxon(np.arange(1, n_nonzero + 1)).pvalue)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Method vs baseline on the seeds both have; differences are method − baseline."""
+
+    n_pairs: int
+    seeds: tuple
+    mean_diff: float
+    sd_diff: float
+    ci_low: float
+    ci_high: float
+    t_stat: float
+    t_p: float
+    wilcoxon_stat: float
+    wilcoxon_p: float
+    wilcoxon_min_p: float
+    effect_size: float
+    note: str = ""
+
+
+def paired_comparison(
+    method_values: Mapping[int, float | None], baseline_values: Mapping[int, float | None]
+) -> Comparison:
+    """Paired comparison on the seeds present (not None / NaN) in both mappings.
+
+        d_s = method_s − baseline_s,   mean_diff = Σd / n,   sd_diff = sd(d)
+        CI of the mean difference: mean_diff ± t_{0.975, n−1} · sd_diff / √n
+        paired t:   t = mean_diff / (sd_diff / √n), two-sided p from t_{n−1}
+        Wilcoxon signed-rank (scipy.stats.wilcoxon, zero differences dropped)
+        effect size: Cohen's d_z = mean_diff / sd_diff
+
+    Negative differences mean the method's loss is lower. Fewer than two pairs,
+    or differences with zero spread, give NaN tests and a `note`.
+    """
+    common = sorted(
+        seed
+        for seed in method_values.keys() & baseline_values.keys()
+        if _measured(method_values[seed]) and _measured(baseline_values[seed])
+    )
+    diffs = np.array([method_values[s] - baseline_values[s] for s in common], dtype=float)
+    n = len(common)
+    summary = summarize(diffs)
+    nonzero = int(np.count_nonzero(diffs))
+    min_p = wilcoxon_min_p(nonzero)
+
+    def degenerate(note: str) -> Comparison:
+        return Comparison(
+            n, tuple(common), summary.mean, summary.sd, summary.ci_low, summary.ci_high,
+            NAN, NAN, NAN, NAN, min_p, NAN, note,
+        )  # fmt: skip
+
+    if n < 2:
+        return degenerate(f"{n} paired seed(s): at least 2 are needed for a test")
+    if nonzero == 0:
+        return degenerate("all paired differences are zero: the runs are identical")
+    if summary.sd == 0:
+        return degenerate(f"every paired difference equals {diffs[0]:.6g}: zero spread")
+    method = np.array([method_values[s] for s in common], dtype=float)
+    baseline = np.array([baseline_values[s] for s in common], dtype=float)
+    t_test = scipy.stats.ttest_rel(method, baseline)
+    wilcoxon = scipy.stats.wilcoxon(diffs)
+    return Comparison(
+        n_pairs=n,
+        seeds=tuple(common),
+        mean_diff=summary.mean,
+        sd_diff=summary.sd,
+        ci_low=summary.ci_low,
+        ci_high=summary.ci_high,
+        t_stat=float(t_test.statistic),
+        t_p=float(t_test.pvalue),
+        wilcoxon_stat=float(wilcoxon.statistic),
+        wilcoxon_p=float(wilcoxon.pvalue),
+        wilcoxon_min_p=min_p,
+        effect_size=summary.mean / summary.sd,
+    )
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni step-down adjusted p-values, in the input order.
+
+    With the m non-NaN p-values sorted ascending, p_(1) ≤ … ≤ p_(m):
+
+        p̃_(i) = min(1, max_{j ≤ i} (m − j + 1) · p_(j))
+
+    Rejecting where p̃ ≤ α controls the family-wise error rate at α. NaN stays
+    NaN and does not count towards m.
+    """
+    adjusted = [NAN] * len(p_values)
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(order)
+    running_max = 0.0
+    for rank, (p, index) in enumerate(order):
+        running_max = max(running_max, (m - rank) * p)
+        adjusted[index] = min(1.0, running_max)
+    return adjusted
+
+
+def steps_to_target(curve_points: Iterable[Mapping], target: float) -> tuple[int, float] | None:
+    """(step, seconds) of the first eval whose val_loss ≤ target, or None if none did.
+
+    `curve_points` are one run's curve rows (Store.curves); only eval rows
+    (kind "eval") with a val_loss count. Seconds are the eval line's time_s.
+    """
+    evals = sorted(
+        (p for p in curve_points if p.get("kind") == "eval" and p.get("val_loss") is not None),
+        key=lambda p: p["step"],
+    )
+    for point in evals:
+        if point["val_loss"] <= target:
+            return int(point["step"]), float(point["time_s"])
+    return None
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Step-time cost of a method relative to the baseline."""
+
+    percent: float
+    method_median_s: float
+    baseline_median_s: float
+    n_method: int
+    n_baseline: int
+
+
+def step_time_overhead(
+    method_step_times: Iterable[float | None], baseline_step_times: Iterable[float | None]
+) -> Overhead:
+    """Overhead % = 100 · (median(method) / median(baseline) − 1).
+
+    Inputs are the runs' own median step times (finals.step_time_median_s);
+    the median across runs keeps one slow run from moving the figure. NaN when
+    either side has no runs.
+    """
+    method = _present(method_step_times)
+    baseline = _present(baseline_step_times)
+    if not method or not baseline:
+        return Overhead(NAN, NAN, NAN, len(method), len(baseline))
+    method_median = float(np.median(method))
+    baseline_median = float(np.median(baseline))
+    percent = 100.0 * (method_median / baseline_median - 1.0) if baseline_median > 0 else NAN
+    return Overhead(percent, method_median, baseline_median, len(method), len(baseline))

@@ -1,0 +1,271 @@
+"""The study's SQLite store: one file per study, every result kept exactly once.
+
+Tables:
+
+    study   one row: name, spec (JSON of the parsed YAML), created
+    runs    one row per run: id, dataset, method, seed, status, error, config,
+            host, device, started, finished, attempts
+    curves  every logged point: PRIMARY KEY (run_id, kind, step)
+    finals  one row per finished run: the trainer's result["finals"]
+
+Only the study's driver process writes. A run's curves and finals are written
+in one transaction together with its status change, so a kill at any moment
+leaves either nothing or everything of that run. WAL mode lets readers
+(`gradnoise study status`, the report) look while the driver writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from gradnoise.errors import UserError
+
+STATUSES = ("pending", "running", "done", "failed", "diverged")
+FINISHED = ("done", "diverged")
+
+TRAIN_METRICS = ("loss", "lr", "sigma", "tokens_per_s")
+EVAL_METRICS = ("train_loss", "val_loss", "test_loss")
+CURVE_KINDS = ("train", "eval")
+CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS)
+
+FINAL_METRICS = (
+    "steps", "train_loss", "val_loss", "best_val_loss", "best_val_step",
+    "val_loss_full", "test_loss_full", "train_bpc", "val_bpc", "best_val_bpc",
+    "val_bpc_full", "test_bpc_full", "wall_s", "train_s", "step_time_median_s",
+    "tokens_per_s", "final_sigma",
+)  # fmt: skip
+
+_INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER"}
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS study (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN {STATUSES}),
+    error TEXT,
+    config TEXT NOT NULL,
+    host TEXT,
+    device TEXT,
+    started REAL,
+    finished REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS curves (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    kind TEXT NOT NULL CHECK (kind IN {CURVE_KINDS}),
+    step INTEGER NOT NULL,
+    time_s REAL,
+    {", ".join(f"{m} REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS))},
+    PRIMARY KEY (run_id, kind, step)
+);
+CREATE TABLE IF NOT EXISTS finals (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id),
+    {", ".join(f"{m} {_INTEGER_FINALS.get(m, 'REAL')}" for m in FINAL_METRICS)},
+    extra TEXT NOT NULL DEFAULT '{{}}'
+);
+"""
+
+_RUN_COLUMNS = (
+    "id", "dataset", "method", "seed", "status", "error", "config",
+    "host", "device", "started", "finished", "attempts",
+)  # fmt: skip
+
+
+class Store:
+    """The SQLite file of one study. Readers use `study`, `runs`, `finals`, `curves`;
+    the driver alone uses the writer methods below them."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        # isolation_level=None: no implicit transactions; writers say BEGIN themselves.
+        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 60000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- readers ----------------------------------------------------------
+
+    def study(self) -> dict:
+        """{"name", "spec" (the parsed YAML), "created"}; UserError if the file holds no study."""
+        row = self._db.execute("SELECT name, spec, created FROM study WHERE id = 1").fetchone()
+        if row is None:
+            raise UserError(f"{self.path} holds no study (no study row)")
+        return {"name": row["name"], "spec": json.loads(row["spec"]), "created": row["created"]}
+
+    def runs(self) -> list[dict]:
+        """Every run in insertion order, its config decoded."""
+        rows = self._db.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY rowid")
+        return [{**dict(row), "config": json.loads(row["config"])} for row in rows]
+
+    def run(self, run_id: str) -> dict:
+        """One run, as in `runs()`."""
+        row = self._db.execute(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(run_id)
+        return {**dict(row), "config": json.loads(row["config"])}
+
+    def finals(self) -> list[dict]:
+        """One dict per run with finals: id, dataset, method, seed, status + every final metric."""
+        rows = self._db.execute(
+            f"SELECT r.id, r.dataset, r.method, r.seed, r.status, "
+            f"{', '.join('f.' + m for m in FINAL_METRICS)}, f.extra "
+            "FROM finals f JOIN runs r ON r.id = f.run_id ORDER BY r.rowid"
+        )
+        out = []
+        for row in rows:
+            record = dict(row)
+            extra = json.loads(record.pop("extra"))
+            out.append({**record, **extra})
+        return out
+
+    def curves(self, run_ids: list[str] | None = None) -> list[dict]:
+        """Logged points ordered by run, kind, step; all runs unless `run_ids` is given."""
+        query = f"SELECT {', '.join(CURVE_COLUMNS)} FROM curves"
+        params: tuple = ()
+        if run_ids is not None:
+            query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"
+            params = tuple(run_ids)
+        query += " ORDER BY run_id, kind, step"
+        return [dict(row) for row in self._db.execute(query, params)]
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status (every status present, 0 where none)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in self._db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"):
+            counts[status] = n
+        return counts
+
+    # ---- writer (the driver process only) ---------------------------------
+
+    def create_study(self, name: str, spec: dict) -> None:
+        """Record the study once; UserError if this store already holds a different one."""
+        with self._transaction():
+            row = self._db.execute("SELECT name, spec FROM study WHERE id = 1").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO study (id, name, spec, created) VALUES (1, ?, ?, ?)",
+                    (name, _canonical_json(spec), time.time()),
+                )
+                return
+        if row["name"] != name or json.loads(row["spec"]) != json.loads(_canonical_json(spec)):
+            raise UserError(
+                f"{self.path} already holds study {row['name']!r} with a different spec; "
+                "choose another --dir, or run the spec it holds (DIR/spec.yaml)"
+            )
+
+    def add_runs(self, runs: Iterable[tuple[str, str, str, int, dict]]) -> None:
+        """Insert (id, dataset, method, seed, config) as pending; ids already present are kept."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO runs (id, dataset, method, seed, status, config) "
+                "VALUES (?, ?, ?, ?, 'pending', ?)",
+                [(i, d, m, s, _canonical_json(c)) for i, d, m, s, c in runs],
+            )
+
+    def mark_running(self, run_id: str, host: str, device: str) -> None:
+        """A new attempt starts: status running, attempts + 1."""
+        with self._transaction():
+            self._update_one(
+                "UPDATE runs SET status = 'running', host = ?, device = ?, started = ?, "
+                "finished = NULL, error = NULL, attempts = attempts + 1 WHERE id = ?",
+                (host, device, time.time(), run_id),
+            )
+
+    def mark_pending(self, run_ids: Iterable[str]) -> None:
+        """Runs whose attempt was interrupted cleanly: they resume on the next `run`."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE runs SET status = 'pending' WHERE id = ? AND status = 'running'",
+                [(i,) for i in run_ids],
+            )
+
+    def record_result(self, run_id: str, result: dict, curves: Iterable[dict]) -> None:
+        """Status, finals and curves of a finished run (result as the trainer's result.json),
+        in one transaction. Curve points already stored are replaced, never duplicated."""
+        status = result.get("status")
+        if status not in FINISHED:
+            raise ValueError(f"result status must be one of {FINISHED}, got {status!r}")
+        finals = dict(result.get("finals") or {})
+        extra = {k: v for k, v in finals.items() if k not in FINAL_METRICS}
+        points = [_curve_row(run_id, point) for point in curves if point.get("kind") in CURVE_KINDS]
+        with self._transaction():
+            self._update_one(
+                "UPDATE runs SET status = ?, error = ?, host = COALESCE(?, host), "
+                "device = COALESCE(?, device), finished = ? WHERE id = ?",
+                (status, result.get("error"), result.get("host"), result.get("device"),
+                 time.time(), run_id),
+            )  # fmt: skip
+            self._db.execute(
+                f"INSERT OR REPLACE INTO finals (run_id, {', '.join(FINAL_METRICS)}, extra) "
+                f"VALUES (?, {', '.join('?' * len(FINAL_METRICS))}, ?)",
+                (run_id, *(finals.get(m) for m in FINAL_METRICS), _canonical_json(extra)),
+            )
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO curves ({', '.join(CURVE_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(CURVE_COLUMNS))})",
+                points,
+            )
+
+    def record_failure(self, run_id: str, error: str) -> None:
+        """The attempt failed (crash, bad input at run time): status failed, with its error."""
+        with self._transaction():
+            self._update_one(
+                "UPDATE runs SET status = 'failed', error = ?, finished = ? WHERE id = ?",
+                (error, time.time(), run_id),
+            )
+
+    # ---- helpers ----------------------------------------------------------
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def _update_one(self, sql: str, params: tuple) -> None:
+        if self._db.execute(sql, params).rowcount != 1:
+            raise KeyError(f"no run {params[-1]!r} in {self.path}")
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, or ROLLBACK if the block raises."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _curve_row(run_id: str, point: dict) -> tuple:
+    return (run_id, point["kind"], int(point["step"]), *(point.get(c) for c in CURVE_COLUMNS[3:]))

@@ -1,0 +1,87 @@
+"""The Ray executor, for real, on a local Ray instance: tasks train in-process and send
+their results back; the driver alone writes the store."""
+
+import json
+import os
+import socket
+
+import pytest
+import yaml
+
+from gradnoise.lm import data
+from gradnoise.study import runner
+from gradnoise.study.runner import read_curves, run_study
+from gradnoise.study.spec import load_spec
+from gradnoise.study.store import Store
+
+ray = pytest.importorskip("ray")
+
+TINY = {
+    "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
+    "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 5,
+    "checkpoint_interval": 10, "final_eval": False,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_instance(tmp_path_factory):
+    """A private data home (prepared once), then a local 2-CPU Ray whose workers inherit it."""
+    saved = os.environ.get("GRADNOISE_HOME")
+    os.environ["GRADNOISE_HOME"] = str(tmp_path_factory.mktemp("home"))
+    data.load("shakespeare_char")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("GRADNOISE_HOME")
+    else:
+        os.environ["GRADNOISE_HOME"] = saved
+
+
+def test_ray_executor_end_to_end(tmp_path, ray_instance):
+    spec_path = tmp_path / "ray.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "ray", "datasets": ["shakespeare_char"], "seeds": 1, "overrides": TINY,
+        "methods": {"baseline": {}, "exp": {"noise": "exp:sigma0=0.01,gamma=0.9"},
+                    "broken": {"block_size": 200_000}},  # fails inside the task
+    }))  # fmt: skip
+    spec = load_spec(spec_path)
+    study_dir = tmp_path / "study"
+    summary = run_study(spec, study_dir, executor="ray", progress=False)
+    assert (summary["done"], summary["failed"], summary["ran"]) == (2, 1, 3)
+
+    with Store(study_dir / "study.sqlite") as store:
+        runs = {r["method"]: r for r in store.runs()}
+        finals = {f["method"]: f for f in store.finals()}
+        curves = store.curves()
+    assert "block_size=200000" in runs["broken"]["error"]
+    assert runs["broken"]["status"] == "failed"
+    for method in ("baseline", "exp"):
+        row = runs[method]
+        assert (row["status"], row["attempts"], row["host"]) == ("done", 1, socket.gethostname())
+        # The workers see the study directory here, so each run wrote its own run_dir.
+        run_dir = study_dir / "runs" / row["id"]
+        result = json.loads((run_dir / "result.json").read_text())
+        assert finals[method]["val_loss"] == result["finals"]["val_loss"]
+        assert finals[method]["steps"] == TINY["max_iters"]
+        mine = sorted((p["kind"], p["step"], p["val_loss"]) for p in curves if p["run_id"] == row["id"])
+        on_disk = read_curves(run_dir / "log.jsonl")
+        assert mine == sorted((p["kind"], p["step"], p.get("val_loss")) for p in on_disk)
+    # The noise acted: same seed, same start, different end.
+    assert finals["baseline"]["val_loss"] != finals["exp"]["val_loss"]
+
+    again = run_study(spec, study_dir, executor="ray", progress=False)
+    assert (again["skipped"], again["ran"], again["done"]) == (2, 1, 2)
+
+
+def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path, ray_instance):
+    """On a cluster without a shared filesystem the task trains under $GRADNOISE_HOME."""
+    config = load_spec("quick", TINY).runs[0].config.to_dict()
+    elsewhere = tmp_path / "not-on-this-node" / "mystudy"
+    output = runner._train_in_worker(config, str(elsewhere), "abc123")
+    run_dir = data.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
+    assert not elsewhere.exists()
+    assert output["result"]["status"] == "done"
+    assert output["result"] == json.loads((run_dir / "result.json").read_text())
+    assert output["curves"] == read_curves(run_dir / "log.jsonl")
+    assert output["host"] == socket.gethostname()

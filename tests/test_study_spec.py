@@ -1,0 +1,277 @@
+"""Study specs: expansion to runs, stable run ids, and every validation error."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from gradnoise import schedules
+from gradnoise.errors import UserError
+from gradnoise.lm.config import CHOICES, TrainConfig, resolve_config
+from gradnoise.study.spec import load_spec, packaged_specs, parse_spec, run_id
+
+
+def base_spec(**changes) -> dict:
+    spec = {
+        "name": "unit",
+        "preset": "tiny",
+        "datasets": ["shakespeare_char"],
+        "seeds": 2,
+        "methods": {"baseline": {}, "exp": {"noise": "exp:sigma0=0.01,gamma=0.99"}},
+    }
+    return {**spec, **changes}
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---- expansion -------------------------------------------------------------------------
+
+
+def test_expands_dataset_by_method_by_seed_in_order():
+    spec = parse_spec(
+        base_spec(
+            datasets=["shakespeare_char", "enwik8"],
+            seeds=[3, 7],
+            dataset_overrides={"enwik8": {"seeds": 1}},
+        )
+    )
+    got = [(r.dataset, r.method, r.seed) for r in spec.runs]
+    assert got == [
+        ("shakespeare_char", "baseline", 3),
+        ("shakespeare_char", "exp", 3),
+        ("shakespeare_char", "baseline", 7),
+        ("shakespeare_char", "exp", 7),
+        ("enwik8", "baseline", 0),
+        ("enwik8", "exp", 0),
+    ]
+    for run in spec.runs:
+        assert (run.config.dataset, run.config.seed) == (run.dataset, run.seed)
+    assert len({r.run_id for r in spec.runs}) == len(spec.runs)
+
+
+def test_config_layers_apply_in_order_preset_overrides_dataset_method_set():
+    spec = parse_spec(
+        base_spec(
+            seeds=1,
+            overrides={"max_iters": 30, "eval_interval": 7, "dropout": 0.1, "lr": 0.002},
+            dataset_overrides={"shakespeare_char": {"max_iters": 40, "dropout": 0.2}},
+            methods={"baseline": {}, "m": {"dropout": 0.3, "eval_interval": 9}},
+            set={"eval_interval": 11},
+        )
+    )
+    baseline, method = spec.runs
+    tiny = resolve_config("shakespeare_char", "tiny")
+    assert baseline.config.n_layer == tiny.n_layer  # from the preset
+    assert baseline.config.lr == method.config.lr == 0.002  # overrides
+    assert baseline.config.max_iters == method.config.max_iters == 40  # dataset beats overrides
+    assert (baseline.config.dropout, method.config.dropout) == (0.2, 0.3)  # method beats dataset
+    assert baseline.config.eval_interval == method.config.eval_interval == 11  # set beats all
+
+
+def test_placeholders_take_the_runs_resolved_values():
+    spec = parse_spec(
+        base_spec(
+            datasets=["shakespeare_char", "enwik8"],
+            seeds=1,
+            dataset_overrides={"enwik8": {"max_iters": 77}},
+            overrides={"max_iters": 55},
+            methods={"baseline": {}, "lin": {"noise": "linear:sigma0=0.01,total_steps={max_iters}"}},
+        )
+    )
+    lines = {r.dataset: schedules.parse(r.config.noise) for r in spec.runs if r.method == "lin"}
+    assert lines["shakespeare_char"] == schedules.Linear(sigma0=0.01, total_steps=55)
+    assert lines["enwik8"] == schedules.Linear(sigma0=0.01, total_steps=77)
+
+
+def test_load_spec_set_values_are_kept_in_the_stored_spec(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(base_spec()))
+    spec = load_spec(path, {"max_iters": 5})
+    assert spec.data["set"] == {"max_iters": 5}
+    assert all(r.config.max_iters == 5 for r in spec.runs)
+
+
+# ---- run ids ---------------------------------------------------------------------------
+
+
+def test_run_id_is_sha256_of_canonical_config_without_device():
+    config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
+    values = dataclasses.asdict(config)
+    del values["device"]
+    expected = hashlib.sha256(
+        json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:12]
+    assert run_id(config) == expected
+    assert run_id(config.replace(device="cuda:1")) == expected
+
+
+def test_run_ids_stable_across_processes():
+    here = [r.run_id for r in load_spec("quick").runs]
+    code = "from gradnoise.study.spec import load_spec; print(*[r.run_id for r in load_spec('quick').runs])"
+    there = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    ).stdout.split()  # fmt: skip
+    assert there == here
+
+
+def _another_value(name: str, value):
+    """A different valid value for config field `name`."""
+    if name in CHOICES:
+        return next(c for c in CHOICES[name] if c != value)
+    if name == "noise":
+        return "const:sigma=0.1"
+    if name == "lr_decay_iters" and value is None:
+        return 100
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 if value else 1
+    if isinstance(value, float):
+        return value / 2 if value else 0.5
+    raise AssertionError(f"no alternative for {name}={value!r}")
+
+
+def test_run_id_changes_when_any_config_value_changes():
+    config = resolve_config("shakespeare_char", "tiny")
+    reference = run_id(config)
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "device"]
+    for name in fields:
+        changed = config.replace(**{name: _another_value(name, getattr(config, name))})
+        assert run_id(changed) != reference, name
+
+
+# ---- validation: each error is a UserError naming what is allowed -----------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"colour": "red"}, ["colour", "methods", "dataset_overrides"]),
+        ({"datasets": ["shakespeare", "enwik8"]}, ["shakespeare", "shakespeare_char", "text8"]),
+        ({"datasets": []}, ["datasets"]),
+        ({"preset": "huge"}, ["huge", "tiny", "paper"]),
+        ({"name": "has space"}, ["name"]),
+        ({"seeds": 0}, ["seeds", "≥ 1"]),
+        ({"seeds": [1, 1]}, ["seed twice"]),
+        ({"seeds": [-1]}, ["seeds"]),
+        ({"baseline": "control"}, ["control", "baseline", "exp"]),
+        ({"methods": {}}, ["methods", "baseline"]),
+        ({"methods": {"baseline": {}, "x": {"learning_rate": 1}}}, ["learning_rate", "allowed keys", "lr"]),
+        ({"methods": {"baseline": {}, "x": {"dropout": 1.5}}}, ["dropout=1.5", "[0, 1)"]),
+        ({"methods": {"baseline": {}, "x": {"noise": "wiggle:a=1"}}}, ["wiggle", "exp", "neelakantan"]),
+        ({"methods": {"baseline": {}, "x": {"noise": "exp:sigma0=0.1"}}}, ["missing gamma"]),
+        ({"methods": {"baseline": {}, "x": {"noise": "exp:sigma0=0.1,gamma=1.5"}}}, ["gamma", "(0, 1]"]),
+        ({"methods": {"baseline": {}, "x": {"noise": "linear:sigma0=0.1,total_steps={iters}"}}},
+         ["{iters}", "max_iters"]),
+        ({"methods": {"baseline": {}, "x": {"seed": 3}}}, ["'seed'", "seeds"]),
+        ({"methods": {"baseline": {}, "bad name!": {}}}, ["bad name!"]),
+        ({"methods": {"baseline": {}, "x": 3}}, ["methods.x", "mapping"]),
+        ({"overrides": {"dataset": "enwik8"}}, ["'dataset'", "datasets"]),
+        ({"overrides": {"max_iter": 3}}, ["max_iter", "max_iters"]),
+        ({"dataset_overrides": {"enwik8": {"max_iters": 3}}}, ["enwik8", "not in datasets"]),
+        ({"dataset_overrides": {"shakespeare_char": {"seeds": "three"}}}, ["seeds", "three"]),
+        ({"caveats": "one"}, ["caveats", "list of strings"]),
+    ],
+)  # fmt: skip
+def test_bad_specs_raise_user_error_naming_what_is_allowed(changes, words):
+    with pytest.raises(UserError) as caught:
+        parse_spec(base_spec(**changes))
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_methods_resolving_to_the_same_config_are_rejected():
+    methods = {"baseline": {}, "also-baseline": {"dropout": 0.0}}  # tiny's dropout is already 0
+    with pytest.raises(UserError, match=r"'baseline' and 'also-baseline'.*same run"):
+        parse_spec(base_spec(methods=methods))
+
+
+def test_duplicate_method_names_in_yaml_are_rejected(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        name: dup
+        datasets: [shakespeare_char]
+        methods:
+          baseline: {}
+          exp: {noise: "exp:sigma0=0.01,gamma=0.99"}
+          exp: {noise: "exp:sigma0=0.1,gamma=0.99"}
+        """,
+    )
+    with pytest.raises(UserError, match=r"duplicate key 'exp'.*\n.*line 6"):
+        load_spec(path)
+
+
+def test_spec_that_is_not_yaml_or_not_a_mapping(tmp_path):
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_spec(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_spec(write(tmp_path, "- a\n- b\n"))
+
+
+def test_unknown_spec_name_lists_the_packaged_ones():
+    with pytest.raises(UserError) as caught:
+        load_spec("quik")
+    assert all(name in str(caught.value) for name in ("quick", "paper", "paper-small"))
+
+
+# ---- the packaged specs ------------------------------------------------------------------
+
+
+def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
+    assert set(packaged_specs()) == {"quick", "paper", "paper-small"}
+    quick, paper, small = (load_spec(n) for n in ("quick", "paper", "paper-small"))
+    for spec in (quick, paper, small):
+        assert spec.caveats and spec.description and spec.baseline in spec.methods
+
+    assert (quick.preset, quick.datasets) == ("tiny", ("shakespeare_char",))
+    assert {r.seed for r in quick.runs} == {0, 1, 2}
+    noises = {r.method: schedules.parse(r.config.noise) for r in quick.runs}
+    kinds = {type(s).__name__ for s in noises.values() if s is not None}
+    assert {"Exponential", "Linear", "Neelakantan"} <= kinds
+    assert kinds & {"Relative", "Plateau"}
+
+    assert paper.preset == "paper" and set(paper.datasets) == {"shakespeare_char", "enwik8", "text8"}
+    seeds = {d: {r.seed for r in paper.runs if r.dataset == d} for d in paper.datasets}
+    assert seeds == {"shakespeare_char": set(range(5)), "enwik8": set(range(3)), "text8": set(range(3))}
+    grid = {
+        (s.sigma0, s.gamma)
+        for r in paper.runs
+        if isinstance(s := schedules.parse(r.config.noise), schedules.Exponential)
+        and r.config.noise_placement == "after_clip" and r.config.optimizer == "adamw"
+    }
+    assert {(a, b) for a in (0.1, 0.05, 0.01) for b in (0.99, 0.95)} <= grid
+    etas = {
+        s.eta
+        for r in paper.runs
+        if isinstance(s := schedules.parse(r.config.noise), schedules.Neelakantan)
+    }
+    assert etas == {0.01, 1.0}
+    assert {r.config.optimizer for r in paper.runs} == {"adamw", "sgd"}
+    assert {r.config.noise_placement for r in paper.runs} == {"after_clip", "before_clip"}
+
+    assert small.preset == "paper" and small.datasets == ("shakespeare_char",)
+    assert len(small.runs) == 21 and {r.seed for r in small.runs} == {0, 1, 2}
+    assert {r.config.max_iters for r in small.runs} == {5000}
+    assert set(small.methods) <= set(paper.methods)
+
+
+def test_quick_noise_acts_during_its_run():
+    """Every noisy method of quick still has σ_t ≥ 1% of σ_0 a quarter into the run."""
+    for run in load_spec("quick").runs:
+        schedule = schedules.parse(run.config.noise)
+        if schedule is None:
+            continue
+        horizon = schedule.horizon(0.01)
+        assert horizon is None or horizon >= run.config.max_iters // 4, run.method
+        assert schedule(0) > 0

@@ -1,0 +1,212 @@
+"""The SQLite store: API, no duplicates, one transaction per result, kill safety, concurrency."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import gradnoise
+from gradnoise.errors import UserError
+from gradnoise.study.store import FINAL_METRICS, Store
+
+SPEC = {"name": "unit", "methods": {"baseline": {}}}
+
+
+def result(val_loss: float, status: str = "done") -> dict:
+    finals = dict.fromkeys(FINAL_METRICS, 0.5) | {"steps": 20, "best_val_step": 10}
+    finals |= {"val_loss": val_loss, "test_loss_full": None, "gpu_memory_gb": 1.5}
+    return {"status": status, "error": None, "device": "cpu", "host": "box", "finals": finals}
+
+
+def curve(steps, loss=2.0) -> list[dict]:
+    train = [{"kind": "train", "step": s, "loss": loss + s, "lr": 1e-3, "sigma": 0.01,
+              "time_s": s / 10, "tokens_per_s": 100.0} for s in steps]  # fmt: skip
+    evals = [{"kind": "eval", "step": s, "train_loss": loss, "val_loss": loss + 1, "time_s": s / 10}
+             for s in steps if s % 10 == 0]  # fmt: skip
+    return train + evals
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "study.sqlite") as store:
+        store.create_study("unit", SPEC)
+        store.add_runs([("r1", "shakespeare_char", "baseline", 0, {"seed": 0}),
+                        ("r2", "shakespeare_char", "baseline", 1, {"seed": 1})])  # fmt: skip
+        yield store
+
+
+def test_study_row_and_a_different_spec_is_refused(tmp_path, store):
+    study = store.study()
+    assert (study["name"], study["spec"]) == ("unit", SPEC)
+    assert abs(study["created"] - time.time()) < 600
+    store.create_study("unit", json.loads(json.dumps(SPEC)))  # the same spec again: fine
+    with pytest.raises(UserError, match="different spec"):
+        store.create_study("unit", {**SPEC, "seeds": 5})
+    with pytest.raises(UserError, match="different spec"):
+        store.create_study("other", SPEC)
+
+
+def test_wal_mode(store):
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_add_runs_never_duplicates_and_keeps_status(store):
+    store.mark_running("r1", "box", "cpu")
+    store.add_runs([("r1", "shakespeare_char", "baseline", 0, {"seed": 0}),
+                    ("r3", "enwik8", "exp", 2, {"seed": 2})])  # fmt: skip
+    runs = {r["id"]: r for r in store.runs()}
+    assert list(runs) == ["r1", "r2", "r3"]
+    assert (runs["r1"]["status"], runs["r1"]["attempts"]) == ("running", 1)
+    assert runs["r3"] | {"config": None} == {
+        "id": "r3", "dataset": "enwik8", "method": "exp", "seed": 2, "status": "pending",
+        "error": None, "config": None, "host": None, "device": None, "started": None,
+        "finished": None, "attempts": 0,
+    }  # fmt: skip
+    assert runs["r3"]["config"] == {"seed": 2}
+
+
+def test_mark_running_counts_attempts(store):
+    for expected in (1, 2, 3):
+        store.mark_running("r1", f"host{expected}", "cuda:0")
+        run = store.run("r1")
+        assert (run["status"], run["attempts"], run["host"]) == ("running", expected, f"host{expected}")
+        assert run["started"] is not None and run["finished"] is None
+
+
+def test_record_result_writes_status_finals_and_curves(store):
+    store.mark_running("r1", "box", "cpu")
+    store.record_result("r1", result(1.25), curve(range(0, 30, 5)))
+    run = store.run("r1")
+    assert (run["status"], run["host"], run["device"]) == ("done", "box", "cpu")
+    assert run["finished"] >= run["started"]
+    (finals,) = store.finals()
+    expected = result(1.25)["finals"]
+    assert {k: finals[k] for k in expected} == expected  # every key, the extra one too
+    assert (finals["id"], finals["method"], finals["seed"], finals["status"]) == ("r1", "baseline", 0, "done")
+    assert isinstance(finals["steps"], int)
+    points = store.curves(["r1"])
+    assert len([p for p in points if p["kind"] == "train"]) == 6
+    assert len([p for p in points if p["kind"] == "eval"]) == 3
+    evaluation = next(p for p in points if p["kind"] == "eval" and p["step"] == 20)
+    assert evaluation == {"run_id": "r1", "kind": "eval", "step": 20, "time_s": 2.0, "loss": None,
+                          "lr": None, "sigma": None, "tokens_per_s": None, "train_loss": 2.0,
+                          "val_loss": 3.0, "test_loss": None}  # fmt: skip
+    assert store.curves(["r2"]) == []
+    assert store.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "diverged": 0}
+
+
+def test_recording_a_run_again_replaces_never_duplicates(store):
+    store.record_result("r1", result(1.5), curve(range(0, 20, 5)))
+    store.record_result("r1", result(1.25), curve(range(0, 30, 5), loss=7.0))
+    assert [f["val_loss"] for f in store.finals()] == [1.25]
+    keys = [(p["kind"], p["step"]) for p in store.curves()]
+    assert len(keys) == len(set(keys)) == 6 + 3
+    assert {p["loss"] for p in store.curves() if p["kind"] == "train" and p["step"] == 5} == {12.0}
+
+
+def test_failure_and_divergence(store):
+    store.mark_running("r1", "box", "cpu")
+    store.record_failure("r1", "Traceback\nRuntimeError: boom")
+    store.record_result("r2", result(float("nan"), "diverged") | {"error": "loss is nan"}, curve([0]))
+    runs = {r["id"]: r for r in store.runs()}
+    assert (runs["r1"]["status"], runs["r1"]["error"]) == ("failed", "Traceback\nRuntimeError: boom")
+    assert (runs["r2"]["status"], runs["r2"]["error"]) == ("diverged", "loss is nan")
+    assert [(f["id"], f["status"]) for f in store.finals()] == [("r2", "diverged")]
+    with pytest.raises(ValueError, match="status"):
+        store.record_result("r1", {"status": "failed", "finals": {}}, [])
+    with pytest.raises(KeyError):
+        store.record_failure("nope", "x")
+
+
+def test_a_result_that_fails_midway_leaves_nothing(store):
+    store.mark_running("r1", "box", "cpu")
+    bad_curves = [*curve(range(3)), {"kind": "train", "step": 99, "loss": {"not": "a number"}}]
+    with pytest.raises(sqlite3.Error):
+        store.record_result("r1", result(1.0), bad_curves)
+    assert store.run("r1")["status"] == "running"
+    assert store.finals() == [] and store.curves() == []
+
+
+def test_readers_see_writes_from_another_connection(tmp_path, store):
+    with Store(tmp_path / "study.sqlite") as reader:
+        assert reader.counts()["done"] == 0
+        store.record_result("r1", result(1.0), curve([0, 10]))
+        assert reader.counts()["done"] == 1 and len(reader.curves()) == 4
+
+
+def test_missing_study_row_is_a_user_error(tmp_path):
+    with Store(tmp_path / "empty.sqlite") as empty, pytest.raises(UserError, match="no study"):
+        empty.study()
+
+
+# The writer skips gradnoise/__init__ (it imports torch: seconds); the store needs none of it.
+WRITER = f"""
+import sys, types
+from pathlib import Path
+package = types.ModuleType("gradnoise")
+package.__path__ = {list(gradnoise.__path__)!r}
+sys.modules["gradnoise"] = package
+""" + textwrap.dedent(
+    """
+    from gradnoise.study.store import Store, FINAL_METRICS
+
+    store = Store(Path(sys.argv[1]))
+    store.create_study("load", {"name": "load"})
+    n = int(sys.argv[2])
+    store.add_runs([(f"r{i}", "shakespeare_char", "m", i, {"i": i}) for i in range(n)])
+    for i in range(n):
+        store.mark_running(f"r{i}", "box", "cpu")
+        points = [{"kind": "train", "step": s, "loss": float(i)} for s in range(200)]
+        finals = dict.fromkeys(FINAL_METRICS, float(i))
+        store.record_result(f"r{i}", {"status": "done", "finals": finals}, points)
+        print(i, flush=True)
+    """
+)
+
+
+def check_consistent(path, n: int) -> int:
+    """Each run has either everything (done, finals, 200 points) or nothing; returns # done."""
+    with Store(path) as store:
+        runs = store.runs()
+        finals = {f["id"] for f in store.finals()}
+        points = {}
+        for p in store.curves():
+            points[p["run_id"]] = points.get(p["run_id"], 0) + 1
+    assert len(runs) == n
+    done = 0
+    for run in runs:
+        if run["status"] == "done":
+            done += 1
+            assert run["id"] in finals and points.get(run["id"]) == 200, run
+        else:
+            assert run["id"] not in finals and run["id"] not in points, run
+    return done
+
+
+def test_sigkill_while_writing_leaves_each_run_all_or_nothing(tmp_path):
+    path = tmp_path / "study.sqlite"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), "2000"], stdout=subprocess.PIPE, text=True
+    )
+    for _ in range(30):  # let it record a few runs, then kill it mid-stream
+        writer.stdout.readline()
+    time.sleep(0.05)  # not at the print: somewhere in a later run's writes
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert check_consistent(path, 2000) >= 30
+
+
+def test_two_stores_written_concurrently(tmp_path):
+    paths = [tmp_path / "a" / "study.sqlite", tmp_path / "b" / "study.sqlite"]
+    writers = []
+    for path in paths:
+        path.parent.mkdir()
+        writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(path), "60"],
+                                        stdout=subprocess.DEVNULL))  # fmt: skip
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    assert [check_consistent(path, 60) for path in paths] == [60, 60]
