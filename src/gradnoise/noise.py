@@ -38,7 +38,8 @@ __all__ = ["GradientNoise", "add_noise_"]
 # is the cost on CPU). Known limit: torch's CPU generator (mt19937) keeps only
 # the low 32 bits of a seed, so among N chunk draws about N²/2³³ pairs repeat a
 # stream (≈ 5 in a 5,000-step run of a 10.7 M-parameter model on CPU, ≈ 0.05
-# for the 0.8 M tiny model); CUDA's Philox takes the full key.
+# for the 0.8 M tiny model). On CUDA the unfused path's Philox takes the whole
+# 63-bit key; the fused kernel takes 31 bits (≈ N²/2³² repeats among N steps).
 _CPU_CHUNK = 1 << 18
 _KEY_LIMIT = 2**63 - 1
 _thread_pool: ThreadPoolExecutor | None = None
