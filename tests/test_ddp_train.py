@@ -14,17 +14,29 @@ from gradnoise.lm.config import resolve_config
 from gradnoise.lm.trainer import train
 
 PER_RANK = dict(
-    n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, grad_accum=2, max_iters=16,
-    warmup_iters=4, eval_interval=8, eval_iters=3, log_interval=4, checkpoint_interval=8,
-    dropout=0.0, final_eval=True, device="cpu", noise="exp:sigma0=0.05,gamma=0.95",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=4,
+    grad_accum=2,
+    max_iters=16,
+    warmup_iters=4,
+    eval_interval=8,
+    eval_iters=3,
+    log_interval=4,
+    checkpoint_interval=8,
+    dropout=0.0,
+    final_eval=True,
+    device="cpu",
+    noise="exp:sigma0=0.05,gamma=0.95",
 )
 
 
 def curve(run_dir):
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return [
-        (r["kind"], r["step"], *(r[k] for k in ("loss", "train_loss", "val_loss") if k in r))
-        for r in records
+        (r["kind"], r["step"], *(r[k] for k in ("loss", "train_loss", "val_loss") if k in r)) for r in records
     ]
 
 
@@ -46,8 +58,19 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path, monkey
 
     overrides = [f"{k}={v}" for k, v in PER_RANK.items()]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "gradnoise", "train", "--run-dir", str(tmp_path / "ddp"), "--no-progress", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gradnoise",
+        "train",
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--no-progress",
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADNOISE_HOME": str(tmp_path / "home")}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -114,9 +114,16 @@ def lightning_parts():
         x, y = tiny_data(batches)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
         trainer = lightning.Trainer(
-            max_steps=steps, accelerator="cpu", devices=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            gradient_clip_val=CLIP, accumulate_grad_batches=ACCUMULATE, callbacks=callbacks,
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            gradient_clip_val=CLIP,
+            accumulate_grad_batches=ACCUMULATE,
+            callbacks=callbacks,
         )
         trainer.fit(module, loader, ckpt_path=ckpt_path)
         return trainer
@@ -198,16 +205,29 @@ def transformers_parts():
         x, y = tiny_data(16)
         dataset = [{"input_ids": int(a), "labels": int(b)} for a, b in zip(x, y, strict=True)]
         settings = dict(
-            output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=BATCH,
-            gradient_accumulation_steps=ACCUMULATE, learning_rate=1.0, optim="sgd",
-            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=CLIP, report_to="none",
-            use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+            output_dir=str(output_dir),
+            max_steps=steps,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=ACCUMULATE,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=CLIP,
+            report_to="none",
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
         )
         settings.update(overrides)
         model = TinyLM()
         trainer = transformers.Trainer(
-            model=model, args=transformers.TrainingArguments(**settings),
-            train_dataset=dataset, callbacks=callbacks,
+            model=model,
+            args=transformers.TrainingArguments(**settings),
+            train_dataset=dataset,
+            callbacks=callbacks,
         )
         counter = {}
         create_optimizer = trainer.create_optimizer
@@ -242,10 +262,17 @@ def test_transformers_resume_continues_the_noise_stream(transformers_parts, tmp_
     schedule = "exp:sigma0=0.05,gamma=0.9"
     steps = 4
     whole, _, _ = train(tmp_path / "whole", steps, [GradientNoiseCallback(schedule, seed=3)])
-    train(tmp_path / "half", steps // 2, [GradientNoiseCallback(schedule, seed=3)],
-          save_strategy="steps", save_steps=steps // 2)
+    train(
+        tmp_path / "half",
+        steps // 2,
+        [GradientNoiseCallback(schedule, seed=3)],
+        save_strategy="steps",
+        save_steps=steps // 2,
+    )
     resumed, trainer, _ = train(
-        tmp_path / "resumed", steps, [GradientNoiseCallback(schedule, seed=3)],
+        tmp_path / "resumed",
+        steps,
+        [GradientNoiseCallback(schedule, seed=3)],
         resume_from_checkpoint=str(tmp_path / "half" / f"checkpoint-{steps // 2}"),
         restore_callback_states_from_checkpoint=True,
     )

@@ -120,7 +120,10 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     vocab = [chr(ord("a") + i) for i in range(SMALL.vocab_size)]
     model.save_pretrained(tmp_path / "export", vocab)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
-        "config.json", "model.safetensors", "vocab.json"]
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+    ]
     loaded = GPT.from_pretrained(tmp_path / "export").eval()
     assert loaded.config == model.config
     assert loaded.lm_head.weight is loaded.transformer.wte.weight

@@ -132,7 +132,7 @@ def test_noise_is_drawn_once_per_optimizer_step_under_accumulation():
     reference_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     GradientNoise(reference_opt, "const:sigma=0.05", seed=7)
     for step in range(3):  # the same gradients in one backward each
-        reference(torch.cat(data[4 * step: 4 * step + 4])).square().mean().backward()
+        reference(torch.cat(data[4 * step : 4 * step + 4])).square().mean().backward()
         reference_opt.step()
         reference_opt.zero_grad()
 
@@ -218,7 +218,8 @@ def test_track_stats_reports_gradient_and_noise_norms():
     # ‖σε‖² / σ² ~ χ²_n: mean n, sd √(2n)
     assert abs(gn.last_stats["noise_norm"] ** 2 / 0.01 - n) < 5 * math.sqrt(2 * n)
     assert gn.last_stats["noise_to_grad"] == pytest.approx(
-        gn.last_stats["noise_norm"] / gn.last_stats["grad_norm"])
+        gn.last_stats["noise_norm"] / gn.last_stats["grad_norm"]
+    )
     _assert_standard_normal_scaled(params[0].grad - 0.5, 0.1)
 
 
@@ -290,8 +291,10 @@ def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
         monkeypatch.setenv("GRADNOISE_DISABLE_TRITON", "1")
 
     def noisy_gradients(seed, mode="absolute"):
-        params = [torch.nn.Parameter(torch.zeros(size, device="cuda", dtype=dtype))
-                  for size in ((1000, 300), (7,), (4097,), (64, 64))]
+        params = [
+            torch.nn.Parameter(torch.zeros(size, device="cuda", dtype=dtype))
+            for size in ((1000, 300), (7,), (4097,), (64, 64))
+        ]
         for p in params:
             p.grad = torch.ones_like(p)
         optimizer = torch.optim.SGD(params, lr=0.0)

@@ -17,10 +17,18 @@ from gradnoise.study.store import Store
 ray = pytest.importorskip("ray")
 
 TINY = {
-    "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
-    "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 5,
-    "checkpoint_interval": 10, "final_eval": False,
-}  # fmt: skip
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 32,
+    "block_size": 32,
+    "batch_size": 4,
+    "max_iters": 20,
+    "eval_interval": 10,
+    "eval_iters": 2,
+    "log_interval": 5,
+    "checkpoint_interval": 10,
+    "final_eval": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +48,21 @@ def ray_instance(tmp_path_factory):
 
 def test_ray_executor_end_to_end(tmp_path, ray_instance):
     spec_path = tmp_path / "ray.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "ray", "datasets": ["shakespeare_char"], "seeds": 1, "overrides": TINY,
-        "methods": {"baseline": {}, "exp": {"noise": "exp:sigma0=0.01,gamma=0.9"},
-                    "broken": {"block_size": 200_000}},  # fails inside the task
-    }))  # fmt: skip
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "ray",
+                "datasets": ["shakespeare_char"],
+                "seeds": 1,
+                "overrides": TINY,
+                "methods": {
+                    "baseline": {},
+                    "exp": {"noise": "exp:sigma0=0.01,gamma=0.9"},
+                    "broken": {"block_size": 200_000},
+                },  # fails inside the task
+            }
+        )
+    )
     spec = load_spec(spec_path)
     study_dir = tmp_path / "study"
     summary = run_study(spec, study_dir, executor="ray", progress=False)

@@ -33,24 +33,45 @@ def val_curve(final: float, step: int) -> float:
 def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list[dict]]:
     schedule = schedules.parse(EXP_SPEC) if method == "exp" else None
     curves = [
-        {"kind": "train", "step": s, "loss": val_curve(val, s) + 0.05, "lr": 1e-3,
-         "sigma": schedule(s) if schedule else 0.0, "time_s": s * STEP_TIME[method],
-         "tokens_per_s": 15000.0}
+        {
+            "kind": "train",
+            "step": s,
+            "loss": val_curve(val, s) + 0.05,
+            "lr": 1e-3,
+            "sigma": schedule(s) if schedule else 0.0,
+            "time_s": s * STEP_TIME[method],
+            "tokens_per_s": 15000.0,
+        }
         for s in range(0, MAX_ITERS, 50)
     ] + [
-        {"kind": "eval", "step": s, "train_loss": val_curve(train, s), "val_loss": val_curve(val, s),
-         "time_s": s * STEP_TIME[method]}
+        {
+            "kind": "eval",
+            "step": s,
+            "train_loss": val_curve(train, s),
+            "val_loss": val_curve(val, s),
+            "time_s": s * STEP_TIME[method],
+        }
         for s in EVAL_STEPS
-    ]  # fmt: skip
+    ]
     finals = {
-        "steps": MAX_ITERS, "train_loss": train, "val_loss": val, "best_val_loss": val,
-        "best_val_step": MAX_ITERS, "val_loss_full": val + 0.001, "test_loss_full": None,
-        "train_bpc": train / math.log(2), "val_bpc": val / math.log(2),
-        "best_val_bpc": val / math.log(2), "val_bpc_full": (val + 0.001) / math.log(2),
-        "test_bpc_full": None, "wall_s": 40.0, "train_s": 30.0,
-        "step_time_median_s": STEP_TIME[method], "tokens_per_s": 15000.0,
+        "steps": MAX_ITERS,
+        "train_loss": train,
+        "val_loss": val,
+        "best_val_loss": val,
+        "best_val_step": MAX_ITERS,
+        "val_loss_full": val + 0.001,
+        "test_loss_full": None,
+        "train_bpc": train / math.log(2),
+        "val_bpc": val / math.log(2),
+        "best_val_bpc": val / math.log(2),
+        "val_bpc_full": (val + 0.001) / math.log(2),
+        "test_bpc_full": None,
+        "wall_s": 40.0,
+        "train_s": 30.0,
+        "step_time_median_s": STEP_TIME[method],
+        "tokens_per_s": 15000.0,
         "final_sigma": schedule(MAX_ITERS - 1) if schedule else 0.0,
-    }  # fmt: skip
+    }
     result = {"status": "done", "error": None, "device": "cpu", "host": "test", "finals": finals}
     return result, curves
 
@@ -60,12 +81,16 @@ def study_dir(tmp_path_factory):
     """2 methods × 3 done seeds, plus seed 3: baseline failed, exp diverged."""
     directory = tmp_path_factory.mktemp("study")
     spec = {
-        "name": "synthetic", "description": "two methods, three seeds", "preset": "tiny",
-        "datasets": ["shakespeare_char"], "seeds": 4, "baseline": "baseline",
+        "name": "synthetic",
+        "description": "two methods, three seeds",
+        "preset": "tiny",
+        "datasets": ["shakespeare_char"],
+        "seeds": 4,
+        "baseline": "baseline",
         "overrides": {"max_iters": MAX_ITERS},
         "methods": {"baseline": {}, "exp": {"noise": EXP_SPEC}},
         "caveats": ["A made-up study for the tests."],
-    }  # fmt: skip
+    }
     with Store(directory / "study.sqlite") as store:
         store.create_study("synthetic", spec)
         for method, noise in (("baseline", "none"), ("exp", EXP_SPEC)):
@@ -100,9 +125,17 @@ def table_row(markdown: str, first_cell: str, title_part: str) -> list[str]:
 
 def test_report_files_exist(study_dir):
     report = study_dir / "report"
-    for name in ("report.md", "index.html", "summary.csv", "comparison.csv", "speed_cost.csv",
-                 "curves_shakespeare_char.png", "final_val_shakespeare_char.png",
-                 "sigma_schedules.png", "overhead.png"):  # fmt: skip
+    for name in (
+        "report.md",
+        "index.html",
+        "summary.csv",
+        "comparison.csv",
+        "speed_cost.csv",
+        "curves_shakespeare_char.png",
+        "final_val_shakespeare_char.png",
+        "sigma_schedules.png",
+        "overhead.png",
+    ):
         assert (report / name).is_file(), name
     leftovers = [p.name for p in study_dir.iterdir() if p.name.startswith(".report")]
     assert leftovers == []
@@ -165,8 +198,7 @@ def test_csvs_hold_the_numbers(study_dir):
     target = sum(v for _, v in FINALS["baseline"].values()) / 3
     for method, per_seed in FINALS.items():
         first_steps = [
-            next((s for s in EVAL_STEPS if val_curve(v, s) <= target), None)
-            for _, v in per_seed.values()
+            next((s for s in EVAL_STEPS if val_curve(v, s) <= target), None) for _, v in per_seed.values()
         ]
         hits = [s for s in first_steps if s is not None]
         assert int(speed[method]["reached"]) == len(hits)

@@ -22,10 +22,18 @@ from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 
 TINY = {
-    "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "batch_size": 4,
-    "max_iters": 20, "eval_interval": 10, "eval_iters": 2, "log_interval": 5,
-    "checkpoint_interval": 10, "final_eval": False,
-}  # fmt: skip
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 32,
+    "block_size": 32,
+    "batch_size": 4,
+    "max_iters": 20,
+    "eval_interval": 10,
+    "eval_iters": 2,
+    "log_interval": 5,
+    "checkpoint_interval": 10,
+    "final_eval": False,
+}
 # Passes validation, fails in the trainer: the val split is shorter than one block.
 FAILING = {"block_size": 200_000}
 # Long enough to be killed after its first checkpoint, short enough to finish soon after.
@@ -50,10 +58,14 @@ def environment(tmp_path_factory):
 
 def write_spec(directory: Path, name: str, methods: dict, seeds=1, overrides=None) -> Path:
     spec = {
-        "name": name, "preset": "tiny", "datasets": ["shakespeare_char"], "seeds": seeds,
-        "overrides": {**TINY, **(overrides or {})}, "methods": methods,
+        "name": name,
+        "preset": "tiny",
+        "datasets": ["shakespeare_char"],
+        "seeds": seeds,
+        "overrides": {**TINY, **(overrides or {})},
+        "methods": methods,
         "caveats": ["a test study"],
-    }  # fmt: skip
+    }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -259,9 +271,20 @@ def test_driver_killed_midway_stops_its_workers_and_the_study_resumes(tmp_path):
     study_dir = tmp_path / "study"
     run_dir = study_dir / "runs" / spec.runs[0].run_id
     driver = subprocess.Popen(
-        [sys.executable, "-m", "gradnoise", "study", "run", str(path), "--dir", str(study_dir),
-         "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gradnoise",
+            "study",
+            "run",
+            str(path),
+            "--dir",
+            str(study_dir),
+            "--no-progress",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: latest_checkpoint_step(run_dir), what="a checkpoint")
     assert len(worker_pids(run_dir)) == 1
     # While the driver lives: a second driver is refused, and status shows the live run.

@@ -107,9 +107,9 @@ def test_run_id_is_sha256_of_canonical_config_without_device():
     config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
     values = dataclasses.asdict(config)
     del values["device"]
-    expected = hashlib.sha256(
-        json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()[:12]
+    expected = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
+        :12
+    ]
     assert run_id(config) == expected
     assert run_id(config.replace(device="cuda:1")) == expected
 
@@ -118,9 +118,12 @@ def test_run_ids_stable_across_processes():
     here = [r.run_id for r in load_spec("quick").runs]
     code = "from gradnoise.study.spec import load_spec; print(*[r.run_id for r in load_spec('quick').runs])"
     there = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={**os.environ, "PYTHONHASHSEED": "123"},
-    ).stdout.split()  # fmt: skip
+    ).stdout.split()
     assert there == here
 
 
@@ -171,8 +174,10 @@ def test_run_id_changes_when_any_config_value_changes():
         ({"methods": {"baseline": {}, "x": {"noise": "wiggle:a=1"}}}, ["wiggle", "exp", "neelakantan"]),
         ({"methods": {"baseline": {}, "x": {"noise": "exp:sigma0=0.1"}}}, ["missing gamma"]),
         ({"methods": {"baseline": {}, "x": {"noise": "exp:sigma0=0.1,gamma=1.5"}}}, ["gamma", "(0, 1]"]),
-        ({"methods": {"baseline": {}, "x": {"noise": "linear:sigma0=0.1,total_steps={iters}"}}},
-         ["{iters}", "max_iters"]),
+        (
+            {"methods": {"baseline": {}, "x": {"noise": "linear:sigma0=0.1,total_steps={iters}"}}},
+            ["{iters}", "max_iters"],
+        ),
         ({"methods": {"baseline": {}, "x": {"seed": 3}}}, ["'seed'", "seeds"]),
         ({"methods": {"baseline": {}, "bad name!": {}}}, ["bad name!"]),
         ({"methods": {"baseline": {}, "x": 3}}, ["methods.x", "mapping"]),
@@ -182,7 +187,7 @@ def test_run_id_changes_when_any_config_value_changes():
         ({"dataset_overrides": {"shakespeare_char": {"seeds": "three"}}}, ["seeds", "three"]),
         ({"caveats": "one"}, ["caveats", "list of strings"]),
     ],
-)  # fmt: skip
+)
 def test_bad_specs_raise_user_error_naming_what_is_allowed(changes, words):
     with pytest.raises(UserError) as caught:
         parse_spec(base_spec(**changes))
@@ -248,13 +253,12 @@ def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
         (s.sigma0, s.gamma)
         for r in paper.runs
         if isinstance(s := schedules.parse(r.config.noise), schedules.Exponential)
-        and r.config.noise_placement == "after_clip" and r.config.optimizer == "adamw"
+        and r.config.noise_placement == "after_clip"
+        and r.config.optimizer == "adamw"
     }
     assert {(a, b) for a in (0.1, 0.05, 0.01) for b in (0.99, 0.95)} <= grid
     etas = {
-        s.eta
-        for r in paper.runs
-        if isinstance(s := schedules.parse(r.config.noise), schedules.Neelakantan)
+        s.eta for r in paper.runs if isinstance(s := schedules.parse(r.config.noise), schedules.Neelakantan)
     }
     assert etas == {0.01, 1.0}
     assert {r.config.optimizer for r in paper.runs} == {"adamw", "sgd"}

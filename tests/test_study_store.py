@@ -24,10 +24,23 @@ def result(val_loss: float, status: str = "done") -> dict:
 
 
 def curve(steps, loss=2.0) -> list[dict]:
-    train = [{"kind": "train", "step": s, "loss": loss + s, "lr": 1e-3, "sigma": 0.01,
-              "time_s": s / 10, "tokens_per_s": 100.0} for s in steps]  # fmt: skip
-    evals = [{"kind": "eval", "step": s, "train_loss": loss, "val_loss": loss + 1, "time_s": s / 10}
-             for s in steps if s % 10 == 0]  # fmt: skip
+    train = [
+        {
+            "kind": "train",
+            "step": s,
+            "loss": loss + s,
+            "lr": 1e-3,
+            "sigma": 0.01,
+            "time_s": s / 10,
+            "tokens_per_s": 100.0,
+        }
+        for s in steps
+    ]
+    evals = [
+        {"kind": "eval", "step": s, "train_loss": loss, "val_loss": loss + 1, "time_s": s / 10}
+        for s in steps
+        if s % 10 == 0
+    ]
     return train + evals
 
 
@@ -35,8 +48,12 @@ def curve(steps, loss=2.0) -> list[dict]:
 def store(tmp_path):
     with Store(tmp_path / "study.sqlite") as store:
         store.create_study("unit", SPEC)
-        store.add_runs([("r1", "shakespeare_char", "baseline", 0, {"seed": 0}),
-                        ("r2", "shakespeare_char", "baseline", 1, {"seed": 1})])  # fmt: skip
+        store.add_runs(
+            [
+                ("r1", "shakespeare_char", "baseline", 0, {"seed": 0}),
+                ("r2", "shakespeare_char", "baseline", 1, {"seed": 1}),
+            ]
+        )
         yield store
 
 
@@ -57,16 +74,26 @@ def test_wal_mode(store):
 
 def test_add_runs_never_duplicates_and_keeps_status(store):
     store.mark_running("r1", "box", "cpu")
-    store.add_runs([("r1", "shakespeare_char", "baseline", 0, {"seed": 0}),
-                    ("r3", "enwik8", "exp", 2, {"seed": 2})])  # fmt: skip
+    store.add_runs(
+        [("r1", "shakespeare_char", "baseline", 0, {"seed": 0}), ("r3", "enwik8", "exp", 2, {"seed": 2})]
+    )
     runs = {r["id"]: r for r in store.runs()}
     assert list(runs) == ["r1", "r2", "r3"]
     assert (runs["r1"]["status"], runs["r1"]["attempts"]) == ("running", 1)
     assert runs["r3"] | {"config": None} == {
-        "id": "r3", "dataset": "enwik8", "method": "exp", "seed": 2, "status": "pending",
-        "error": None, "config": None, "host": None, "device": None, "started": None,
-        "finished": None, "attempts": 0,
-    }  # fmt: skip
+        "id": "r3",
+        "dataset": "enwik8",
+        "method": "exp",
+        "seed": 2,
+        "status": "pending",
+        "error": None,
+        "config": None,
+        "host": None,
+        "device": None,
+        "started": None,
+        "finished": None,
+        "attempts": 0,
+    }
     assert runs["r3"]["config"] == {"seed": 2}
 
 
@@ -93,9 +120,19 @@ def test_record_result_writes_status_finals_and_curves(store):
     assert len([p for p in points if p["kind"] == "train"]) == 6
     assert len([p for p in points if p["kind"] == "eval"]) == 3
     evaluation = next(p for p in points if p["kind"] == "eval" and p["step"] == 20)
-    assert evaluation == {"run_id": "r1", "kind": "eval", "step": 20, "time_s": 2.0, "loss": None,
-                          "lr": None, "sigma": None, "tokens_per_s": None, "train_loss": 2.0,
-                          "val_loss": 3.0, "test_loss": None}  # fmt: skip
+    assert evaluation == {
+        "run_id": "r1",
+        "kind": "eval",
+        "step": 20,
+        "time_s": 2.0,
+        "loss": None,
+        "lr": None,
+        "sigma": None,
+        "tokens_per_s": None,
+        "train_loss": 2.0,
+        "val_loss": 3.0,
+        "test_loss": None,
+    }
     assert store.curves(["r2"]) == []
     assert store.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "diverged": 0}
 
@@ -206,7 +243,8 @@ def test_two_stores_written_concurrently(tmp_path):
     writers = []
     for path in paths:
         path.parent.mkdir()
-        writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(path), "60"],
-                                        stdout=subprocess.DEVNULL))  # fmt: skip
+        writers.append(
+            subprocess.Popen([sys.executable, "-c", WRITER, str(path), "60"], stdout=subprocess.DEVNULL)
+        )
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     assert [check_consistent(path, 60) for path in paths] == [60, 60]

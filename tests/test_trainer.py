@@ -25,9 +25,22 @@ from gradnoise.lm.trainer import build_optimizer, learning_rate, train
 
 # A model small enough that a step takes milliseconds on one CPU thread.
 SMALL = dict(
-    n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=30, warmup_iters=5,
-    eval_interval=10, eval_iters=3, log_interval=5, checkpoint_interval=10, final_eval=False,
-    dropout=0.1, device="cpu", lr=1e-3, min_lr=1e-4,
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=8,
+    max_iters=30,
+    warmup_iters=5,
+    eval_interval=10,
+    eval_iters=3,
+    log_interval=5,
+    checkpoint_interval=10,
+    final_eval=False,
+    dropout=0.1,
+    device="cpu",
+    lr=1e-3,
+    min_lr=1e-4,
 )
 LOSS_KEYS = ("steps", "train_loss", "val_loss", "best_val_loss", "best_val_step", "final_sigma")
 
@@ -65,15 +78,35 @@ def without_timing(records):
 
 def test_paper_presets_are_the_papers_setup():
     # DESIGN.md, "The paper's setup".
-    common = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
-                  optimizer="adamw", beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+    common = dict(
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        bias=False,
+        optimizer="adamw",
+        beta1=0.9,
+        beta2=0.99,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    )
     expected = {
-        "shakespeare_char": dict(batch_size=64, lr=1e-3, min_lr=1e-4, warmup_iters=100,
-                                 max_iters=5000, eval_interval=250, eval_iters=200),
-        "enwik8": dict(batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=200,
-                       max_iters=100_000, eval_interval=1000),
-        "text8": dict(batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=200,
-                      max_iters=100_000, eval_interval=1000),
+        "shakespeare_char": dict(
+            batch_size=64,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_iters=100,
+            max_iters=5000,
+            eval_interval=250,
+            eval_iters=200,
+        ),
+        "enwik8": dict(
+            batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=200, max_iters=100_000, eval_interval=1000
+        ),
+        "text8": dict(
+            batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=200, max_iters=100_000, eval_interval=1000
+        ),
     }
     for dataset, values in expected.items():
         cfg = resolve_config(dataset, "paper")
@@ -91,14 +124,29 @@ def test_tiny_preset_is_tiny():
 
 
 def test_overrides_are_typed_by_field():
-    overrides = parse_overrides([
-        "lr=3e-4", "max_iters=1e4", "bias=true", "final_eval=no", "lr_decay_iters=none",
-        "compile=false", "noise=exp:sigma0=0.1,gamma=0.99", "optimizer=sgd", "seed=7",
-    ])
+    overrides = parse_overrides(
+        [
+            "lr=3e-4",
+            "max_iters=1e4",
+            "bias=true",
+            "final_eval=no",
+            "lr_decay_iters=none",
+            "compile=false",
+            "noise=exp:sigma0=0.1,gamma=0.99",
+            "optimizer=sgd",
+            "seed=7",
+        ]
+    )
     assert overrides == {
-        "lr": 3e-4, "max_iters": 10_000, "bias": True, "final_eval": False,
-        "lr_decay_iters": None, "compile": False, "noise": "exp:sigma0=0.1,gamma=0.99",
-        "optimizer": "sgd", "seed": 7,
+        "lr": 3e-4,
+        "max_iters": 10_000,
+        "bias": True,
+        "final_eval": False,
+        "lr_decay_iters": None,
+        "compile": False,
+        "noise": "exp:sigma0=0.1,gamma=0.99",
+        "optimizer": "sgd",
+        "seed": 7,
     }
     assert type(overrides["max_iters"]) is int
     cfg = resolve_config("enwik8", "paper", overrides)
@@ -174,8 +222,11 @@ def test_tiny_preset_learns(tmp_path):
     # The best a model without context can do: the unigram entropy of val under train's counts.
     counts = np.bincount(corpus.splits["train"], minlength=corpus.vocab_size) + 1
     unigram = float(-np.log(counts / counts.sum())[np.asarray(corpus.splits["val"])].mean())
-    cfg = resolve_config("shakespeare_char", "tiny", dict(
-        max_iters=30, warmup_iters=10, eval_interval=30, eval_iters=8, final_eval=False, device="cpu"))
+    cfg = resolve_config(
+        "shakespeare_char",
+        "tiny",
+        dict(max_iters=30, warmup_iters=10, eval_interval=30, eval_iters=8, final_eval=False, device="cpu"),
+    )
     result = train(cfg, tmp_path / "run", progress=False)
     assert result["status"] == "done"
     # 30 steps reach ≈ 2.73 nats; uniform guessing is ln 65 ≈ 4.17, the unigram ≈ 3.35.
@@ -231,8 +282,12 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
 def test_same_seed_same_batches_and_init_for_every_method(tmp_path):
     def batches_of(name, **changes):
         seen = []
-        result = train(small(max_iters=12, **changes), tmp_path / name, progress=False,
-                       on_step=lambda step, x, y: seen.append((x.clone(), y.clone())))
+        result = train(
+            small(max_iters=12, **changes),
+            tmp_path / name,
+            progress=False,
+            on_step=lambda step, x, y: seen.append((x.clone(), y.clone())),
+        )
         first_eval = without_timing(read_log(tmp_path / name))[0]
         return seen, first_eval, result
 
@@ -308,8 +363,19 @@ def test_noise_placement_matters_only_with_clipping(tmp_path):
 
 def test_huge_noise_diverges_with_a_clear_message(tmp_path):
     run = tmp_path / "run"
-    code = main(["train", "--run-dir", str(run), "--no-progress", *(f"{k}={v}" for k, v in SMALL.items()),
-                 "optimizer=sgd", "noise=const:sigma=1e30", "checkpoint_interval=1", "log_interval=1"])
+    code = main(
+        [
+            "train",
+            "--run-dir",
+            str(run),
+            "--no-progress",
+            *(f"{k}={v}" for k, v in SMALL.items()),
+            "optimizer=sgd",
+            "noise=const:sigma=1e30",
+            "checkpoint_interval=1",
+            "log_interval=1",
+        ]
+    )
     assert code == 3
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "diverged"
@@ -322,8 +388,11 @@ def test_huge_noise_diverges_with_a_clear_message(tmp_path):
 
     # Noise this large overflows float32 in the first update, whose loss was still finite:
     # the broken weights are caught before they are checkpointed.
-    broken = train(small(optimizer="sgd", noise="const:sigma=3e38", checkpoint_interval=1),
-                   tmp_path / "broken", progress=False)
+    broken = train(
+        small(optimizer="sgd", noise="const:sigma=3e38", checkpoint_interval=1),
+        tmp_path / "broken",
+        progress=False,
+    )
     assert broken["status"] == "diverged"
     assert "non-finite weights at step 1" in broken["error"]
     assert "no checkpoint was written" in broken["error"]
@@ -363,8 +432,10 @@ def test_sample_and_export_through_the_cli(tmp_path, capsys):
     train(small(max_iters=10), run, progress=False)
 
     def sample(path, seed, prompt="ROMEO:"):
-        assert main(["sample", str(path), "--prompt", prompt, "--max-new-tokens", "40",
-                     "--seed", str(seed)]) == 0
+        assert (
+            main(["sample", str(path), "--prompt", prompt, "--max-new-tokens", "40", "--seed", str(seed)])
+            == 0
+        )
         return capsys.readouterr().out
 
     first = sample(run, 1)
@@ -399,8 +470,15 @@ def test_the_study_layers_command_line(tmp_path, capsys):
     run.mkdir()
     cfg = small(max_iters=10, seed=4, noise="plateau:sigma0=0.01")
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    command = ["train", "--config-file", str(run / "config.json"), "--run-dir", str(run),
-               "--resume", "--no-progress"]
+    command = [
+        "train",
+        "--config-file",
+        str(run / "config.json"),
+        "--run-dir",
+        str(run),
+        "--resume",
+        "--no-progress",
+    ]
     assert main(command) == 0
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "done" and result["finals"]["steps"] == 10

@@ -39,8 +39,14 @@ if triton is not None:
 
     @triton.jit
     def _add_noise_kernel(
-        table, n_tensors, sigma, sigma_ptr, seed,
-        DTYPE: tl.constexpr, BLOCK: tl.constexpr, SIGMA_ON_DEVICE: tl.constexpr,
+        table,
+        n_tensors,
+        sigma,
+        sigma_ptr,
+        seed,
+        DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr,
+        SIGMA_ON_DEVICE: tl.constexpr,
     ):
         # table = [addresses (n_tensors), numels (n_tensors), per program: tensor, start]
         program = tl.program_id(0)
@@ -101,5 +107,8 @@ def add_noise_(tensors: list[torch.Tensor], sigma, seed: int) -> None:
         0.0 if on_device else float(sigma),
         sigma.reshape(1).float() if on_device else table,  # not read when σ is a float
         seed % (2**31 - 1),
-        DTYPE=_TRITON_DTYPES[contiguous[0].dtype], BLOCK=_BLOCK, SIGMA_ON_DEVICE=on_device, num_warps=4,
+        DTYPE=_TRITON_DTYPES[contiguous[0].dtype],
+        BLOCK=_BLOCK,
+        SIGMA_ON_DEVICE=on_device,
+        num_warps=4,
     )

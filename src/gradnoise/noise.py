@@ -216,9 +216,7 @@ class GradientNoise:
         attach: bool = True,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UserError(
-                f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            raise UserError(f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(schedule, str):
             schedule = schedules.parse(schedule)
         if not isinstance(schedule, schedules.Schedule):

@@ -61,9 +61,7 @@ class Schedule:
     @property
     def spec(self) -> str:
         """The string `parse` turns back into an equal schedule."""
-        params = ",".join(
-            f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self)
-        )
+        params = ",".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
         return f"{self.name}:{params}"
 
     def horizon(self, fraction: float = 0.01) -> int | None:
@@ -291,8 +289,7 @@ def parse(spec: str) -> Schedule | None:
         inner = parse(params)
         if inner is None:
             raise UserError(
-                f"noise schedule {spec!r}: relative needs a schedule, "
-                "e.g. relative:exp:sigma0=0.1,gamma=0.99"
+                f"noise schedule {spec!r}: relative needs a schedule, e.g. relative:exp:sigma0=0.1,gamma=0.99"
             )
         return Relative(inner)
     if name not in _SCHEDULES:
@@ -314,10 +311,7 @@ def parse(spec: str) -> Schedule | None:
             kwargs[key] = converter(value)
         except ValueError:
             raise UserError(f"noise schedule {spec!r}: {key}={value!r} is not a {fields[key].type}") from None
-    missing = [
-        k for k, f in fields.items()
-        if f.default is dataclasses.MISSING and k not in kwargs
-    ]
+    missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in kwargs]
     if missing:
         raise UserError(f"noise schedule {spec!r}: missing {', '.join(missing)}")
     return cls(**kwargs)

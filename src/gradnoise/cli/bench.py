@@ -24,7 +24,9 @@ def register(commands) -> None:
     noise.add_argument("--preset", choices=("paper", "tiny", "both"), default="both")
     noise.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     noise.add_argument(
-        "--steps", type=int, metavar="N",
+        "--steps",
+        type=int,
+        metavar="N",
         help="timed steps per variant (default: CPU tiny 30, CPU paper 3, CUDA 100 / 50)",
     )
     noise.add_argument("--no-compile", action="store_true", help="CUDA: leave the model eager")
@@ -44,7 +46,11 @@ def register(commands) -> None:
     train.add_argument("--max-iters", type=int, metavar="N", help="default: the preset's")
     train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
         help="any other config override, as for `gradnoise train` (repeatable)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,8 +82,6 @@ def _train(args: argparse.Namespace) -> int:
         overrides["max_iters"] = args.max_iters
     if args.device is not None:
         overrides["device"] = args.device
-    result = bench.bench_train(
-        args.dataset, args.preset, overrides, progress=not args.no_progress
-    )
+    result = bench.bench_train(args.dataset, args.preset, overrides, progress=not args.no_progress)
     print(json.dumps(result, indent=2) if args.json else bench.format_train_report(result))
     return 0

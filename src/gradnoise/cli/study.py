@@ -38,9 +38,7 @@ def register(commands) -> None:
         "--devices",
         help="comma-separated devices, e.g. cuda:0,cuda:1; runs go round-robin over them",
     )
-    run.add_argument(
-        "--per-device", type=int, default=1, help="concurrent runs sharing one device (GPU)"
-    )
+    run.add_argument("--per-device", type=int, default=1, help="concurrent runs sharing one device (GPU)")
     run.add_argument(
         "--set",
         dest="set_values",

@@ -34,16 +34,21 @@ def register(commands) -> None:
     train.add_argument("--dataset", help="shakespeare_char (default), enwik8 or text8")
     train.add_argument("--preset", choices=("tiny", "paper"), help="default: tiny")
     train.add_argument(
-        "--config-file", type=Path, metavar="JSON",
+        "--config-file",
+        type=Path,
+        metavar="JSON",
         help="a whole training config (e.g. a run's config.json); overrides still apply",
     )
     train.add_argument(
-        "--run-dir", type=Path, metavar="DIR",
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
         help="where config.json, log.jsonl, checkpoints/ and result.json go "
         "(default: runs/DATASET-PRESET-seedS-TIME)",
     )
     train.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue from the run directory's latest checkpoint (start afresh if it has none)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,8 +142,13 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 0")
     model, vocab = load_trained(args.path, map_location=_device(args.device))
     text = sample_text(
-        model, vocab, args.prompt, args.max_new_tokens, args.temperature,
-        args.top_k or None, args.seed,
+        model,
+        vocab,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k or None,
+        args.seed,
     )
     print(text)
     return 0

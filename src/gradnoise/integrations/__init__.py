@@ -26,8 +26,7 @@ def import_extra(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise UserError(
-            f"{module!r} is not installed, and this integration needs it: "
-            f"pip install 'gradnoise[{extra}]'"
+            f"{module!r} is not installed, and this integration needs it: pip install 'gradnoise[{extra}]'"
         ) from error
 
 

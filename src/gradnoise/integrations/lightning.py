@@ -119,4 +119,3 @@ class GradientNoiseCallback(Callback):
 
     def __repr__(self) -> str:
         return f"GradientNoiseCallback({self.schedule.spec!r}, seed={self.seed}, mode={self.mode!r})"
-

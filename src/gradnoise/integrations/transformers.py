@@ -87,9 +87,7 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
             raise UserError("GradientNoiseCallback: the Trainer passed no optimizer to on_train_begin")
         if self.noise is not None:
             self.noise.remove()
-        self.noise = GradientNoise(
-            _torch_optimizer(optimizer), self.schedule, seed=self.seed, mode=self.mode
-        )
+        self.noise = GradientNoise(_torch_optimizer(optimizer), self.schedule, seed=self.seed, mode=self.mode)
         if self.noise_state is not None:
             self.noise.load_state_dict(self.noise_state)
             self.noise_state = None

@@ -1,7 +1,7 @@
 """The small-LM harness: corpora (`data`), a nanoGPT-style model, its trainer and checkpoints.
 
-    from gradnoise.lm import GPT
-    model = GPT.from_pretrained("exports/shakespeare")
+from gradnoise.lm import GPT
+model = GPT.from_pretrained("exports/shakespeare")
 """
 
 from gradnoise.lm.model import GPT, GPTConfig

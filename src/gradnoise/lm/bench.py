@@ -154,8 +154,12 @@ class NormalFill:
         if self.device.type != "cpu":
             self.buffer.normal_()
             return
-        list(self.pool.map(lambda pair: pair[0].normal_(generator=pair[1]),
-                           zip(self.chunks, self.generators, strict=True)))
+        list(
+            self.pool.map(
+                lambda pair: pair[0].normal_(generator=pair[1]),
+                zip(self.chunks, self.generators, strict=True),
+            )
+        )
 
     def close(self) -> None:
         if self.device.type == "cpu":
@@ -343,15 +347,23 @@ def _targets(device, op_seconds, overhead, gradnoise_gb_s, copy_gb_s) -> dict:
     targets = {"op_vs_loop": {"value": loop_ratio, "target": "≤ 1", "met": loop_ratio <= 1.0}}
     if device.type == "cuda":
         copy_pct = 100 * gradnoise_gb_s / copy_gb_s
-        targets["step_overhead_pct"] = {"value": overhead["gradnoise"],
-                                        "target": f"≤ {GPU_OVERHEAD_TARGET_PCT}",
-                                        "met": overhead["gradnoise"] <= GPU_OVERHEAD_TARGET_PCT}
-        targets["op_pct_of_copy"] = {"value": copy_pct, "target": f"≥ {GPU_COPY_FRACTION_TARGET_PCT}",
-                                     "met": copy_pct >= GPU_COPY_FRACTION_TARGET_PCT}
+        targets["step_overhead_pct"] = {
+            "value": overhead["gradnoise"],
+            "target": f"≤ {GPU_OVERHEAD_TARGET_PCT}",
+            "met": overhead["gradnoise"] <= GPU_OVERHEAD_TARGET_PCT,
+        }
+        targets["op_pct_of_copy"] = {
+            "value": copy_pct,
+            "target": f"≥ {GPU_COPY_FRACTION_TARGET_PCT}",
+            "met": copy_pct >= GPU_COPY_FRACTION_TARGET_PCT,
+        }
     else:
         fill_ratio = op_seconds["gradnoise"] / op_seconds["fill_reference"]
-        targets["op_vs_fill"] = {"value": fill_ratio, "target": f"≤ {CPU_FILL_RATIO_TARGET}",
-                                 "met": fill_ratio <= CPU_FILL_RATIO_TARGET}
+        targets["op_vs_fill"] = {
+            "value": fill_ratio,
+            "target": f"≤ {CPU_FILL_RATIO_TARGET}",
+            "met": fill_ratio <= CPU_FILL_RATIO_TARGET,
+        }
     return targets
 
 
@@ -386,8 +398,10 @@ def format_noise_report(result: dict) -> str:
             )
         lines.append("  targets:")
         for name, t in r["targets"].items():
-            lines.append(f"    {name:<20}{t['value']:>9.3f}  (target {t['target']}): "
-                         f"{'met' if t['met'] else 'NOT met'}")
+            lines.append(
+                f"    {name:<20}{t['value']:>9.3f}  (target {t['target']}): "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
     return "\n".join(lines)
 
 
@@ -446,16 +460,18 @@ def format_train_report(result: dict) -> str:
     def number(value, form: str) -> str:
         return "n/a" if value is None else format(value, form)
 
-    return "\n".join([
-        f"gradnoise bench train: {result['dataset']}, preset {result['preset']}, {result['device']}",
-        f"  steps            {result['steps']}",
-        f"  wall time        {result['wall_s']:.1f} s (everything: setup, compile, training, "
-        "evals, checkpoints, final exact eval)",
-        f"  to last step     {number(result['to_last_step_s'], '.1f')} s (setup, compile, training "
-        "and the evals before the last step)",
-        f"  training time    {result['train_s']:.1f} s (optimizer steps only)",
-        f"  ms/step          {number(result['step_ms_median'], '.2f')} (median over log windows)",
-        f"  tokens/s         {number(result['tokens_per_s'], ',.0f')}",
-        f"  val loss         final {number(result['val_loss'], '.4f')}, "
-        f"best {number(result['best_val_loss'], '.4f')} nats",
-    ])
+    return "\n".join(
+        [
+            f"gradnoise bench train: {result['dataset']}, preset {result['preset']}, {result['device']}",
+            f"  steps            {result['steps']}",
+            f"  wall time        {result['wall_s']:.1f} s (everything: setup, compile, training, "
+            "evals, checkpoints, final exact eval)",
+            f"  to last step     {number(result['to_last_step_s'], '.1f')} s (setup, compile, training "
+            "and the evals before the last step)",
+            f"  training time    {result['train_s']:.1f} s (optimizer steps only)",
+            f"  ms/step          {number(result['step_ms_median'], '.2f')} (median over log windows)",
+            f"  tokens/s         {number(result['tokens_per_s'], ',.0f')}",
+            f"  val loss         final {number(result['val_loss'], '.4f')}, "
+            f"best {number(result['best_val_loss'], '.4f')} nats",
+        ]
+    )

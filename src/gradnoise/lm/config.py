@@ -147,39 +147,80 @@ def _unit(value, cfg) -> bool:
 
 # field → (check(value, cfg), what is allowed); types and CHOICES are checked before.
 _RULES = {
-    **{name: (_at_least(1), "an integer ≥ 1") for name in (
-        "n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-        "eval_interval", "eval_iters", "log_interval")},
-    **{name: (_at_least(0), "an integer ≥ 0") for name in (
-        "max_iters", "warmup_iters", "checkpoint_interval")},
+    **{
+        name: (_at_least(1), "an integer ≥ 1")
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        )
+    },
+    **{
+        name: (_at_least(0), "an integer ≥ 0")
+        for name in ("max_iters", "warmup_iters", "checkpoint_interval")
+    },
     "lr_decay_iters": (lambda v, cfg: v is None or v >= 0, "an integer ≥ 0, or none (= max_iters)"),
     "lr": (lambda v, cfg: v > 0, "a number > 0"),
     "min_lr": (lambda v, cfg: 0 <= v <= cfg.lr, "a number in [0, lr]"),
     "weight_decay": (lambda v, cfg: v >= 0, "a number ≥ 0"),
     "grad_clip": (lambda v, cfg: v >= 0, "a number ≥ 0 (0 turns clipping off)"),
-    **{name: (_unit, "a number in [0, 1)") for name in (
-        "beta1", "beta2", "momentum", "dropout", "label_smoothing")},
+    **{
+        name: (_unit, "a number in [0, 1)")
+        for name in ("beta1", "beta2", "momentum", "dropout", "label_smoothing")
+    },
     "char_substitution": (lambda v, cfg: 0 <= v <= 1, "a probability in [0, 1]"),
-    "device": (lambda v, cfg: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-               "auto, cpu, cuda or cuda:N"),
+    "device": (
+        lambda v, cfg: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+        "auto, cpu, cuda or cuda:N",
+    ),
 }
 
 
 def _paper(dataset: str) -> dict:
     """DESIGN.md, "The paper's setup" (the AI-Scientist nanoGPT template)."""
     common = dict(
-        n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
-        optimizer="adamw", beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-        grad_accum=1, eval_iters=200, log_interval=10,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        bias=False,
+        optimizer="adamw",
+        beta1=0.9,
+        beta2=0.99,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        grad_accum=1,
+        eval_iters=200,
+        log_interval=10,
     )
     if dataset == "shakespeare_char":
         return common | dict(
-            batch_size=64, lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=5000,
-            lr_decay_iters=5000, eval_interval=250, checkpoint_interval=1000,
+            batch_size=64,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_iters=100,
+            max_iters=5000,
+            lr_decay_iters=5000,
+            eval_interval=250,
+            checkpoint_interval=1000,
         )
     return common | dict(
-        batch_size=32, lr=5e-4, min_lr=5e-5, warmup_iters=200, max_iters=100_000,
-        lr_decay_iters=100_000, eval_interval=1000, log_interval=100, checkpoint_interval=5000,
+        batch_size=32,
+        lr=5e-4,
+        min_lr=5e-5,
+        warmup_iters=200,
+        max_iters=100_000,
+        lr_decay_iters=100_000,
+        eval_interval=1000,
+        log_interval=100,
+        checkpoint_interval=5000,
     )
 
 
@@ -188,18 +229,28 @@ def _tiny(dataset: str) -> dict:
     (Xeon, 4 runs side by side) shakespeare_char reaches val < 2.0 at step 800 after
     ~32 s of training and ends at ≈ 1.93 after 1,000 steps (~60 s including evals)."""
     return dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12,
-        lr=3e-3, min_lr=1e-4, warmup_iters=50, max_iters=1000, lr_decay_iters=None,
-        eval_interval=250, eval_iters=50, log_interval=10, checkpoint_interval=500,
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=64,
+        dropout=0.0,
+        batch_size=12,
+        lr=3e-3,
+        min_lr=1e-4,
+        warmup_iters=50,
+        max_iters=1000,
+        lr_decay_iters=None,
+        eval_interval=250,
+        eval_iters=50,
+        log_interval=10,
+        checkpoint_interval=500,
     )
 
 
 PRESETS = {"paper": _paper, "tiny": _tiny}
 
 
-def resolve_config(
-    dataset: str, preset: str = "tiny", overrides: dict | None = None
-) -> TrainConfig:
+def resolve_config(dataset: str, preset: str = "tiny", overrides: dict | None = None) -> TrainConfig:
     """The preset's values for `dataset`, then `overrides` (already typed: see parse_overrides)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; allowed: {_listing(PRESETS)}")

@@ -290,8 +290,12 @@ def sample_text(
     if not prompt:
         raise UserError("the prompt is empty; give at least one character, e.g. a newline")
     codec = Corpus(
-        {"name": "model vocabulary", "vocab": vocab, "dtype": "uint8",
-         "vocab_size": 256 if vocab == "bytes" else len(vocab)},
+        {
+            "name": "model vocabulary",
+            "vocab": vocab,
+            "dtype": "uint8",
+            "vocab_size": 256 if vocab == "bytes" else len(vocab),
+        },
         splits={},
     )
     device = next(model.parameters()).device

@@ -192,9 +192,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
             eval_due = step != evaluated_step and (step % cfg.eval_interval == 0 or step == cfg.max_iters)
             stopping = step == cfg.max_iters or stop.agreed(dist_env, step, cfg.log_interval)
             checkpoint_due = stopping or (
-                cfg.checkpoint_interval > 0
-                and step % cfg.checkpoint_interval == 0
-                and step != start_step
+                cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0 and step != start_step
             )
             log_due = step % cfg.log_interval == 0 and step != start_step
             if eval_due or checkpoint_due or log_due:
@@ -335,9 +333,7 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 def substitute_characters(
@@ -496,6 +492,7 @@ def _finals(book: Bookkeeping, clock, tokens_per_step: int, noise) -> dict:
     window's mean step time (a window ends with a host sync, so device time is counted);
     final_sigma: σ used at the last step (0 without noise).
     """
+
     def bpc(nats):
         return None if nats is None else nats / LN2
 
@@ -573,9 +570,7 @@ class DistributedEnv:
                 raise UserError(f"device={requested!r} but CUDA is not available; use device=cpu")
             index = self.local_rank if requested == "cuda" else int(requested.split(":")[1])
             if index >= torch.cuda.device_count():
-                raise UserError(
-                    f"device={requested!r}: only {torch.cuda.device_count()} CUDA device(s) here"
-                )
+                raise UserError(f"device={requested!r}: only {torch.cuda.device_count()} CUDA device(s) here")
             device = torch.device("cuda", index)
             torch.cuda.set_device(device)
         else:
@@ -764,7 +759,9 @@ class Loggers:
             self.tensorboard = self._tensorboard_writer(str(self.run_dir / "tensorboard"))
         if self.cfg.wandb:
             self.wandb = self._wandb_module.init(
-                project="gradnoise", name=self.run_dir.name, dir=str(self.run_dir),
+                project="gradnoise",
+                name=self.run_dir.name,
+                dir=str(self.run_dir),
                 config=self.cfg.to_dict(),
             )
 
@@ -793,8 +790,12 @@ def _progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
-        total=cfg.max_iters, initial=initial, disable=not enabled, desc=cfg.dataset,
-        unit="step", dynamic_ncols=True,
+        total=cfg.max_iters,
+        initial=initial,
+        disable=not enabled,
+        desc=cfg.dataset,
+        unit="step",
+        dynamic_ncols=True,
     )
 
 

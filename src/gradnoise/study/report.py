@@ -196,19 +196,21 @@ def _summary_rows(study: _Study) -> list[dict]:
             if not runs:
                 continue
             statuses = [r["status"] for r in runs]
-            rows.append({
-                "dataset": dataset,
-                "method": method,
-                "runs": len(runs),
-                "done": statuses.count("done"),
-                "diverged": statuses.count("diverged"),
-                "failed": statuses.count("failed"),
-                "unfinished": statuses.count("pending") + statuses.count("running"),
-                **{
-                    metric: summarize(study.values(dataset, method, metric).values())
-                    for metric, _ in SUMMARY_METRICS
-                },
-            })  # fmt: skip
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "runs": len(runs),
+                    "done": statuses.count("done"),
+                    "diverged": statuses.count("diverged"),
+                    "failed": statuses.count("failed"),
+                    "unfinished": statuses.count("pending") + statuses.count("running"),
+                    **{
+                        metric: summarize(study.values(dataset, method, metric).values())
+                        for metric, _ in SUMMARY_METRICS
+                    },
+                }
+            )
     return rows
 
 
@@ -230,10 +232,16 @@ def _comparison_rows(study: _Study) -> list[dict]:
             t_holm = holm([c.t_p for _, c in family])
             w_holm = holm([c.wilcoxon_p for _, c in family])
             for (method, comparison), t_adj, w_adj in zip(family, t_holm, w_holm, strict=True):
-                rows.append({
-                    "dataset": dataset, "method": method, "metric": metric,
-                    "comparison": comparison, "t_p_holm": t_adj, "wilcoxon_p_holm": w_adj,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "method": method,
+                        "metric": metric,
+                        "comparison": comparison,
+                        "t_p_holm": t_adj,
+                        "wilcoxon_p_holm": w_adj,
+                    }
+                )
     return rows
 
 
@@ -247,22 +255,26 @@ def _speed_rows(study: _Study) -> list[dict]:
             runs = study.done.get((dataset, method))
             if not runs:
                 continue
-            hits = [] if math.isnan(target) else [
-                steps_to_target(study.evals.get(row["id"], []), target) for row in runs.values()
-            ]  # fmt: skip
+            hits = (
+                []
+                if math.isnan(target)
+                else [steps_to_target(study.evals.get(row["id"], []), target) for row in runs.values()]
+            )
             reached = [hit for hit in hits if hit is not None]
-            rows.append({
-                "dataset": dataset,
-                "method": method,
-                "target_val_loss": target,
-                "runs": len(runs),
-                "reached": len(reached),
-                "steps": summarize(step for step, _ in reached),
-                "seconds": summarize(seconds for _, seconds in reached),
-                "overhead": step_time_overhead(
-                    study.values(dataset, method, "step_time_median_s").values(), baseline_times
-                ),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "target_val_loss": target,
+                    "runs": len(runs),
+                    "reached": len(reached),
+                    "steps": summarize(step for step, _ in reached),
+                    "seconds": summarize(seconds for _, seconds in reached),
+                    "overhead": step_time_overhead(
+                        study.values(dataset, method, "step_time_median_s").values(), baseline_times
+                    ),
+                }
+            )
     return rows
 
 
@@ -294,10 +306,7 @@ def _schedule_uses(study: _Study) -> list[_ScheduleUse]:
         schedule = schedules.parse(spec)
         if schedule is None:
             continue
-        relative = (
-            isinstance(schedule, schedules.Relative)
-            or run["config"].get("noise_mode") == "relative"
-        )
+        relative = isinstance(schedule, schedules.Relative) or run["config"].get("noise_mode") == "relative"
         grouped[(schedule.spec, relative)].append(run)
     return [
         _ScheduleUse(
@@ -366,8 +375,7 @@ class _Table:
     def html(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-            for row in self.rows
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in self.rows
         )
         notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in self.notes)
         return (
@@ -394,14 +402,16 @@ def _summary_tables(dataset: str, summary_rows: list[dict]) -> list[_Table]:
         shown = _present_metrics(rows, metrics)
         if not shown:
             continue
-        tables.append(_Table(
-            title=f"{dataset}: {title} ({unit}), mean ± sd [95% CI] over done seeds",
-            columns=["method", "n", *(label for _, label in shown)],
-            rows=[
-                [row["method"], str(row["done"]), *(_mean_sd_ci(row[key]) for key, _ in shown)]
-                for row in rows
-            ],
-        ))  # fmt: skip
+        tables.append(
+            _Table(
+                title=f"{dataset}: {title} ({unit}), mean ± sd [95% CI] over done seeds",
+                columns=["method", "n", *(label for _, label in shown)],
+                rows=[
+                    [row["method"], str(row["done"]), *(_mean_sd_ci(row[key]) for key, _ in shown)]
+                    for row in rows
+                ],
+            )
+        )
     return tables
 
 
@@ -416,31 +426,39 @@ def _comparison_tables(dataset: str, comparison_rows: list[dict], baseline: str)
             if r["comparison"].note:
                 methods_by_note[r["comparison"].note].append(r["method"])
         notes = [f"{', '.join(methods)}: {note}" for note, methods in methods_by_note.items()]
-        tables.append(_Table(
-            title=f"{dataset}: {label} vs {baseline} (method − {baseline}, paired on seeds)",
-            columns=[
-                "method", "pairs", "mean diff [95% CI]", "d_z", "t p", "t p (Holm)",
-                "Wilcoxon p", "Wilcoxon p (Holm)",
-            ],
-            rows=[
-                [
-                    r["method"],
-                    str(r["comparison"].n_pairs),
-                    _difference(r["comparison"]),
-                    _number(r["comparison"].effect_size, 2),
-                    _p(r["comparison"].t_p),
-                    _p(r["t_p_holm"]),
-                    _p(r["comparison"].wilcoxon_p),
-                    _p(r["wilcoxon_p_holm"]),
-                ]
-                for r in rows
-            ],
-            notes=[
-                "Negative differences: lower loss than the baseline. d_z = mean diff / sd of diffs. "
-                "Holm: adjusted across the methods of this table.",
-                *notes,
-            ],
-        ))  # fmt: skip
+        tables.append(
+            _Table(
+                title=f"{dataset}: {label} vs {baseline} (method − {baseline}, paired on seeds)",
+                columns=[
+                    "method",
+                    "pairs",
+                    "mean diff [95% CI]",
+                    "d_z",
+                    "t p",
+                    "t p (Holm)",
+                    "Wilcoxon p",
+                    "Wilcoxon p (Holm)",
+                ],
+                rows=[
+                    [
+                        r["method"],
+                        str(r["comparison"].n_pairs),
+                        _difference(r["comparison"]),
+                        _number(r["comparison"].effect_size, 2),
+                        _p(r["comparison"].t_p),
+                        _p(r["t_p_holm"]),
+                        _p(r["comparison"].wilcoxon_p),
+                        _p(r["wilcoxon_p_holm"]),
+                    ]
+                    for r in rows
+                ],
+                notes=[
+                    "Negative differences: lower loss than the baseline. d_z = mean diff / sd of diffs. "
+                    "Holm: adjusted across the methods of this table.",
+                    *notes,
+                ],
+            )
+        )
     return tables
 
 
@@ -457,12 +475,15 @@ def _speed_table(dataset: str, speed_rows: list[dict], baseline: str) -> _Table 
     target = rows[0]["target_val_loss"]
     return _Table(
         title=(
-            f"{dataset}: speed to {baseline}'s mean final val loss ({_number(target)}) "
-            "and step-time cost"
+            f"{dataset}: speed to {baseline}'s mean final val loss ({_number(target)}) and step-time cost"
         ),
         columns=[
-            "method", "reached", "steps to target", "seconds to target",
-            "median step time (ms)", f"overhead vs {baseline}",
+            "method",
+            "reached",
+            "steps to target",
+            "seconds to target",
+            "median step time (ms)",
+            f"overhead vs {baseline}",
         ],
         rows=[
             [
@@ -480,7 +501,7 @@ def _speed_table(dataset: str, speed_rows: list[dict], baseline: str) -> _Table 
             "target, mean ± sd over the runs that reached it. Overhead: median of the runs' "
             "median step times vs the baseline's.",
         ],
-    )  # fmt: skip
+    )
 
 
 def _table_one(study: _Study, summary_rows: list[dict], comparison_rows: list[dict]) -> _Table:
@@ -513,9 +534,8 @@ def _table_one(study: _Study, summary_rows: list[dict], comparison_rows: list[di
     ]
     if published:
         notes.append(
-            "Published baseline train / val of the seed paper (paper preset): "
-            + "; ".join(published) + "."
-        )  # fmt: skip
+            "Published baseline train / val of the seed paper (paper preset): " + "; ".join(published) + "."
+        )
     return _Table("Table 1 (the seed paper's layout, with ± sd and p)", columns, rows, notes)
 
 
@@ -712,10 +732,13 @@ def _plot_final_val(study: _Study, dataset: str, summary_rows: list[dict], path:
         summary = row["val_loss"]
         if summary.n >= 2:
             ax.errorbar(
-                x + 0.3, summary.mean,
+                x + 0.3,
+                summary.mean,
                 yerr=[[summary.mean - summary.ci_low], [summary.ci_high - summary.mean]],
-                fmt="D", color=color, capsize=4,
-            )  # fmt: skip
+                fmt="D",
+                color=color,
+                capsize=4,
+            )
         else:
             ax.plot(x + 0.3, summary.mean, "D", color=color)
         if method == study.baseline:
@@ -741,9 +764,15 @@ def _sigma_values(study: _Study, use: _ScheduleUse) -> tuple[np.ndarray, np.ndar
         return steps, np.array([np.median(by_step[s]) for s in sorted(by_step)])
     # Linear spacing for the body of the run, geometric for the fast early decays.
     last = max(use.max_iters - 1, 1)
-    steps = np.unique(np.concatenate([
-        np.linspace(0, last, 1000).astype(int), np.geomspace(1, last, 500).astype(int), [0],
-    ]))  # fmt: skip
+    steps = np.unique(
+        np.concatenate(
+            [
+                np.linspace(0, last, 1000).astype(int),
+                np.geomspace(1, last, 500).astype(int),
+                [0],
+            ]
+        )
+    )
     return steps.astype(float), np.array([use.schedule(int(s)) for s in steps])
 
 
@@ -768,27 +797,27 @@ def _plot_sigma(study: _Study, uses: list[_ScheduleUse], path: Path) -> Path | N
         if horizon is not None and horizon < use.max_iters:
             ax.axvline(horizon, color=color, linestyle=":", linewidth=1.2)
             ax.annotate(
-                f"{horizon}", (horizon, 1), xycoords=("data", "axes fraction"), color=color,
-                fontsize="small", xytext=(3, -12), textcoords="offset points",
-            )  # fmt: skip
+                f"{horizon}",
+                (horizon, 1),
+                xycoords=("data", "axes fraction"),
+                color=color,
+                fontsize="small",
+                xytext=(3, -12),
+                textcoords="offset points",
+            )
     if not plotted:
         return None
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("σ_t (noise std; relative: × gradient RMS)")
-    ax.set_title(
-        f"Noise schedules over the run; dotted: horizon (σ_t < {HORIZON_FRACTION:.0%} of σ0)"
-    )
+    ax.set_title(f"Noise schedules over the run; dotted: horizon (σ_t < {HORIZON_FRACTION:.0%} of σ0)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12))
     return _save(figure, path)
 
 
 def _plot_overhead(study: _Study, speed_rows: list[dict], path: Path) -> Path | None:
-    rows = [
-        r for r in speed_rows
-        if r["method"] != study.baseline and not math.isnan(r["overhead"].percent)
-    ]  # fmt: skip
+    rows = [r for r in speed_rows if r["method"] != study.baseline and not math.isnan(r["overhead"].percent)]
     if not rows:
         return None
     methods = [m for m in study.methods if any(r["method"] == m for r in rows)]
@@ -840,48 +869,95 @@ def _write_csvs(directory: Path, summary_rows, comparison_rows, speed_rows) -> N
         record = {c: row[c] for c in columns}
         for metric, _ in SUMMARY_METRICS:
             s = row[metric]
-            record |= {f"{metric}_n": s.n, f"{metric}_mean": s.mean, f"{metric}_sd": s.sd,
-                       f"{metric}_ci_low": s.ci_low, f"{metric}_ci_high": s.ci_high}  # fmt: skip
+            record |= {
+                f"{metric}_n": s.n,
+                f"{metric}_mean": s.mean,
+                f"{metric}_sd": s.sd,
+                f"{metric}_ci_low": s.ci_low,
+                f"{metric}_ci_high": s.ci_high,
+            }
         flat.append(record)
     stats_columns = [f"{m}_{s}" for m, _ in SUMMARY_METRICS for s in ("n", "mean", "sd", "ci_low", "ci_high")]
     _write_csv(directory / "summary.csv", columns + stats_columns, flat)
 
     comparison_columns = [
-        "dataset", "method", "metric", "n_pairs", "seeds", "mean_diff", "sd_diff", "ci_low",
-        "ci_high", "t_stat", "t_p", "t_p_holm", "wilcoxon_stat", "wilcoxon_p", "wilcoxon_p_holm",
-        "wilcoxon_min_p", "effect_size_dz", "note",
-    ]  # fmt: skip
+        "dataset",
+        "method",
+        "metric",
+        "n_pairs",
+        "seeds",
+        "mean_diff",
+        "sd_diff",
+        "ci_low",
+        "ci_high",
+        "t_stat",
+        "t_p",
+        "t_p_holm",
+        "wilcoxon_stat",
+        "wilcoxon_p",
+        "wilcoxon_p_holm",
+        "wilcoxon_min_p",
+        "effect_size_dz",
+        "note",
+    ]
     records = []
     for row in comparison_rows:
         c: Comparison = row["comparison"]
-        records.append({
-            "dataset": row["dataset"], "method": row["method"], "metric": row["metric"],
-            "n_pairs": c.n_pairs, "seeds": " ".join(str(s) for s in c.seeds),
-            "mean_diff": c.mean_diff, "sd_diff": c.sd_diff, "ci_low": c.ci_low,
-            "ci_high": c.ci_high, "t_stat": c.t_stat, "t_p": c.t_p, "t_p_holm": row["t_p_holm"],
-            "wilcoxon_stat": c.wilcoxon_stat, "wilcoxon_p": c.wilcoxon_p,
-            "wilcoxon_p_holm": row["wilcoxon_p_holm"], "wilcoxon_min_p": c.wilcoxon_min_p,
-            "effect_size_dz": c.effect_size, "note": c.note,
-        })  # fmt: skip
+        records.append(
+            {
+                "dataset": row["dataset"],
+                "method": row["method"],
+                "metric": row["metric"],
+                "n_pairs": c.n_pairs,
+                "seeds": " ".join(str(s) for s in c.seeds),
+                "mean_diff": c.mean_diff,
+                "sd_diff": c.sd_diff,
+                "ci_low": c.ci_low,
+                "ci_high": c.ci_high,
+                "t_stat": c.t_stat,
+                "t_p": c.t_p,
+                "t_p_holm": row["t_p_holm"],
+                "wilcoxon_stat": c.wilcoxon_stat,
+                "wilcoxon_p": c.wilcoxon_p,
+                "wilcoxon_p_holm": row["wilcoxon_p_holm"],
+                "wilcoxon_min_p": c.wilcoxon_min_p,
+                "effect_size_dz": c.effect_size,
+                "note": c.note,
+            }
+        )
     _write_csv(directory / "comparison.csv", comparison_columns, records)
 
     speed_columns = [
-        "dataset", "method", "target_val_loss", "runs", "reached", "steps_mean", "steps_sd",
-        "seconds_mean", "seconds_sd", "step_time_median_s", "baseline_step_time_median_s",
+        "dataset",
+        "method",
+        "target_val_loss",
+        "runs",
+        "reached",
+        "steps_mean",
+        "steps_sd",
+        "seconds_mean",
+        "seconds_sd",
+        "step_time_median_s",
+        "baseline_step_time_median_s",
         "overhead_percent",
-    ]  # fmt: skip
+    ]
     records = [
         {
-            "dataset": r["dataset"], "method": r["method"], "target_val_loss": r["target_val_loss"],
-            "runs": r["runs"], "reached": r["reached"],
-            "steps_mean": r["steps"].mean, "steps_sd": r["steps"].sd,
-            "seconds_mean": r["seconds"].mean, "seconds_sd": r["seconds"].sd,
+            "dataset": r["dataset"],
+            "method": r["method"],
+            "target_val_loss": r["target_val_loss"],
+            "runs": r["runs"],
+            "reached": r["reached"],
+            "steps_mean": r["steps"].mean,
+            "steps_sd": r["steps"].sd,
+            "seconds_mean": r["seconds"].mean,
+            "seconds_sd": r["seconds"].sd,
             "step_time_median_s": r["overhead"].method_median_s,
             "baseline_step_time_median_s": r["overhead"].baseline_median_s,
             "overhead_percent": r["overhead"].percent,
         }
         for r in speed_rows
-    ]  # fmt: skip
+    ]
     _write_csv(directory / "speed_cost.csv", speed_columns, records)
 
 
@@ -909,36 +985,41 @@ def _build(study: _Study, directory: Path) -> None:
     for dataset in study.datasets:
         slug = _slug(dataset)
         speed = _speed_table(dataset, speed_rows, study.baseline)
-        sections.append(_Section(
-            dataset,
-            tables=[
-                *_summary_tables(dataset, summary_rows),
-                *_comparison_tables(dataset, comparison_rows, study.baseline),
-                *([speed] if speed else []),
-            ],
-            plots=[
-                p for p in (
-                    _plot_curves(study, dataset, directory / f"curves_{slug}.png"),
-                    _plot_final_val(study, dataset, summary_rows, directory / f"final_val_{slug}.png"),
-                ) if p
-            ],
-        ))  # fmt: skip
+        sections.append(
+            _Section(
+                dataset,
+                tables=[
+                    *_summary_tables(dataset, summary_rows),
+                    *_comparison_tables(dataset, comparison_rows, study.baseline),
+                    *([speed] if speed else []),
+                ],
+                plots=[
+                    p
+                    for p in (
+                        _plot_curves(study, dataset, directory / f"curves_{slug}.png"),
+                        _plot_final_val(study, dataset, summary_rows, directory / f"final_val_{slug}.png"),
+                    )
+                    if p
+                ],
+            )
+        )
     sigma_plot = _plot_sigma(study, uses, directory / "sigma_schedules.png")
     overhead_plot = _plot_overhead(study, speed_rows, directory / "overhead.png")
-    sections.append(_Section(
-        "Noise schedules and cost",
-        plots=[p for p in (sigma_plot, overhead_plot) if p],
-        text=[] if uses else ["No run of this study adds gradient noise."],
-    ))  # fmt: skip
+    sections.append(
+        _Section(
+            "Noise schedules and cost",
+            plots=[p for p in (sigma_plot, overhead_plot) if p],
+            text=[] if uses else ["No run of this study adds gradient noise."],
+        )
+    )
     not_done = _not_done_table(study)
-    sections.append(_Section(
-        "Methods and runs", tables=[_methods_table(study), *([not_done] if not_done else [])]
-    ))  # fmt: skip
+    sections.append(
+        _Section("Methods and runs", tables=[_methods_table(study), *([not_done] if not_done else [])])
+    )
 
     description = str(study.spec.get("description") or "").strip()
     stamp = (
-        f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, "
-        f"baseline: {study.baseline}"
+        f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}"
     )
     (directory / "report.md").write_text(
         _markdown(study.name, description, stamp, caveats, sections), encoding="utf-8"

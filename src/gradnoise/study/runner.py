@@ -176,10 +176,10 @@ def study_status(study_dir: Path) -> str:
     if running:
         lines.append("running:" if driver_alive else "interrupted (resume with `gradnoise study run`):")
         lines += [
-            "  " + _run_line(_row_name(r), study_dir / "runs" / r["id"], r["config"]["max_iters"],
-                             r["device"])
+            "  "
+            + _run_line(_row_name(r), study_dir / "runs" / r["id"], r["config"]["max_iters"], r["device"])
             for r in running
-        ]  # fmt: skip
+        ]
     elif not driver_alive and counts["pending"]:
         lines.append("no driver is running; `gradnoise study run` continues the study")
     failed = [r for r in runs if r["status"] == "failed"]
@@ -218,9 +218,7 @@ def read_curves(log_path: Path) -> list[dict]:
 
 def _is_point(line) -> bool:
     return (
-        isinstance(line, dict)
-        and line.get("kind") in ("train", "eval")
-        and isinstance(line.get("step"), int)
+        isinstance(line, dict) and line.get("kind") in ("train", "eval") and isinstance(line.get("step"), int)
     )
 
 
@@ -287,9 +285,7 @@ def _run_local(
         raise
 
 
-def _launch(
-    store: Store, study_dir: Path, run: Run, device: str | None, slot: int, threads: int
-) -> _Attempt:
+def _launch(store: Store, study_dir: Path, run: Run, device: str | None, slot: int, threads: int) -> _Attempt:
     run_dir = study_dir / "runs" / run.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run.config.to_dict()
@@ -305,9 +301,17 @@ def _launch(
         config["device"] = device
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     command = [
-        sys.executable, "-m", "gradnoise", "train", "--config-file", str(run_dir / "config.json"),
-        "--run-dir", str(run_dir), "--resume", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "gradnoise",
+        "train",
+        "--config-file",
+        str(run_dir / "config.json"),
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "--no-progress",
+    ]
     first_step = _last_step(run_dir)
     shown_device = device or config["device"]
     store.mark_running(run.run_id, socket.gethostname(), shown_device)
@@ -315,9 +319,14 @@ def _launch(
         # A session of its own: Ctrl-C reaches the driver only, which then stops the worker
         # with SIGTERM, so that it writes a checkpoint first.
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env,
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     return _Attempt(run, run_dir, shown_device, slot, process, first_step)
 
 
@@ -506,8 +515,7 @@ class Progress:
     def start(self, runs: list[Run], study_dir: Path) -> None:
         self.started = time.time()
         self.steps_todo = sum(
-            max(0, run.config.max_iters - _last_step(study_dir / "runs" / run.run_id))
-            for run in runs
+            max(0, run.config.max_iters - _last_step(study_dir / "runs" / run.run_id)) for run in runs
         )
 
     def finished(self, attempt: _Attempt, status: str, reason: str = "") -> None:
@@ -525,9 +533,7 @@ class Progress:
             return
         self.last_draw = time.time()
         counts = self.store.counts()
-        steps_now = self.steps_done + sum(
-            max(0, _last_step(a.run_dir) - a.first_step) for a in active
-        )
+        steps_now = self.steps_done + sum(max(0, _last_step(a.run_dir) - a.first_step) for a in active)
         elapsed = time.time() - self.started
         eta = "?"
         if steps_now > 0:
@@ -538,10 +544,7 @@ class Progress:
             f"{counts['diverged']} diverged · elapsed {_duration(elapsed)} · ETA {eta}"
         ]
         if self.tty:
-            lines += [
-                "  " + _run_line(a.name, a.run_dir, a.run.config.max_iters, a.device)
-                for a in active
-            ]
+            lines += ["  " + _run_line(a.name, a.run_dir, a.run.config.max_iters, a.device) for a in active]
             self._clear()
         print("\n".join(lines), file=self.stream, flush=True)
         self.drawn_lines = len(lines) if self.tty else 0
@@ -631,13 +634,9 @@ def _check_executor_options(executor, jobs, devices, per_device, address) -> Non
                 raise UserError(f"device {device!r} is not allowed; allowed: cpu, cuda:N")
         import torch
 
-        missing = [
-            d for d in devices if d.startswith("cuda:") and int(d[5:]) >= torch.cuda.device_count()
-        ]
+        missing = [d for d in devices if d.startswith("cuda:") and int(d[5:]) >= torch.cuda.device_count()]
         if missing:
-            raise UserError(
-                f"devices {missing} do not exist here ({torch.cuda.device_count()} CUDA devices)"
-            )
+            raise UserError(f"devices {missing} do not exist here ({torch.cuda.device_count()} CUDA devices)")
     if executor == "ray":
         _import_ray()
 

@@ -37,9 +37,18 @@ from gradnoise.lm.config import TrainConfig, resolve_config
 DATASETS = ("shakespeare_char", "enwik8", "text8")
 PRESETS = ("tiny", "paper")
 SPEC_KEYS = (
-    "name", "description", "preset", "datasets", "seeds", "baseline",
-    "overrides", "dataset_overrides", "methods", "caveats", "set",
-)  # fmt: skip
+    "name",
+    "description",
+    "preset",
+    "datasets",
+    "seeds",
+    "baseline",
+    "overrides",
+    "dataset_overrides",
+    "methods",
+    "caveats",
+    "set",
+)
 # The study decides these per run; a spec that set them would fight the expansion.
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
@@ -128,9 +137,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (each name may appear once)",
+                    None,
+                    None,
+                    f"duplicate key {key!r} (each name may appear once)",
                     key_node.start_mark,
-                )  # fmt: skip
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -145,9 +156,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
 
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise UserError(
-            f"{where}: name={name!r}: a name is required, made of letters, digits and _.+=- "
-        )
+        raise UserError(f"{where}: name={name!r}: a name is required, made of letters, digits and _.+=- ")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise UserError(f"{where}: description={description!r} must be a string")
@@ -190,14 +199,10 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         raise UserError(f"{where}: methods is empty; give at least a baseline, e.g. baseline: {{}}")
     for method in methods:
         if not isinstance(method, str) or not _NAME.fullmatch(method):
-            raise UserError(
-                f"{where}: method name {method!r} must be made of letters, digits and _.+=- "
-            )
+            raise UserError(f"{where}: method name {method!r} must be made of letters, digits and _.+=- ")
     baseline = data.get("baseline", "baseline")
     if baseline not in methods:
-        raise UserError(
-            f"{where}: baseline={baseline!r} is not one of the methods ({', '.join(methods)})"
-        )
+        raise UserError(f"{where}: baseline={baseline!r} is not one of the methods ({', '.join(methods)})")
     method_overrides = {m: _config_mapping(v, f"{where}: methods.{m}") for m, v in methods.items()}
 
     caveats = data.get("caveats", [])
@@ -254,9 +259,7 @@ def _fill(template: str, config: dict, key: str) -> str:
     def value(match: re.Match) -> str:
         name = match.group(1)
         if name not in config:
-            raise UserError(
-                f"{key}={template!r}: no config value {{{name}}}; allowed: {', '.join(config)}"
-            )
+            raise UserError(f"{key}={template!r}: no config value {{{name}}}; allowed: {', '.join(config)}")
         return str(config[name])
 
     return _PLACEHOLDER.sub(value, template)
@@ -275,8 +278,7 @@ def _config_mapping(value, where: str) -> dict:
     for key in values:
         if key in RESERVED_CONFIG_KEYS:
             raise UserError(
-                f"{where}: {key!r} cannot be set here; the study sets it per run "
-                "(use datasets: and seeds:)"
+                f"{where}: {key!r} cannot be set here; the study sets it per run (use datasets: and seeds:)"
             )
     return values
 

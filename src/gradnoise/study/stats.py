@@ -119,9 +119,20 @@ def paired_comparison(
 
     def degenerate(note: str) -> Comparison:
         return Comparison(
-            n, tuple(common), summary.mean, summary.sd, summary.ci_low, summary.ci_high,
-            NAN, NAN, NAN, NAN, min_p, NAN, note,
-        )  # fmt: skip
+            n,
+            tuple(common),
+            summary.mean,
+            summary.sd,
+            summary.ci_low,
+            summary.ci_high,
+            NAN,
+            NAN,
+            NAN,
+            NAN,
+            min_p,
+            NAN,
+            note,
+        )
 
     if n < 2:
         return degenerate(f"{n} paired seed(s): at least 2 are needed for a test")

@@ -33,11 +33,24 @@ CURVE_KINDS = ("train", "eval")
 CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS)
 
 FINAL_METRICS = (
-    "steps", "train_loss", "val_loss", "best_val_loss", "best_val_step",
-    "val_loss_full", "test_loss_full", "train_bpc", "val_bpc", "best_val_bpc",
-    "val_bpc_full", "test_bpc_full", "wall_s", "train_s", "step_time_median_s",
-    "tokens_per_s", "final_sigma",
-)  # fmt: skip
+    "steps",
+    "train_loss",
+    "val_loss",
+    "best_val_loss",
+    "best_val_step",
+    "val_loss_full",
+    "test_loss_full",
+    "train_bpc",
+    "val_bpc",
+    "best_val_bpc",
+    "val_bpc_full",
+    "test_bpc_full",
+    "wall_s",
+    "train_s",
+    "step_time_median_s",
+    "tokens_per_s",
+    "final_sigma",
+)
 
 _INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER"}
 
@@ -78,9 +91,19 @@ CREATE TABLE IF NOT EXISTS finals (
 """
 
 _RUN_COLUMNS = (
-    "id", "dataset", "method", "seed", "status", "error", "config",
-    "host", "device", "started", "finished", "attempts",
-)  # fmt: skip
+    "id",
+    "dataset",
+    "method",
+    "seed",
+    "status",
+    "error",
+    "config",
+    "host",
+    "device",
+    "started",
+    "finished",
+    "attempts",
+)
 
 
 class Store:
@@ -218,9 +241,8 @@ class Store:
             self._update_one(
                 "UPDATE runs SET status = ?, error = ?, host = COALESCE(?, host), "
                 "device = COALESCE(?, device), finished = ? WHERE id = ?",
-                (status, result.get("error"), result.get("host"), result.get("device"),
-                 time.time(), run_id),
-            )  # fmt: skip
+                (status, result.get("error"), result.get("host"), result.get("device"), time.time(), run_id),
+            )
             self._db.execute(
                 f"INSERT OR REPLACE INTO finals (run_id, {', '.join(FINAL_METRICS)}, extra) "
                 f"VALUES (?, {', '.join('?' * len(FINAL_METRICS))}, ?)",
