@@ -79,21 +79,3 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(UserError):
         checkpoint.load_state(path / "state.pt")
     assert not marker.exists()
-
-
-def test_atomic_directory_write_cleans_up_on_error(tmp_path):
-    target = tmp_path / "out"
-
-    def write_then_fail(directory):
-        (directory / "half.txt").write_text("partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        checkpoint.atomic_directory_write(target, write_then_fail)
-    assert list(tmp_path.iterdir()) == []
-
-    checkpoint.atomic_directory_write(target, lambda d: (d / "a.txt").write_text("1"))
-    with pytest.raises(RuntimeError):
-        checkpoint.atomic_directory_write(target, write_then_fail)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in target.iterdir()] == ["a.txt"]

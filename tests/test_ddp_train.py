@@ -13,6 +13,8 @@ from gradnoise.lm import checkpoint
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PER_RANK = dict(
     n_layer=2,
     n_head=2,
@@ -40,16 +42,7 @@ def curve(run_dir):
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADNOISE_HOME", str(tmp_path / "home"))
     single = train(
         resolve_config("shakespeare_char", "tiny", {**PER_RANK, "batch_size": 2 * PER_RANK["batch_size"]}),
         tmp_path / "single",
@@ -72,7 +65,7 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path, monkey
         "--no-progress",
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADNOISE_HOME": str(tmp_path / "home")}
+    env = dict(os.environ)
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 

@@ -10,15 +10,9 @@ from gradnoise.errors import UserError
 from gradnoise.lm import GPT, GPTConfig
 from gradnoise.lm.model import read_vocab, sample_text
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(config=SMALL, seed=0) -> GPT:

@@ -2,15 +2,15 @@
 their results back; the driver alone writes the store."""
 
 import json
-import os
 import socket
 
 import pytest
 import yaml
 
 from gradnoise.lm import data
+from gradnoise.lm.runlog import read_curves
 from gradnoise.study import runner
-from gradnoise.study.runner import read_curves, run_study
+from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 
@@ -32,18 +32,11 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def ray_instance(tmp_path_factory):
-    """A private data home (prepared once), then a local 2-CPU Ray whose workers inherit it."""
-    saved = os.environ.get("GRADNOISE_HOME")
-    os.environ["GRADNOISE_HOME"] = str(tmp_path_factory.mktemp("home"))
-    data.load("shakespeare_char")
+def ray_instance():
+    """A local 2-CPU Ray whose workers inherit the tests' private data home."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-    if saved is None:
-        os.environ.pop("GRADNOISE_HOME")
-    else:
-        os.environ["GRADNOISE_HOME"] = saved
 
 
 def test_ray_executor_end_to_end(tmp_path, ray_instance):
@@ -83,7 +76,7 @@ def test_ray_executor_end_to_end(tmp_path, ray_instance):
         assert finals[method]["val_loss"] == result["finals"]["val_loss"]
         assert finals[method]["steps"] == TINY["max_iters"]
         mine = sorted((p["kind"], p["step"], p["val_loss"]) for p in curves if p["run_id"] == row["id"])
-        on_disk = read_curves(run_dir / "log.jsonl")
+        on_disk = read_curves(run_dir)
         assert mine == sorted((p["kind"], p["step"], p.get("val_loss")) for p in on_disk)
     # The noise acted: same seed, same start, different end.
     assert finals["baseline"]["val_loss"] != finals["exp"]["val_loss"]
@@ -101,5 +94,5 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     assert not elsewhere.exists()
     assert output["result"]["status"] == "done"
     assert output["result"] == json.loads((run_dir / "result.json").read_text())
-    assert output["curves"] == read_curves(run_dir / "log.jsonl")
+    assert output["curves"] == read_curves(run_dir)
     assert output["host"] == socket.gethostname()

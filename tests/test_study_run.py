@@ -16,8 +16,8 @@ import yaml
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm import data
-from gradnoise.study.runner import read_curves, run_study, study_status
+from gradnoise.lm.runlog import read_curves
+from gradnoise.study.runner import run_study, study_status
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 
@@ -38,22 +38,6 @@ TINY = {
 FAILING = {"block_size": 200_000}
 # Long enough to be killed after its first checkpoint, short enough to finish soon after.
 LONG = {"max_iters": 500, "eval_interval": 250, "log_interval": 10, "checkpoint_interval": 20}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def environment(tmp_path_factory):
-    """A private data home with shakespeare_char prepared once, and one thread per worker
-    (two cores shared by concurrent runs and other tests)."""
-    saved = {k: os.environ.get(k) for k in ("GRADNOISE_HOME", "OMP_NUM_THREADS")}
-    os.environ["GRADNOISE_HOME"] = str(tmp_path_factory.mktemp("home"))
-    os.environ["OMP_NUM_THREADS"] = "1"
-    data.load("shakespeare_char")
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def write_spec(directory: Path, name: str, methods: dict, seeds=1, overrides=None) -> Path:
@@ -149,7 +133,7 @@ def test_study_runs_every_run_and_stores_its_results(finished):
         assert finals[run.run_id]["val_loss"] == result["finals"]["val_loss"]
         assert finals[run.run_id]["steps"] == TINY["max_iters"]
         mine = {(p["kind"], p["step"]) for p in curves if p["run_id"] == run.run_id}
-        assert mine == {(p["kind"], p["step"]) for p in read_curves(run_dir / "log.jsonl")}
+        assert mine == {(p["kind"], p["step"]) for p in read_curves(run_dir)}
         assert {s for k, s in mine if k == "eval"} == {0, 10, 20}
         assert {s for k, s in mine if k == "train"} == {5, 10, 15, 20}
     # Paired seeds: the same seed gives the same initial loss whatever the method.

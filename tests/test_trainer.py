@@ -23,6 +23,8 @@ from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.trainer import build_optimizer, learning_rate, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A model small enough that a step takes milliseconds on one CPU thread.
 SMALL = dict(
     n_layer=2,
@@ -43,22 +45,6 @@ SMALL = dict(
     min_lr=1e-4,
 )
 LOSS_KEYS = ("steps", "train_loss", "val_loss", "best_val_loss", "best_val_step", "final_sigma")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def gradnoise_home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        home = tmp_path_factory.mktemp("gradnoise_home")
-        patch.setenv("GRADNOISE_HOME", str(home))
-        yield home
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(**changes) -> TrainConfig:

@@ -21,7 +21,7 @@ def register(commands) -> None:
         "Then the noise op alone in µs and GB/s (8 bytes per gradient element), against an "
         "all-core normal fill and the device's copy bandwidth measured in the same run.",
     )
-    noise.add_argument("--preset", choices=("paper", "tiny", "both"), default="both")
+    noise.add_argument("--preset", default="both", help="tiny, paper or both (default)")
     noise.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     noise.add_argument(
         "--steps",
@@ -41,7 +41,7 @@ def register(commands) -> None:
         "the full preset (paper on shakespeare_char: 5,000 iterations); shorten it on a CPU "
         "with --max-iters and e.g. --set eval_iters=10.",
     )
-    train.add_argument("--preset", choices=("paper", "tiny"), default="paper")
+    train.add_argument("--preset", default="paper", help="paper (default) or tiny")
     train.add_argument("--dataset", default="shakespeare_char")
     train.add_argument("--max-iters", type=int, metavar="N", help="default: the preset's")
     train.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")

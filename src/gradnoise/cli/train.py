@@ -32,7 +32,7 @@ def register(commands) -> None:
         "(DDP); --run-dir is then required.",
     )
     train.add_argument("--dataset", help="shakespeare_char (default), enwik8 or text8")
-    train.add_argument("--preset", choices=("tiny", "paper"), help="default: tiny")
+    train.add_argument("--preset", help="tiny (default) or paper")
     train.add_argument(
         "--config-file",
         type=Path,
@@ -136,11 +136,12 @@ def _report(result: dict, run_dir: Path) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     from gradnoise.lm.checkpoint import load_trained
+    from gradnoise.lm.devices import resolve_device
     from gradnoise.lm.model import sample_text
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 0")
-    model, vocab = load_trained(args.path, map_location=_device(args.device))
+    model, vocab = load_trained(args.path, map_location=resolve_device(args.device))
     text = sample_text(
         model,
         vocab,
@@ -160,17 +161,6 @@ def _export(args: argparse.Namespace) -> int:
     out = export(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
     return 0
-
-
-def _device(requested: str):
-    import torch
-
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {requested}: CUDA is not available here; use --device cpu")
-    try:
-        return torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"--device {requested!r} is not a device; use cpu, cuda or cuda:N") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -45,11 +45,13 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
+from gradnoise.lm import config
 from gradnoise.lm.config import resolve_config
+from gradnoise.lm.devices import describe_device, resolve_device
 from gradnoise.lm.model import GPT
-from gradnoise.lm.trainer import build_optimizer, describe_device
+from gradnoise.lm.trainer import build_optimizer
 
-PRESETS = ("tiny", "paper")
+PRESETS = tuple(config.PRESETS)
 SIGMA = 0.01
 BYTES_PER_ELEMENT = 8  # an fp32 gradient read and written once
 # Steps per variant when --steps is not given: a paper-model step takes seconds on CPU.
@@ -112,21 +114,6 @@ def environment(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = previous
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
-        raise UserError(f"device={requested!r} is not allowed: use cpu, cuda or cuda:N")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={requested!r} but CUDA is not available here; use --device cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 # --- the noise ops and their references -------------------------------------------------

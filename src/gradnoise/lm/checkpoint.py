@@ -19,60 +19,19 @@ tensors and plain containers: a file that would run code on load is refused.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from gradnoise.errors import UserError
+from gradnoise.lm import atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
-
-
-def atomic_directory_write(directory: Path, write) -> None:
-    """Call write(tmp_dir) on a fresh temporary directory, then move it to `directory`.
-
-    An existing `directory` is replaced only after `write` succeeded; on error
-    nothing is left behind.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{directory.name}."
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            # rename(2) cannot replace a non-empty directory: swap the old one out first.
-            trash = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=directory.parent))
-            os.replace(directory, trash / directory.name)
-            os.replace(tmp, directory)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so readers see the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> Path:
@@ -87,8 +46,8 @@ def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict
         save_file(tensors, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
 
-    atomic_directory_write(root / name, write)
-    atomic_write_text(root / LATEST, name + "\n")
+    atomic.build_directory(root / name, write, replace=True)
+    atomic.write_text(root / LATEST, name + "\n")
     for old in root.glob("step_*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

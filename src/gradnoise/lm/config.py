@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.data import CORPORA
+from gradnoise.lm.devices import DEVICE_PATTERN, DTYPES
 from gradnoise.lm.model import GPTConfig
 
 DATASETS = tuple(CORPORA)
@@ -32,7 +33,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "noise_mode": ("absolute", "relative"),
     "noise_placement": ("after_clip", "before_clip"),
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "dtype": ("auto", *DTYPES),
     "compile": ("auto", True, False),
 }
 
@@ -176,7 +177,7 @@ _RULES = {
     },
     "char_substitution": (lambda v, cfg: 0 <= v <= 1, "a probability in [0, 1]"),
     "device": (
-        lambda v, cfg: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+        lambda v, cfg: re.fullmatch(DEVICE_PATTERN, v) is not None,
         "auto, cpu, cuda or cuda:N",
     ),
 }

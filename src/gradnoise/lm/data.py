@@ -27,8 +27,6 @@ import json
 import lzma
 import os
 import re
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -42,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from gradnoise.errors import UserError
+from gradnoise.lm import atomic
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -303,20 +302,18 @@ def _prepare(
 
     home = _home(home)
     target = home / spec.name
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        workspace = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", suffix=".partial", dir=home))
-    except OSError as error:
-        raise UserError(f"cannot write under {home}: {error.strerror or error}") from error
-    try:
-        built = workspace / spec.name
-        built.mkdir()
+
+    def write(built: Path) -> None:
         for split, part in splits.items():
             _write_split(built / f"{split}.bin", part)
         (built / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _install(built, target, workspace, overwrite)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+
+    # Without overwrite, a complete preparation made meanwhile by another process is kept.
+    replace = overwrite or not (target / META_FILE).is_file()
+    try:
+        atomic.build_directory(target, write, replace=replace)
+    except OSError as error:
+        raise UserError(f"cannot write under {home}: {error.strerror or error}") from error
     return target
 
 
@@ -447,16 +444,3 @@ def _split(spec: CorpusSpec, tokens: np.ndarray, origin: str) -> dict[str, np.nd
 
 def _write_split(path: Path, tokens: np.ndarray) -> None:
     tokens.tofile(path)
-
-
-def _install(built: Path, target: Path, workspace: Path, overwrite: bool) -> None:
-    """Move the finished directory to target. An existing target is kept when
-    not overwriting (another process prepared it meanwhile), else swapped out
-    into the workspace, which the caller deletes."""
-    try:
-        os.replace(built, target)  # atomic while target does not exist
-    except OSError:
-        if not overwrite and (target / META_FILE).is_file():
-            return
-        os.replace(target, workspace / "previous")
-        os.replace(built, target)

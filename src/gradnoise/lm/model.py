@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gradnoise.errors import UserError
-from gradnoise.lm.checkpoint import atomic_directory_write
+from gradnoise.lm import atomic
 
 
 @dataclass
@@ -220,7 +220,7 @@ class GPT(nn.Module):
             (tmp / "vocab.json").write_text(json.dumps(vocab) + "\n")
             save_file(weights_for_saving(self), str(tmp / "model.safetensors"))
 
-        atomic_directory_write(Path(directory), write)
+        atomic.build_directory(Path(directory), write, replace=True)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> GPT:

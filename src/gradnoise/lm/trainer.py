@@ -53,8 +53,9 @@ import torch.distributed as dist
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data
+from gradnoise.lm import atomic, checkpoint, data, devices, runlog
 from gradnoise.lm.config import TrainConfig
+from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.model import GPT, load_weights, weights_for_saving
 
 EVAL_SEED = 1337
@@ -101,10 +102,6 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
     device = dist_env.resolve_device(cfg.device)
     ptdtype = resolve_dtype(cfg.dtype, device)
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
     if resume and (finished := _finished_result(run_dir, cfg)) is not None:
         return finished
     if not resume:
@@ -117,7 +114,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
                 f"the {name} split of {cfg.dataset} has {len(tokens):,} tokens, too few for "
                 f"block_size={cfg.block_size}"
             )
-    loggers = Loggers(run_dir, cfg, enabled=rank == 0)
+    loggers = runlog.RunLog(run_dir, cfg, enabled=rank == 0)
 
     # Model: the init depends on the seed alone; dropout then draws from seed + rank.
     torch.manual_seed(cfg.seed)
@@ -155,7 +152,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
         book = Bookkeeping(**state["book"])
     loggers.start(keep_through_step=book.step if latest is not None else None)
     if rank == 0:
-        checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic.write_text(run_dir / runlog.CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     model = torch.compile(raw_model) if use_compile else raw_model
     train_model = model
@@ -301,7 +298,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
         "finals": finals,
     }
     if rank == 0:
-        checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        atomic.write_text(run_dir / runlog.RESULT_FILE, json.dumps(result, indent=2) + "\n")
     loggers.close()
     return result
 
@@ -563,18 +560,7 @@ class DistributedEnv:
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     def resolve_device(self, requested: str) -> torch.device:
-        if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
-        if requested.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UserError(f"device={requested!r} but CUDA is not available; use device=cpu")
-            index = self.local_rank if requested == "cuda" else int(requested.split(":")[1])
-            if index >= torch.cuda.device_count():
-                raise UserError(f"device={requested!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-            device = torch.device("cuda", index)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
+        device = devices.resolve_device(requested, self.local_rank)
         if self.world_size > 1 and self.backend is None:
             self.backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size)
@@ -611,37 +597,10 @@ class DistributedEnv:
             self.backend = None
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if requested == "float16" and device.type != "cuda":
-        raise UserError("dtype='float16' needs a CUDA device (GradScaler); use bfloat16 or float32")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} {torch.cuda.get_device_name(device)}"
-    return str(device)
-
-
 def derive_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for one purpose, so the run's random streams are unrelated to each other."""
     digest = hashlib.sha256(f"{seed}/{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _gather_rng(dist_env: DistributedEnv, device: torch.device) -> list[dict]:
@@ -718,74 +677,6 @@ class StopRequest:
 # --- outputs ------------------------------------------------------------------------
 
 
-class Loggers:
-    """log.jsonl (always), TensorBoard and Weights & Biases (when the config asks); rank 0 only."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
-        self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
-        self.file = self.tensorboard = self.wandb = None
-        if not enabled:
-            return
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError(
-                    "tensorboard=true needs TensorBoard: pip install 'gradnoise[tensorboard]'"
-                ) from None
-            self._tensorboard_writer = SummaryWriter
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb=true needs Weights & Biases: pip install 'gradnoise[wandb]'") from None
-            self._wandb_module = wandb
-
-    def start(self, keep_through_step: int | None) -> None:
-        """Open log.jsonl: keep the lines up to the resumed checkpoint's step, drop the rest."""
-        if not self.enabled:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "log.jsonl"
-        kept = []
-        if keep_through_step is not None and path.exists():
-            for line in path.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line)["step"] <= keep_through_step:
-                        kept.append(line + "\n")
-        checkpoint.atomic_write_text(path, "".join(kept))
-        self.file = path.open("a")
-        if self.cfg.tensorboard:
-            self.tensorboard = self._tensorboard_writer(str(self.run_dir / "tensorboard"))
-        if self.cfg.wandb:
-            self.wandb = self._wandb_module.init(
-                project="gradnoise",
-                name=self.run_dir.name,
-                dir=str(self.run_dir),
-                config=self.cfg.to_dict(),
-            )
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        scalars = {k: v for k, v in record.items() if k not in ("kind", "step")}
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-        if self.wandb is not None:
-            self.wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def _progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
     from tqdm import tqdm
 
@@ -802,8 +693,8 @@ def _progress_bar(cfg: TrainConfig, initial: int, enabled: bool):
 def _finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
     """The result of a run that already finished with this config, else None."""
     try:
-        result = json.loads((run_dir / "result.json").read_text())
-        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        result = json.loads((run_dir / runlog.RESULT_FILE).read_text())
+        saved = TrainConfig.from_dict(json.loads((run_dir / runlog.CONFIG_FILE).read_text()))
     except (OSError, ValueError):
         return None
     if result.get("status") == "done" and _differences(saved.to_dict(), cfg) <= RESUMABLE_CHANGES:
@@ -812,7 +703,7 @@ def _finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
-    outputs = ("log.jsonl", "result.json", checkpoint.CHECKPOINTS)
+    outputs = (runlog.LOG_FILE, runlog.RESULT_FILE, checkpoint.CHECKPOINTS)
     existing = [name for name in outputs if (run_dir / name).exists()]
     if existing:
         raise UserError(

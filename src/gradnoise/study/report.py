@@ -24,10 +24,7 @@ import base64
 import csv
 import html
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ from matplotlib.figure import Figure
 import gradnoise
 from gradnoise import schedules
 from gradnoise.errors import UserError
+from gradnoise.lm import atomic
 from gradnoise.lm.config import resolve_config
 from gradnoise.study.stats import (
     Comparison,
@@ -103,13 +101,7 @@ def write_report(study_dir: Path) -> Path:
     with Store(database) as store:
         study = _load(store)
     report_dir = study_dir / "report"
-    building = Path(tempfile.mkdtemp(prefix=".report-", dir=study_dir))
-    try:
-        _build(study, building)
-        _swap_in(building, report_dir)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+    atomic.build_directory(report_dir, lambda building: _build(study, building), replace=True)
     return report_dir
 
 
@@ -1082,14 +1074,3 @@ def _html(name, description, stamp, caveats, sections: list[_Section]) -> str:
 def _inline_code(escaped: str) -> str:
     """Markdown's `code` spans, as HTML."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-
-
-def _swap_in(built: Path, report_dir: Path) -> None:
-    """Replace report_dir by the fully built directory (the old one is removed after)."""
-    old = None
-    if report_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=".report-old-", dir=report_dir.parent))
-        os.replace(report_dir, old / "report")
-    os.replace(built, report_dir)
-    if old is not None:
-        shutil.rmtree(old)

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -45,9 +42,9 @@ from pathlib import Path
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm.checkpoint import atomic_write_text
+from gradnoise.lm import atomic, runlog
 from gradnoise.study.spec import Run, StudySpec, load_spec
-from gradnoise.study.store import FINISHED, Store
+from gradnoise.study.store import Store
 
 EXECUTORS = ("local", "ray")
 STORE_FILE = "study.sqlite"
@@ -80,7 +77,7 @@ def run_study(
     store = open_study(spec, study_dir)
     try:
         with _driver_lock(study_dir):
-            finished_before = {r["id"] for r in store.runs() if r["status"] in FINISHED}
+            finished_before = {r["id"] for r in store.runs() if r["status"] in runlog.FINISHED}
             todo = [run for run in spec.runs if run.run_id not in finished_before]
             recovered = _record_finished_on_disk(store, study_dir, todo)
             todo = [run for run in todo if run.run_id not in recovered]
@@ -139,25 +136,16 @@ def open_study(spec: StudySpec, study_dir: Path) -> Store:
 
 
 def _create_study_dir(spec: StudySpec, study_dir: Path, runs: list[tuple]) -> None:
-    """Build spec.yaml and the store under a temporary name, then rename it into place."""
-    study_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{study_dir.name}.", suffix=".partial", dir=study_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700)
+    """Build spec.yaml and the store aside, then rename them into place. If another driver
+    created the study first, its directory is kept; the caller checks it is this study."""
+
+    def write(tmp: Path) -> None:
         (tmp / SPEC_FILE).write_text(yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True))
         with Store(tmp / STORE_FILE) as fresh:
             fresh.create_study(spec.name, spec.data)
             fresh.add_runs(runs)
-        try:
-            os.rename(tmp, study_dir)  # replaces an empty directory, never a non-empty one
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            # Another driver created the study first; the caller checks it is this one.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic.build_directory(study_dir, write, replace=False)
 
 
 def study_status(study_dir: Path) -> str:
@@ -198,46 +186,13 @@ def _row_name(row: dict) -> str:
 # ---- curves and results on disk ------------------------------------------------------
 
 
-def read_curves(log_path: Path) -> list[dict]:
-    """The train and eval points of a run's log.jsonl, one per (kind, step): a resumed run
-    logs again the steps after its checkpoint, and its later line wins. A line cut off by
-    a kill is skipped."""
-    points: dict[tuple[str, int], dict] = {}
-    if not log_path.exists():
-        return []
-    with open(log_path) as file:
-        for line in file:
-            try:
-                point = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if _is_point(point):
-                points[(point["kind"], point["step"])] = point
-    return list(points.values())
-
-
-def _is_point(line) -> bool:
-    return (
-        isinstance(line, dict) and line.get("kind") in ("train", "eval") and isinstance(line.get("step"), int)
-    )
-
-
-def read_result(run_dir: Path) -> dict | None:
-    """The run's result.json if it holds a finished run, else None."""
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return result if isinstance(result, dict) and result.get("status") in FINISHED else None
-
-
 def _record_finished_on_disk(store: Store, study_dir: Path, runs: list[Run]) -> set[str]:
     recovered = set()
     for run in runs:
         run_dir = study_dir / "runs" / run.run_id
-        result = read_result(run_dir)
+        result = runlog.read_result(run_dir)
         if result is not None:
-            store.record_result(run.run_id, result, read_curves(run_dir / "log.jsonl"))
+            store.record_result(run.run_id, result, runlog.read_curves(run_dir))
             recovered.add(run.run_id)
     return recovered
 
@@ -299,7 +254,7 @@ def _launch(store: Store, study_dir: Path, run: Run, device: str | None, slot: i
         config["device"] = "cuda"
     elif device is not None:
         config["device"] = device
-    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic.write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     command = [
         sys.executable,
         "-m",
@@ -312,7 +267,7 @@ def _launch(store: Store, study_dir: Path, run: Run, device: str | None, slot: i
         "--resume",
         "--no-progress",
     ]
-    first_step = _last_step(run_dir)
+    first_step = runlog.last_step(run_dir)
     shown_device = device or config["device"]
     store.mark_running(run.run_id, socket.gethostname(), shown_device)
     with open(run_dir / "stdout.log", "wb") as stdout, open(run_dir / "stderr.log", "wb") as stderr:
@@ -340,12 +295,12 @@ def _physical_gpu(index: int) -> str:
 
 def _finish_local(store: Store, attempt: _Attempt, display: Progress) -> None:
     code = attempt.process.returncode
-    result = read_result(attempt.run_dir) if code in (0, 3) else None
+    result = runlog.read_result(attempt.run_dir) if code in (0, 3) else None
     if result is not None:
         if attempt.device.startswith("cuda:"):
             # The worker saw only its GPU and calls it cuda:0; name the driver's index.
             result = {**result, "device": f"{attempt.device} {result['device'].partition(' ')[2]}"}
-        store.record_result(attempt.run.run_id, result, read_curves(attempt.run_dir / "log.jsonl"))
+        store.record_result(attempt.run.run_id, result, runlog.read_curves(attempt.run_dir))
         display.finished(attempt, result["status"])
         return
     if code < 0:
@@ -416,7 +371,7 @@ def _run_ray(
                 if use_gpu:
                     config["device"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
                 run_dir = study_dir / "runs" / run.run_id
-                attempt = _Attempt(run, run_dir, config["device"], 0, None, _last_step(run_dir))
+                attempt = _Attempt(run, run_dir, config["device"], 0, None, runlog.last_step(run_dir))
                 store.mark_running(run.run_id, "ray", config["device"])
                 task = train_task.options(num_cpus=1, num_gpus=1 / per_device if use_gpu else 0)
                 in_flight[task.remote(config, str(study_dir.resolve()), run.run_id)] = attempt
@@ -446,7 +401,7 @@ def _finish_ray(ray, store: Store, reference, attempt: _Attempt, display: Progre
         return
     result = output["result"]
     result.setdefault("host", output["host"])
-    if result.get("status") not in FINISHED:
+    if result.get("status") not in runlog.FINISHED:
         store.record_failure(attempt.run.run_id, f"trainer returned {result.get('status')!r}")
         display.finished(attempt, "failed", f"status {result.get('status')!r}")
         return
@@ -475,7 +430,7 @@ def _train_in_worker(config: dict, study_dir: str, run_id: str) -> dict:
     result = train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
     return {
         "result": result,
-        "curves": read_curves(run_dir / "log.jsonl"),
+        "curves": runlog.read_curves(run_dir),
         "host": socket.gethostname(),
     }
 
@@ -515,11 +470,13 @@ class Progress:
     def start(self, runs: list[Run], study_dir: Path) -> None:
         self.started = time.time()
         self.steps_todo = sum(
-            max(0, run.config.max_iters - _last_step(study_dir / "runs" / run.run_id)) for run in runs
+            max(0, run.config.max_iters - runlog.last_step(study_dir / "runs" / run.run_id)) for run in runs
         )
 
     def finished(self, attempt: _Attempt, status: str, reason: str = "") -> None:
-        reached = attempt.run.config.max_iters if status in FINISHED else _last_step(attempt.run_dir)
+        reached = (
+            attempt.run.config.max_iters if status in runlog.FINISHED else runlog.last_step(attempt.run_dir)
+        )
         self.steps_done += max(0, reached - attempt.first_step)
         self.steps_todo -= attempt.run.config.max_iters - reached  # never trained in this session
         if self.enabled:
@@ -533,7 +490,7 @@ class Progress:
             return
         self.last_draw = time.time()
         counts = self.store.counts()
-        steps_now = self.steps_done + sum(max(0, _last_step(a.run_dir) - a.first_step) for a in active)
+        steps_now = self.steps_done + sum(max(0, runlog.last_step(a.run_dir) - a.first_step) for a in active)
         elapsed = time.time() - self.started
         eta = "?"
         if steps_now > 0:
@@ -565,7 +522,7 @@ def _run_name(run_id: str, dataset: str, method: str, seed: int) -> str:
 
 
 def _run_line(name: str, run_dir: Path, max_iters: int, device: str | None) -> str:
-    train, evaluation = read_log_tail(run_dir / "log.jsonl")
+    train, evaluation = runlog.read_log_tail(run_dir)
     parts = [name, f"[{device}]"] if device else [name]
     if train:
         parts.append(f"step {train['step']}/{max_iters}")
@@ -576,33 +533,6 @@ def _run_line(name: str, run_dir: Path, max_iters: int, device: str | None) -> s
     if evaluation and evaluation.get("val_loss") is not None:
         parts.append(f"val {evaluation['val_loss']:.4f} @ {evaluation['step']}")
     return "  ".join(parts)
-
-
-def read_log_tail(log_path: Path, nbytes: int = 16384) -> tuple[dict | None, dict | None]:
-    """The last train and the last eval line of a log.jsonl (from its last `nbytes`)."""
-    try:
-        with open(log_path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - nbytes))
-            lines = file.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None, None
-    last = {}
-    for line in reversed(lines):
-        try:
-            point = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if _is_point(point):
-            last.setdefault(point["kind"], point)
-        if len(last) == 2:
-            break
-    return last.get("train"), last.get("eval")
-
-
-def _last_step(run_dir: Path) -> int:
-    train, _ = read_log_tail(run_dir / "log.jsonl")
-    return int(train["step"]) if train else 0
 
 
 # ---- helpers ----------------------------------------------------------------------------

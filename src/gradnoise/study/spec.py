@@ -32,10 +32,8 @@ from pathlib import Path
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm.config import TrainConfig, resolve_config
+from gradnoise.lm.config import DATASETS, PRESETS, TrainConfig, resolve_config
 
-DATASETS = ("shakespeare_char", "enwik8", "text8")
-PRESETS = ("tiny", "paper")
 SPEC_KEYS = (
     "name",
     "description",

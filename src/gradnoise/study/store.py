@@ -23,34 +23,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gradnoise.errors import UserError
+from gradnoise.lm import runlog
 
 STATUSES = ("pending", "running", "done", "failed", "diverged")
-FINISHED = ("done", "diverged")
-
-TRAIN_METRICS = ("loss", "lr", "sigma", "tokens_per_s")
-EVAL_METRICS = ("train_loss", "val_loss", "test_loss")
-CURVE_KINDS = ("train", "eval")
+FINISHED = runlog.FINISHED
+TRAIN_METRICS = runlog.TRAIN_FIELDS
+EVAL_METRICS = runlog.EVAL_FIELDS
+CURVE_KINDS = runlog.KINDS
 CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS)
-
-FINAL_METRICS = (
-    "steps",
-    "train_loss",
-    "val_loss",
-    "best_val_loss",
-    "best_val_step",
-    "val_loss_full",
-    "test_loss_full",
-    "train_bpc",
-    "val_bpc",
-    "best_val_bpc",
-    "val_bpc_full",
-    "test_bpc_full",
-    "wall_s",
-    "train_s",
-    "step_time_median_s",
-    "tokens_per_s",
-    "final_sigma",
-)
+FINAL_METRICS = runlog.FINAL_METRICS
 
 _INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER"}
 

@@ -1,0 +1,38 @@
+"""The tests' environment: a private data home, and one thread where two cores are shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_home(tmp_path_factory):
+    """Every test (and every process it starts) prepares and reads corpora under a private
+    $GRADNOISE_HOME, never the user's; and child processes train on one thread each, since
+    several run at once on a 2-core machine."""
+    saved = {key: os.environ.get(key) for key in ("GRADNOISE_HOME", "OMP_NUM_THREADS")}
+    home = tmp_path_factory.mktemp("gradnoise_home")
+    os.environ["GRADNOISE_HOME"] = str(home)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from gradnoise.lm import data
+
+    data.load("shakespeare_char")  # prepared once, before concurrent workers could race to it
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process: results that depend on the thread count are
+    bit-identical across machines, and concurrent tests do not oversubscribe the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
