@@ -43,7 +43,7 @@ import yaml
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, runlog
-from gradnoise.study.spec import Run, StudySpec, load_spec
+from gradnoise.study.spec import Run, StudySpec, canonical, load_spec, runs_differ
 from gradnoise.study.store import Store
 
 EXECUTORS = ("local", "ray")
@@ -77,6 +77,7 @@ def run_study(
     store = open_study(spec, study_dir)
     try:
         with _driver_lock(study_dir):
+            adopt_report_keys(store, spec, study_dir)
             finished_before = {r["id"] for r in store.runs() if r["status"] in runlog.FINISHED}
             todo = [run for run in spec.runs if run.run_id not in finished_before]
             recovered = _record_finished_on_disk(store, study_dir, todo)
@@ -108,7 +109,9 @@ def run_study(
 
 def open_study(spec: StudySpec, study_dir: Path) -> Store:
     """The study's store, created (atomically, with spec.yaml) if `study_dir` is new or
-    empty; UserError if it holds another study, or the same spec now expanding to other runs."""
+    empty; UserError if it holds another study, or a spec that expands to other runs.
+    A spec that differs from the stored one in its report keys alone (description,
+    caveats, published, table) is accepted; `adopt_report_keys` then stores it."""
     store_path = study_dir / STORE_FILE
     runs = [(r.run_id, r.dataset, r.method, r.seed, r.config.to_dict()) for r in spec.runs]
     if not store_path.exists():
@@ -120,7 +123,12 @@ def open_study(spec: StudySpec, study_dir: Path) -> Store:
         _create_study_dir(spec, study_dir, runs)
     store = Store(store_path)
     try:
-        store.create_study(spec.name, spec.data)
+        stored = store.study()
+        if stored["name"] != spec.name or runs_differ(stored["spec"], spec.data):
+            raise UserError(
+                f"{store_path} already holds study {stored['name']!r} with a different spec; "
+                f"choose another --dir, or run the spec it holds ({study_dir / SPEC_FILE})"
+            )
         unknown = {r["id"] for r in store.runs()} - {r.run_id for r in spec.runs}
         if unknown:
             raise UserError(
@@ -135,17 +143,32 @@ def open_study(spec: StudySpec, study_dir: Path) -> Store:
     return store
 
 
+def adopt_report_keys(store: Store, spec: StudySpec, study_dir: Path) -> bool:
+    """Store `spec` and rewrite DIR/spec.yaml where the study holds an older version of it
+    (`open_study` checked that only report keys differ); True if it did. The driver calls
+    this under its lock, so a driver that is refused changes nothing."""
+    if canonical(store.study()["spec"]) == canonical(spec.data):
+        return False
+    store.replace_spec(spec.data)
+    atomic.write_text(study_dir / SPEC_FILE, _spec_yaml(spec))
+    return True
+
+
 def _create_study_dir(spec: StudySpec, study_dir: Path, runs: list[tuple]) -> None:
     """Build spec.yaml and the store aside, then rename them into place. If another driver
     created the study first, its directory is kept; the caller checks it is this study."""
 
     def write(tmp: Path) -> None:
-        (tmp / SPEC_FILE).write_text(yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True))
+        (tmp / SPEC_FILE).write_text(_spec_yaml(spec))
         with Store(tmp / STORE_FILE) as fresh:
             fresh.create_study(spec.name, spec.data)
             fresh.add_runs(runs)
 
     atomic.build_directory(study_dir, write, replace=False)
+
+
+def _spec_yaml(spec: StudySpec) -> str:
+    return yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True)
 
 
 def study_status(study_dir: Path) -> str:
