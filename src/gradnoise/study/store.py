@@ -25,6 +25,8 @@ from pathlib import Path
 from gradnoise.errors import UserError
 from gradnoise.lm import runlog
 
+#: The store's file in a study directory.
+STORE_FILE = "study.sqlite"
 STATUSES = ("pending", "running", "done", "failed", "diverged")
 FINISHED = runlog.FINISHED
 TRAIN_METRICS = runlog.TRAIN_FIELDS

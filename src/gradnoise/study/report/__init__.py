@@ -43,7 +43,7 @@ from gradnoise.lm import atomic
 from gradnoise.study.report import plots, render, tables
 from gradnoise.study.report.analysis import Analysis, analyze, load_study
 from gradnoise.study.report.tables import Section
-from gradnoise.study.store import Store
+from gradnoise.study.store import STORE_FILE, Store
 
 __all__ = ["write_report"]
 
@@ -51,7 +51,7 @@ __all__ = ["write_report"]
 def write_report(study_dir: Path) -> Path:
     """Write DIR/report/ (see the module docstring) from DIR/study.sqlite; returns that dir."""
     study_dir = Path(study_dir)
-    database = study_dir / "study.sqlite"
+    database = study_dir / STORE_FILE
     if not database.is_file():
         raise UserError(
             f"no study in {study_dir}: {database} does not exist; "
