@@ -9,7 +9,7 @@ import yaml
 
 from gradnoise.lm import data
 from gradnoise.lm.runlog import read_curves
-from gradnoise.study import runner
+from gradnoise.study import executors
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
@@ -89,7 +89,7 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     """On a cluster without a shared filesystem the task trains under $GRADNOISE_HOME."""
     config = load_spec("quick", TINY).runs[0].config.to_dict()
     elsewhere = tmp_path / "not-on-this-node" / "mystudy"
-    output = runner._train_in_worker(config, str(elsewhere), "abc123")
+    output = executors.train_in_worker(config, str(elsewhere), "abc123")
     run_dir = data.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
     assert not elsewhere.exists()
     assert output["result"]["status"] == "done"

@@ -1,7 +1,9 @@
-"""The report on a synthetic study filled through the real Store writer API."""
+"""The report on a synthetic study filled through the real Store writer API: its rows
+(asserted on directly), and the files rendered from them."""
 
 import base64
 import csv
+import dataclasses
 import math
 import re
 import statistics
@@ -12,7 +14,8 @@ import pytest
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import write_report
+from gradnoise.study.report import tables, write_report
+from gradnoise.study.report.analysis import PublishedRow, analyze, load_study
 from gradnoise.study.store import Store
 
 MAX_ITERS = 600
@@ -76,30 +79,43 @@ def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list
     return result, curves
 
 
-@pytest.fixture(scope="module")
-def study_dir(tmp_path_factory):
+SPEC = {
+    "name": "synthetic",
+    "description": "two methods, three seeds",
+    "preset": "tiny",
+    "datasets": ["shakespeare_char"],
+    "seeds": 4,
+    "baseline": "baseline",
+    "overrides": {"max_iters": MAX_ITERS},
+    "methods": {"baseline": {}, "exp": {"noise": EXP_SPEC}},
+    "caveats": ["A made-up study for the tests."],
+    "table": {
+        "title": "Table 9",
+        "caption": "a made-up paper's layout",
+        "metrics": ["val_loss", "best_val_step"],
+        "labels": {"val_loss": "val"},
+    },
+    # In YAML order best val before train; the report shows the final metrics' order.
+    "published": {
+        "source": "a made-up paper",
+        "values": {"shakespeare_char": {"best_val_loss": 1.25, "train_loss": 1.5}},
+        "how": {"train_loss": "in train mode"},
+    },
+}
+DATASET = "shakespeare_char"
+
+
+def fill_store(directory, spec: dict) -> None:
     """2 methods × 3 done seeds, plus seed 3: baseline failed, exp diverged."""
-    directory = tmp_path_factory.mktemp("study")
-    spec = {
-        "name": "synthetic",
-        "description": "two methods, three seeds",
-        "preset": "tiny",
-        "datasets": ["shakespeare_char"],
-        "seeds": 4,
-        "baseline": "baseline",
-        "overrides": {"max_iters": MAX_ITERS},
-        "methods": {"baseline": {}, "exp": {"noise": EXP_SPEC}},
-        "caveats": ["A made-up study for the tests."],
-    }
     with Store(directory / "study.sqlite") as store:
-        store.create_study("synthetic", spec)
+        store.create_study(spec["name"], spec)
         for method, noise in (("baseline", "none"), ("exp", EXP_SPEC)):
             for seed in range(4):
                 config = resolve_config(
-                    "shakespeare_char", "tiny", {"max_iters": MAX_ITERS, "noise": noise, "seed": seed}
+                    DATASET, "tiny", {"max_iters": MAX_ITERS, "noise": noise, "seed": seed}
                 ).to_dict()
                 run_id = f"{method}-{seed}"
-                store.add_runs([(run_id, "shakespeare_char", method, seed, config)])
+                store.add_runs([(run_id, DATASET, method, seed, config)])
                 store.mark_running(run_id, "test", "cpu")
                 if seed in FINALS[method]:
                     store.record_result(run_id, *fabricated_result(method, *FINALS[method][seed]))
@@ -109,18 +125,127 @@ def study_dir(tmp_path_factory):
                     result, curves = fabricated_result(method, 9.0, float("nan"))
                     result |= {"status": "diverged", "error": "loss is nan at step 12"}
                     store.record_result(run_id, result, curves[:2])
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("study")
+    fill_store(directory, SPEC)
     write_report(directory)
     return directory
 
 
-def table_row(markdown: str, first_cell: str, title_part: str) -> list[str]:
-    """The cells of the row starting with `first_cell` in the table whose title has `title_part`."""
-    table = markdown.split(title_part, 1)[1].split("\n\n", 2)[1]
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r} under {title_part!r}")
+@pytest.fixture(scope="module")
+def analysis(study_dir):
+    with Store(study_dir / "study.sqlite") as store:
+        return analyze(load_study(store))
+
+
+def student_t_p(t: float) -> float:
+    """Two-sided p of Student's t with 2 degrees of freedom (its cdf has a closed form)."""
+    return 2 * (0.5 - abs(t) / (2 * math.sqrt(2 + t * t)))
+
+
+# exp − baseline final val loss per seed: -0.03, -0.02, -0.01: mean -0.02, sd 0.01.
+VAL_T = -0.02 / (0.01 / math.sqrt(3))
+
+
+# ---- the rows -------------------------------------------------------------------------------
+
+
+def test_summary_rows_count_runs_by_status_and_summarize_done_seeds_only(analysis):
+    for method, per_seed in FINALS.items():
+        row = analysis.summary(DATASET, method)
+        assert (row.runs, row.done) == (4, 3)  # seed 3 failed or diverged: not summarized
+        assert (row.failed, row.diverged) == ((1, 0) if method == "baseline" else (0, 1))
+        for index, metric in enumerate(("train_loss", "val_loss")):
+            values = [pair[index] for pair in per_seed.values()]
+            summary = row.summary(metric)
+            assert summary.n == 3
+            assert summary.mean == pytest.approx(statistics.mean(values))
+            assert summary.sd == pytest.approx(statistics.stdev(values))
+            assert summary.ci_low < summary.mean < summary.ci_high
+        assert row.summary("test_loss_full").n == 0  # no test split
+        assert row.summary("best_val_step").mean == MAX_ITERS  # the spec's table asks for it
+
+
+def test_comparison_rows_pair_seeds_and_adjust_per_metric(analysis):
+    row = analysis.comparison(DATASET, "exp", "val_loss")
+    c = row.comparison
+    assert (c.n_pairs, c.seeds) == (3, (0, 1, 2))
+    assert c.mean_diff == pytest.approx(-0.02) and c.effect_size == pytest.approx(-2.0)
+    assert c.t_p == pytest.approx(student_t_p(VAL_T))
+    assert row.t_p_holm == pytest.approx(c.t_p)  # one comparison per family: Holm changes nothing
+    assert c.wilcoxon_p == pytest.approx(0.25)  # three same-sign differences: the minimum, 2/2³
+    metrics = {r.metric for r in analysis.comparisons}
+    # test loss has no values; best_val_step is compared because the table shows its p.
+    assert metrics == {"train_loss", "val_loss", "best_val_loss", "best_val_step"}
+    assert analysis.comparison(DATASET, "baseline", "val_loss") is None
+
+
+def test_speed_rows_reach_the_baseline_mean_val_loss(analysis):
+    target = statistics.mean(v for _, v in FINALS["baseline"].values())
+    for method, per_seed in FINALS.items():
+        row = analysis.speed(DATASET, method)
+        assert row.target_val_loss == pytest.approx(target)
+        first_steps = [
+            next((s for s in EVAL_STEPS if val_curve(v, s) <= target), None) for _, v in per_seed.values()
+        ]
+        hits = [s for s in first_steps if s is not None]
+        assert (row.runs, row.reached) == (3, len(hits))
+        assert row.steps.mean == pytest.approx(statistics.mean(hits))
+        assert row.seconds.mean == pytest.approx(statistics.mean(hits) * STEP_TIME[method])
+    assert analysis.speed(DATASET, "exp").overhead.percent == pytest.approx(10.0)
+
+
+def test_schedule_uses_and_their_horizon(analysis):
+    (use,) = analysis.schedules
+    assert (use.methods, use.max_iters, use.relative, use.data_driven) == (("exp",), MAX_ITERS, False, False)
+    assert sorted(use.run_ids) == [f"exp-{seed}" for seed in range(4)]
+    assert 0.01 * 0.99**use.horizon < 0.0001 <= 0.01 * 0.99 ** (use.horizon - 1)
+
+
+def test_published_rows_come_from_the_spec_in_final_metric_order(analysis):
+    assert analysis.published == (
+        PublishedRow(DATASET, "baseline", "train_loss", 1.5, "in train mode"),
+        PublishedRow(DATASET, "baseline", "best_val_loss", 1.25, ""),
+    )
+
+
+def test_paper_table_follows_the_specs_layout(analysis):
+    table = tables.paper_table(analysis)
+    assert table.title == "Table 9 (a made-up paper's layout, with ± sd and p)"
+    assert table.columns == [
+        "dataset",
+        "baseline val",
+        "baseline best_val_step",
+        "exp val",
+        "exp best_val_step",
+    ]
+    (row,) = table.rows
+    val = [v for _, v in FINALS["exp"].values()]
+    assert row[3] == f"{statistics.mean(val):.4f} ± {statistics.stdev(val):.4f} (p={student_t_p(VAL_T):.3f})"
+    assert row[4] == f"{MAX_ITERS:.4f} ± 0.0000 (p=n/a)"  # no differences: the t-test is undefined
+    assert "a made-up paper" in table.notes[-1] and "train loss 1.5000" in table.notes[-1]
+    bare = dataclasses.replace(analysis.study, table=None, published=None)
+    assert tables.paper_table(analyze(bare)) is None
+
+
+def test_caveats_state_budget_runs_power_and_horizons(analysis):
+    caveats = "\n".join(tables.caveats(analysis))
+    assert "A made-up study for the tests." in caveats
+    assert "preset `tiny`" in caveats and "max_iters 600" in caveats
+    assert "6 done, 1 diverged, 1 failed" in caveats
+    assert "not evidence of no effect" in caveats
+    assert "smallest two-sided Wilcoxon p is 0.25" in caveats
+    assert f"at step {analysis.schedules[0].horizon} of {MAX_ITERS}" in caveats
+    rows = {row[0]: row for row in tables.not_done_table(analysis.study).rows}
+    assert set(rows) == {"baseline-3", "exp-3"}
+    assert rows["baseline-3"][4:] == ["failed", "RuntimeError: out of memory"]
+    assert rows["exp-3"][4:] == ["diverged", "loss is nan at step 12"]
+
+
+# ---- the files ------------------------------------------------------------------------------
 
 
 def test_report_files_exist(study_dir):
@@ -147,34 +272,28 @@ def test_pngs_are_valid_images(study_dir):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
-def test_markdown_summary_has_n_and_means_of_done_runs_only(study_dir):
+def test_markdown_holds_what_the_rows_say(study_dir, analysis):
+    """The rendered tables: numbers computed here, independently of the report's formatting."""
     markdown = (study_dir / "report" / "report.md").read_text()
     for method, per_seed in FINALS.items():
-        row = table_row(markdown, method, "shakespeare_char: Final losses")
-        assert row[1] == "3"  # the failed / diverged seed 3 is not counted
         train = [t for t, _ in per_seed.values()]
-        val = [v for _, v in per_seed.values()]
-        assert row[2].startswith(f"{sum(train) / 3:.4f} ± {statistics.stdev(train):.4f} [")
-        assert row[3].startswith(f"{sum(val) / 3:.4f} ± {statistics.stdev(val):.4f} [")
-    assert "test loss" not in markdown.split("shakespeare_char: Final losses", 1)[1].split("\n")[2]
+        summary = analysis.summary(DATASET, method).summary("train_loss")
+        cell = (
+            f"{statistics.mean(train):.4f} ± {statistics.stdev(train):.4f} "
+            f"[{summary.ci_low:.4f}, {summary.ci_high:.4f}]"
+        )
+        assert f"| {method} | 3 | {cell} |" in markdown
+    p = student_t_p(VAL_T)
+    assert "| exp | 3 | -0.0200 [" in markdown
+    assert f"| {p:.3f} | {p:.3f} | 0.250 | 0.250 |" in markdown  # t p, Holm, Wilcoxon p, Holm
+    assert "## Table 9\n" in markdown and "**Table 9 (a made-up paper's layout" in markdown
+    assert "Published values for baseline (a made-up paper)" in markdown
+    caveats = markdown.split("## Caveats", 1)[1].split("\n## ", 1)[0]
+    assert [line[2:] for line in caveats.strip().splitlines()] == tables.caveats(analysis)
+    assert "test loss" not in markdown  # no test split, so no test-loss column or comparison
 
 
-def test_table_one_and_comparison_p_values(study_dir):
-    markdown = (study_dir / "report" / "report.md").read_text()
-    # exp − baseline val: -0.03, -0.02, -0.01 → mean -0.02, sd 0.01, t = -0.02 / (0.01/√3).
-    t = -0.02 / (0.01 / math.sqrt(3))
-    p = 2 * (0.5 + t / (2 * math.sqrt(2 + t * t)))  # Student t, 2 df, closed-form cdf
-    val = [v for _, v in FINALS["exp"].values()]
-    row = table_row(markdown, "shakespeare_char", "**Table 1 (")
-    assert row[4] == f"{sum(val) / 3:.4f} ± {statistics.stdev(val):.4f} (p={p:.3f})"
-    comparison = table_row(markdown, "exp", "shakespeare_char: final val loss vs baseline")
-    assert comparison[1] == "3"
-    assert comparison[2].startswith("-0.0200 [")
-    assert comparison[4] == f"{p:.3f}" and comparison[5] == f"{p:.3f}"  # one comparison: Holm = p
-    assert comparison[6] == "0.250"  # three same-sign differences: Wilcoxon's minimum, 2/2³
-
-
-def test_csvs_hold_the_numbers(study_dir):
+def test_csvs_hold_the_rows(study_dir, analysis):
     report = study_dir / "report"
     with open(report / "summary.csv") as f:
         summary = {row["method"]: row for row in csv.DictReader(f)}
@@ -188,41 +307,19 @@ def test_csvs_hold_the_numbers(study_dir):
 
     with open(report / "comparison.csv") as f:
         rows = {row["metric"]: row for row in csv.DictReader(f)}
-    assert set(rows) == {"train_loss", "val_loss", "best_val_loss"}
+    assert set(rows) == {r.metric for r in analysis.comparisons}
     assert float(rows["val_loss"]["mean_diff"]) == pytest.approx(-0.02)
     assert float(rows["val_loss"]["effect_size_dz"]) == pytest.approx(-2.0)
     assert rows["val_loss"]["seeds"] == "0 1 2"
 
     with open(report / "speed_cost.csv") as f:
         speed = {row["method"]: row for row in csv.DictReader(f)}
-    target = sum(v for _, v in FINALS["baseline"].values()) / 3
-    for method, per_seed in FINALS.items():
-        first_steps = [
-            next((s for s in EVAL_STEPS if val_curve(v, s) <= target), None) for _, v in per_seed.values()
-        ]
-        hits = [s for s in first_steps if s is not None]
-        assert int(speed[method]["reached"]) == len(hits)
-        assert float(speed[method]["steps_mean"]) == pytest.approx(sum(hits) / len(hits))
-        assert float(speed[method]["seconds_mean"]) == pytest.approx(
-            sum(hits) / len(hits) * STEP_TIME[method]
-        )
+    for method in FINALS:
+        row = analysis.speed(DATASET, method)
+        assert int(speed[method]["reached"]) == row.reached
+        assert float(speed[method]["steps_mean"]) == pytest.approx(row.steps.mean)
+        assert float(speed[method]["seconds_mean"]) == pytest.approx(row.seconds.mean)
     assert float(speed["exp"]["overhead_percent"]) == pytest.approx(10.0)
-
-
-def test_caveats_are_stated(study_dir):
-    markdown = (study_dir / "report" / "report.md").read_text()
-    caveats = markdown.split("## Caveats", 1)[1].split("\n## ", 1)[0]
-    assert "A made-up study for the tests." in caveats
-    assert "preset `tiny`" in caveats and "max_iters 600" in caveats
-    assert "6 done, 1 diverged, 1 failed" in caveats
-    assert "not evidence of no effect" in caveats
-    assert "smallest two-sided Wilcoxon p is 0.25" in caveats
-    horizon = schedules.parse(EXP_SPEC).horizon(0.01)
-    assert 0.01 * 0.99**horizon < 0.0001 <= 0.01 * 0.99 ** (horizon - 1)
-    assert f"at step {horizon} of {MAX_ITERS}" in caveats
-    runs = markdown.split("Runs not in the statistics", 1)[1]
-    assert "baseline-3" in runs and "RuntimeError: out of memory" in runs
-    assert "exp-3" in runs and "diverged" in runs
 
 
 def test_html_is_self_contained_and_embeds_every_plot(study_dir):
@@ -235,6 +332,15 @@ def test_html_is_self_contained_and_embeds_every_plot(study_dir):
     for reference in ("http:", "https:", "//cdn", "//", "<link", "<script"):
         assert reference not in outside_images.lower()
     assert "A made-up study for the tests." in page and "<table>" in page
+
+
+def test_without_a_table_published_values_get_their_own_section(tmp_path):
+    spec = {key: value for key, value in SPEC.items() if key != "table"}
+    fill_store(tmp_path, spec)
+    markdown = (write_report(tmp_path) / "report.md").read_text()
+    assert "Table 9" not in markdown
+    section = markdown.split("## Published values\n", 1)[1].split("\n## ", 1)[0]
+    assert "shakespeare_char: final train loss 1.5000, best val loss 1.2500." in section
 
 
 def test_rewriting_replaces_the_report(study_dir):

@@ -18,7 +18,7 @@ from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.lm.runlog import read_curves
 from gradnoise.study.runner import run_study, study_status
-from gradnoise.study.spec import load_spec
+from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.store import Store
 
 TINY = {
@@ -213,6 +213,36 @@ def test_a_different_study_in_the_same_directory_is_refused(finished, tmp_path):
     assert (study_dir / "study.sqlite").read_bytes() == before
 
 
+def test_a_spec_changed_in_its_report_keys_alone_is_taken_without_running(finished, tmp_path):
+    """How a study gets published values (or new caveats) after it ran: run its spec again."""
+    spec, study_dir, _ = finished
+    data = yaml.safe_load((study_dir / "spec.yaml").read_text())
+    data["caveats"] = ["a caveat added later"]
+    data["published"] = {"source": "a paper", "values": {"shakespeare_char": {"val_loss": 1.47}}}
+    data["table"] = {"title": "Table 1", "metrics": ["val_loss"]}
+    path = tmp_path / "later.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with Store(study_dir / "study.sqlite") as store:
+        runs_before = store.runs()
+
+    summary = run_study(path, study_dir, progress=False)
+    assert (summary["ran"], summary["done"]) == (2, 4)  # the broken runs only, failing again
+    assert yaml.safe_load((study_dir / "spec.yaml").read_text()) == data
+    with Store(study_dir / "study.sqlite") as store:
+        assert store.study()["spec"] == data
+        assert [r["attempts"] for r in store.runs() if r["status"] == "done"] == [
+            r["attempts"] for r in runs_before if r["status"] == "done"
+        ]
+    assert main(["study", "report", str(study_dir)]) == 0
+    markdown = (study_dir / "report" / "report.md").read_text()
+    assert "a caveat added later" in markdown and "## Table 1" in markdown
+    assert "Published values for baseline (a paper): shakespeare_char: final val loss 1.4700." in markdown
+    # The original spec is a report-key change too, back again.
+    run_study(spec, study_dir, progress=False)
+    with Store(study_dir / "study.sqlite") as store:
+        assert store.study()["spec"] == spec.data
+
+
 # ---- kills ---------------------------------------------------------------------------------
 
 
@@ -272,8 +302,11 @@ def test_driver_killed_midway_stops_its_workers_and_the_study_resumes(tmp_path):
     wait_for(lambda: latest_checkpoint_step(run_dir), what="a checkpoint")
     assert len(worker_pids(run_dir)) == 1
     # While the driver lives: a second driver is refused, and status shows the live run.
+    later = yaml.safe_load(path.read_text()) | {"caveats": ["added while the driver runs"]}
     with pytest.raises(UserError, match="another `gradnoise study run`"):
-        run_study(spec, study_dir, progress=False)
+        run_study(parse_spec(later), study_dir, progress=False)
+    with Store(study_dir / "study.sqlite") as store:
+        assert store.study()["spec"] == spec.data  # the refused driver changed nothing
     assert "running:" in study_status(study_dir) and "step" in study_status(study_dir)
 
     driver.send_signal(signal.SIGKILL)

@@ -14,7 +14,7 @@ import yaml
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import CHOICES, TrainConfig, resolve_config
-from gradnoise.study.spec import load_spec, packaged_specs, parse_spec, run_id
+from gradnoise.study.spec import Published, load_spec, packaged_specs, parse_spec, run_id, runs_differ
 
 
 def base_spec(**changes) -> dict:
@@ -195,6 +195,73 @@ def test_bad_specs_raise_user_error_naming_what_is_allowed(changes, words):
         assert word in str(caught.value), (word, str(caught.value))
 
 
+PUBLISHED = {"source": "a paper", "values": {"shakespeare_char": {"val_loss": 1.47}}}
+TABLE = {"title": "Table 1", "metrics": ["train_loss", "val_loss"]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"published": [1.47]}, ["published", "mapping"]),
+        ({"published": {**PUBLISHED, "year": 2020}}, ["year", "source", "values", "how"]),
+        ({"published": {**PUBLISHED, "source": ""}}, ["published.source", "where the values come from"]),
+        ({"published": {**PUBLISHED, "method": "exp2"}}, ["exp2", "baseline, exp"]),
+        ({"published": {"source": "a paper", "values": {}}}, ["published.values is empty"]),
+        (
+            {"published": {"source": "x", "values": {"enwik8": {"val_loss": 1.0}}}},
+            ["'enwik8'", "not in datasets", "shakespeare_char"],
+        ),
+        (
+            {"published": {"source": "x", "values": {"shakespeare_char": {"val_los": 1.0}}}},
+            ["val_los", "best_val_loss", "train_loss"],
+        ),
+        (
+            {"published": {"source": "x", "values": {"shakespeare_char": {"val_loss": "1.4"}}}},
+            ["val_loss='1.4'", "finite number"],
+        ),
+        (
+            {"published": {"source": "x", "values": {"shakespeare_char": {"val_loss": float("nan")}}}},
+            ["finite number"],
+        ),
+        ({"published": {**PUBLISHED, "how": {"train_loss": "in train mode"}}}, ["train_loss", "val_loss"]),
+        ({"published": {**PUBLISHED, "how": {"val_loss": 3}}}, ["how.val_loss=3", "string"]),
+        ({"table": {"metrics": ["val_loss"]}}, ["table.title", "required"]),
+        ({"table": {**TABLE, "rows": "datasets"}}, ["rows", "title", "caption", "metrics", "labels"]),
+        ({"table": {**TABLE, "metrics": []}}, ["table.metrics", "non-empty list"]),
+        ({"table": {**TABLE, "metrics": ["val_loss", "val_loss"]}}, ["val_loss", "twice"]),
+        ({"table": {**TABLE, "metrics": ["val_bpb"]}}, ["val_bpb", "val_bpc"]),
+        ({"table": {**TABLE, "labels": {"best_val_loss": "best"}}}, ["best_val_loss", "not in metrics"]),
+        ({"table": {**TABLE, "labels": {"val_loss": ""}}}, ["labels.val_loss", "non-empty string"]),
+    ],
+)
+def test_bad_report_keys_raise_user_error_naming_what_is_allowed(changes, words):
+    with pytest.raises(UserError) as caught:
+        parse_spec(base_spec(**changes))
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_report_keys_are_parsed_and_do_not_change_the_runs():
+    plain = parse_spec(base_spec())
+    spec = parse_spec(
+        base_spec(
+            published={**PUBLISHED, "how": {"val_loss": "the last eval"}},
+            table={**TABLE, "caption": "its layout", "labels": {"val_loss": "val"}},
+            caveats=["another"],
+        )
+    )
+    assert (plain.published, plain.table) == (None, None)
+    assert spec.published == Published(
+        "a paper", "baseline", PUBLISHED["values"], {"val_loss": "the last eval"}
+    )
+    assert spec.table.metrics == ("train_loss", "val_loss")
+    assert (spec.table.label("val_loss"), spec.table.label("train_loss")) == ("val", "train_loss")
+    assert spec.runs == plain.runs
+    assert not runs_differ(plain.data, spec.data)
+    assert runs_differ(plain.data, base_spec(seeds=3))
+    assert runs_differ(plain.data, base_spec(baseline="exp"))
+
+
 def test_methods_resolving_to_the_same_config_are_rejected():
     methods = {"baseline": {}, "also-baseline": {"dropout": 0.0}}  # tiny's dropout is already 0
     with pytest.raises(UserError, match=r"'baseline' and 'also-baseline'.*same run"):
@@ -268,6 +335,18 @@ def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
     assert len(small.runs) == 21 and {r.seed for r in small.runs} == {0, 1, 2}
     assert {r.config.max_iters for r in small.runs} == {5000}
     assert set(small.methods) <= set(paper.methods)
+
+    # The seed paper's published baseline (mean of seeds, paper preset) and its Table 1 layout.
+    published = {
+        "shakespeare_char": {"train_loss": 0.8132, "best_val_loss": 1.4692},
+        "enwik8": {"train_loss": 0.9323, "best_val_loss": 1.0048},
+        "text8": {"train_loss": 0.9978, "best_val_loss": 0.9793},
+    }
+    for spec in (quick, paper, small):
+        assert spec.published.values == {d: published[d] for d in spec.datasets}
+        assert spec.published.method == spec.baseline
+        assert "train mode" in spec.published.how["train_loss"]
+        assert spec.table.metrics == ("train_loss", "val_loss")
 
 
 def test_quick_noise_acts_during_its_run():

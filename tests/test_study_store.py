@@ -68,6 +68,14 @@ def test_study_row_and_a_different_spec_is_refused(tmp_path, store):
         store.create_study("other", SPEC)
 
 
+def test_replace_spec_stores_the_new_version(tmp_path, store):
+    newer = {**SPEC, "caveats": ["a new caveat"]}
+    store.replace_spec(newer)
+    assert store.study()["spec"] == newer
+    with Store(tmp_path / "empty.sqlite") as empty, pytest.raises(UserError, match="holds no study"):
+        empty.replace_spec(SPEC)
+
+
 def test_wal_mode(store):
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -14,11 +14,25 @@
       linear: {noise: "linear:sigma0=0.01,total_steps={max_iters}"}
     caveats: [lines the report prints]
     set: {device: cpu}                # applied last, above everything (`--set` on the CLI)
+    published:                        # optional: reference values the report shows
+      source: the seed paper's baseline, mean of seeds, paper preset
+      method: baseline                # the method they are the counterpart of (default: baseline)
+      values: {shakespeare_char: {train_loss: 0.8132, best_val_loss: 1.4692}}
+      how: {train_loss: how the source measured it, ...}
+    table:                            # optional: a paper-style table, a row per dataset
+      title: Table 1
+      caption: the seed paper's layout
+      metrics: [train_loss, val_loss] # its columns: method × metric (final-metric names)
+      labels: {train_loss: train, val_loss: val}
 
 A run's config is the preset's, then `overrides`, then `dataset_overrides`,
 then the method's, then `set`, then its dataset and seed. A string value may
 name other config values in braces (`{max_iters}`), filled in from the run's
 resolved config. Everything is validated here, before anything runs.
+
+The report keys (description, caveats, published, table) change what the report
+says, not what runs: a study's store accepts a spec that differs from its own
+in them alone, and takes the new values (see `runner.open_study`).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -33,6 +48,7 @@ import yaml
 
 from gradnoise.errors import UserError
 from gradnoise.lm.config import DATASETS, PRESETS, TrainConfig, resolve_config
+from gradnoise.lm.runlog import FINAL_METRICS
 
 SPEC_KEYS = (
     "name",
@@ -46,7 +62,13 @@ SPEC_KEYS = (
     "methods",
     "caveats",
     "set",
+    "published",
+    "table",
 )
+# What only the report reads: a spec may change these without changing its runs.
+REPORT_KEYS = ("description", "caveats", "published", "table")
+PUBLISHED_KEYS = ("source", "method", "values", "how")
+TABLE_KEYS = ("title", "caption", "metrics", "labels")
 # The study decides these per run; a spec that set them would fight the expansion.
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
@@ -68,6 +90,35 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Published:
+    """Reference values from elsewhere (a paper), shown beside the study's own.
+
+    values[dataset][metric] is the source's number for the study's final metric
+    `metric` of `method`; how[metric] says how the source measured it where that
+    differs from how this project does.
+    """
+
+    source: str
+    method: str
+    values: dict[str, dict[str, float]]
+    how: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """A paper-style table: a row per dataset, a column per method × metric, each cell
+    mean ± sd over seeds with the p-value of the paired test against the baseline."""
+
+    title: str
+    caption: str
+    metrics: tuple[str, ...]
+    labels: dict[str, str]
+
+    def label(self, metric: str) -> str:
+        return self.labels.get(metric, metric)
+
+
+@dataclasses.dataclass(frozen=True)
 class StudySpec:
     """A validated spec and its runs. `data` is the spec as given (what the store keeps)."""
 
@@ -80,14 +131,15 @@ class StudySpec:
     caveats: tuple[str, ...]
     runs: tuple[Run, ...]
     data: dict
+    published: Published | None = None
+    table: TableLayout | None = None
 
 
 def run_id(config: TrainConfig) -> str:
     """sha256[:12] of the canonical JSON of the resolved config (dataset and seed included,
     execution keys such as the device left out)."""
     values = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_KEYS}
-    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return hashlib.sha256(canonical(values).encode()).hexdigest()[:12]
 
 
 def packaged_specs() -> dict[str, Path]:
@@ -206,6 +258,8 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     caveats = data.get("caveats", [])
     if not isinstance(caveats, list) or not all(isinstance(c, str) for c in caveats):
         raise UserError(f"{where}: caveats={caveats!r} must be a list of strings")
+    published = parse_published(data, source)
+    table = parse_table(data, source)
 
     runs = []
     for dataset in datasets:
@@ -235,7 +289,124 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         caveats=tuple(caveats),
         runs=tuple(runs),
         data=data,
+        published=published,
+        table=table,
     )
+
+
+def parse_published(data: dict, source: str = "<spec>") -> Published | None:
+    """The spec's `published:` block, validated against its datasets and methods (None if
+    it has none). The report calls this on the spec a store holds."""
+    where = f"study spec {source}: published"
+    block = data.get("published")
+    if block is None:
+        return None
+    block = _known_keys(_mapping(block, where), PUBLISHED_KEYS, where)
+    text = block.get("source")
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}.source={text!r}: say where the values come from (a non-empty string)")
+    methods = data.get("methods") or {}
+    method = block.get("method", data.get("baseline", "baseline"))
+    if method not in methods:
+        raise UserError(f"{where}.method={method!r} is not one of the methods ({', '.join(methods)})")
+    values = _mapping(block.get("values"), f"{where}.values")
+    if not values:
+        raise UserError(f"{where}.values is empty; give dataset: {{metric: value}}, e.g. {_EXAMPLE}")
+    datasets = data.get("datasets")
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets or [])
+    checked: dict[str, dict[str, float]] = {}
+    for dataset, metrics in values.items():
+        here = f"{where}.values.{dataset}"
+        if dataset not in datasets:
+            raise UserError(f"{here}: {dataset!r} is not in datasets (datasets: {', '.join(datasets)})")
+        metrics = _mapping(metrics, here)
+        if not metrics:
+            raise UserError(f"{here} is empty; give {{metric: value}}, e.g. {_EXAMPLE}")
+        for metric, value in metrics.items():
+            _final_metric(metric, here)
+            if not _finite_number(value):
+                raise UserError(f"{here}.{metric}={value!r} must be a finite number")
+        checked[dataset] = {metric: float(value) for metric, value in metrics.items()}
+    how = _mapping(block.get("how"), f"{where}.how")
+    given = {metric for metrics in checked.values() for metric in metrics}
+    for metric, text in how.items():
+        if metric not in given:
+            raise UserError(
+                f"{where}.how names {metric!r}, which no published value has "
+                f"(published metrics: {', '.join(sorted(given))})"
+            )
+        if not isinstance(text, str):
+            raise UserError(f"{where}.how.{metric}={text!r} must be a string")
+    return Published(source=block["source"].strip(), method=method, values=checked, how=dict(how))
+
+
+def parse_table(data: dict, source: str = "<spec>") -> TableLayout | None:
+    """The spec's `table:` block, validated (None if it has none)."""
+    where = f"study spec {source}: table"
+    block = data.get("table")
+    if block is None:
+        return None
+    block = _known_keys(_mapping(block, where), TABLE_KEYS, where)
+    title = block.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise UserError(f"{where}.title={title!r}: a title is required (a non-empty string)")
+    caption = block.get("caption", "")
+    if not isinstance(caption, str):
+        raise UserError(f"{where}.caption={caption!r} must be a string")
+    metrics = block.get("metrics")
+    if not isinstance(metrics, list) or not metrics:
+        raise UserError(
+            f"{where}.metrics={metrics!r} must be a non-empty list of final metrics, "
+            "e.g. [train_loss, val_loss]"
+        )
+    for metric in metrics:
+        _final_metric(metric, f"{where}.metrics")
+    if len(set(metrics)) != len(metrics):
+        raise UserError(f"{where}.metrics={metrics} lists a metric twice")
+    labels = _mapping(block.get("labels"), f"{where}.labels")
+    for metric, label in labels.items():
+        if metric not in metrics:
+            raise UserError(
+                f"{where}.labels names {metric!r}, which is not in metrics ({', '.join(metrics)})"
+            )
+        if not isinstance(label, str) or not label.strip():
+            raise UserError(f"{where}.labels.{metric}={label!r} must be a non-empty string")
+    return TableLayout(
+        title=title.strip(), caption=caption.strip(), metrics=tuple(metrics), labels=dict(labels)
+    )
+
+
+_EXAMPLE = "{shakespeare_char: {val_loss: 1.47}}"
+
+
+def _known_keys(block: dict, allowed: tuple[str, ...], where: str) -> dict:
+    unknown = [k for k in block if k not in allowed]
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    return block
+
+
+def _final_metric(metric, where: str) -> None:
+    if metric not in FINAL_METRICS:
+        raise UserError(f"{where}: unknown metric {metric!r}; allowed: {', '.join(FINAL_METRICS)}")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def runs_differ(stored: dict, given: dict) -> bool:
+    """Whether two specs' data differ in anything but the report keys (so in their runs)."""
+
+    def runs_part(data: dict) -> dict:
+        return {k: v for k, v in data.items() if k not in REPORT_KEYS}
+
+    return canonical(runs_part(stored)) != canonical(runs_part(given))
+
+
+def canonical(value) -> str:
+    """The JSON text two equal specs share (what the store compares)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def _resolve(dataset: str, preset: str, values: dict, context: str) -> TrainConfig:

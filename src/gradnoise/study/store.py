@@ -25,6 +25,8 @@ from pathlib import Path
 from gradnoise.errors import UserError
 from gradnoise.lm import runlog
 
+#: The store's file in a study directory.
+STORE_FILE = "study.sqlite"
 STATUSES = ("pending", "running", "done", "failed", "diverged")
 FINISHED = runlog.FINISHED
 TRAIN_METRICS = runlog.TRAIN_FIELDS
@@ -182,6 +184,16 @@ class Store:
                 f"{self.path} already holds study {row['name']!r} with a different spec; "
                 "choose another --dir, or run the spec it holds (DIR/spec.yaml)"
             )
+
+    def replace_spec(self, spec: dict) -> None:
+        """Store a new version of the study's spec. The caller checks that it expands to the
+        same runs (only what the report reads may change: see `spec.REPORT_KEYS`)."""
+        with self._transaction():
+            if (
+                self._db.execute("UPDATE study SET spec = ? WHERE id = 1", (_canonical_json(spec),)).rowcount
+                != 1
+            ):
+                raise UserError(f"{self.path} holds no study (no study row)")
 
     def add_runs(self, runs: Iterable[tuple[str, str, str, int, dict]]) -> None:
         """Insert (id, dataset, method, seed, config) as pending; ids already present are kept."""

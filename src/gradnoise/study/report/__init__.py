@@ -1,0 +1,127 @@
+"""The study report: what `gradnoise study report DIR` writes into DIR/report/.
+
+    write_report(study_dir) -> study_dir / "report"
+
+reads DIR/study.sqlite through `Store` and writes
+
+    report.md        tables and caveats (Markdown; links the PNGs)
+    index.html       the same tables with the plots embedded: one self-contained file
+    summary.csv      per dataset × method: run counts, n / mean / sd / 95% CI of every final
+    comparison.csv   per dataset × metric × method vs the baseline: paired tests, Holm
+    speed_cost.csv   per dataset × method: steps and seconds to the baseline's final val
+                     loss, median step time, overhead %
+    curves_*.png, final_val_*.png, sigma_schedules.png, overhead.png
+
+Only runs with status "done" enter means, tests and plots; failed, diverged and
+unfinished runs are counted and listed. The directory is built aside and
+swapped in whole, so a report is never half-written.
+
+The pieces, each usable alone:
+
+    analysis   the study loaded from its store, and the typed rows (summaries,
+               comparisons, speeds, schedules, published values) everything is drawn from
+    plots      one function per figure
+    tables     the tables and caveats, as text
+    render     Markdown, HTML and CSV
+
+What is particular to one paper comes from the study's spec: `table:` (a
+paper-style table) and `published:` (reference values), read from the spec
+the store holds. A study stored before these keys existed gets them by
+running its spec again with them added (`gradnoise study run DIR/spec.yaml
+--dir DIR`): the store takes new report keys without running anything.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gradnoise
+from gradnoise.errors import UserError
+from gradnoise.lm import atomic
+from gradnoise.study.report import plots, render, tables
+from gradnoise.study.report.analysis import Analysis, analyze, load_study
+from gradnoise.study.report.tables import Section
+from gradnoise.study.store import STORE_FILE, Store
+
+__all__ = ["write_report"]
+
+
+def write_report(study_dir: Path) -> Path:
+    """Write DIR/report/ (see the module docstring) from DIR/study.sqlite; returns that dir."""
+    study_dir = Path(study_dir)
+    database = study_dir / STORE_FILE
+    if not database.is_file():
+        raise UserError(
+            f"no study in {study_dir}: {database} does not exist; "
+            "run `gradnoise study run SPEC --dir DIR` first"
+        )
+    with Store(database) as store:
+        analysis = analyze(load_study(store))
+    report_dir = study_dir / "report"
+    atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
+    return report_dir
+
+
+def _build(analysis: Analysis, directory: Path) -> None:
+    study = analysis.study
+    render.write_csvs(directory, analysis)
+
+    sections = []
+    paper_table = tables.paper_table(analysis)
+    if paper_table is not None:
+        sections.append(Section(study.table.title, tables=[paper_table]))
+    elif published := tables.published_note(analysis):
+        sections.append(Section("Published values", text=[published]))
+    for dataset in study.datasets:
+        slug = _slug(dataset)
+        speed = tables.speed_table(analysis, dataset)
+        sections.append(
+            Section(
+                dataset,
+                tables=[
+                    *tables.summary_tables(analysis, dataset),
+                    *tables.comparison_tables(analysis, dataset),
+                    *([speed] if speed else []),
+                ],
+                plots=_drawn(
+                    plots.curves(analysis, dataset, directory / f"curves_{slug}.png"),
+                    plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
+                ),
+            )
+        )
+    sections.append(
+        Section(
+            "Noise schedules and cost",
+            plots=_drawn(
+                plots.sigma_schedules(analysis, directory / "sigma_schedules.png"),
+                plots.overhead(analysis, directory / "overhead.png"),
+            ),
+            text=[] if analysis.schedules else ["No run of this study adds gradient noise."],
+        )
+    )
+    not_done = tables.not_done_table(study)
+    sections.append(
+        Section("Methods and runs", tables=[tables.methods_table(study), *([not_done] if not_done else [])])
+    )
+
+    caveats = tables.caveats(analysis)
+    description = str(study.spec.get("description") or "").strip()
+    stamp = (
+        f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}"
+    )
+    (directory / "report.md").write_text(
+        render.markdown(study.name, description, stamp, caveats, sections), encoding="utf-8"
+    )
+    (directory / "index.html").write_text(
+        render.page(study.name, description, stamp, caveats, sections), encoding="utf-8"
+    )
+
+
+def _drawn(*paths: Path | None) -> list[Path]:
+    return [path for path in paths if path is not None]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -1,0 +1,226 @@
+"""The report's files: Markdown and one self-contained HTML page from the sections, and
+the CSV files from the analysis rows."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import re
+from pathlib import Path
+
+from gradnoise.study.report.analysis import SUMMARY_METRICS, Analysis
+from gradnoise.study.report.tables import Section, Table
+
+# ---- Markdown -------------------------------------------------------------------------------
+
+
+def table_markdown(table: Table) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"**{table.title}**", "", line(table.columns), line(["---"] * len(table.columns))]
+    lines += [line(row) for row in table.rows]
+    for note in table.notes:
+        lines += ["", f"*{note}*"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(name: str, description: str, stamp: str, caveats: list[str], sections: list[Section]) -> str:
+    parts = [f"# Study `{name}`: report", ""]
+    if description:
+        parts += [description, ""]
+    parts += [f"*{stamp}*", "", "## Caveats", ""]
+    parts += [f"- {line}" for line in caveats] + [""]
+    for section in sections:
+        parts += [f"## {section.title}", ""]
+        parts += [line + "\n" for line in section.text]
+        parts += [table_markdown(table) for table in section.tables]
+        parts += [f"![{plot.stem}]({plot.name})\n" for plot in section.plots]
+    return "\n".join(parts)
+
+
+# ---- HTML -----------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 0.88em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+.note { font-size: 0.85em; color: #555; margin: 0.2em 0; }
+.caveats { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1.5em; }
+img { max-width: 100%; display: block; margin: 1em 0; }
+"""
+
+
+def table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table.rows
+    )
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.notes)
+    return (
+        f"<h4>{html.escape(table.title)}</h4>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
+    )
+
+
+def page(name: str, description: str, stamp: str, caveats: list[str], sections: list[Section]) -> str:
+    """One HTML file with everything in it: the plots are embedded as data: URLs."""
+
+    def image(path: Path) -> str:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+    body = [f"<h1>Study {html.escape(name)}: report</h1>"]
+    if description:
+        body.append(f"<p>{html.escape(description)}</p>")
+    body.append(f'<p class="note">{html.escape(stamp)}</p>')
+    body.append('<div class="caveats"><h2>Caveats</h2><ul>')
+    body += [f"<li>{_inline_code(html.escape(line))}</li>" for line in caveats]
+    body.append("</ul></div>")
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        body += [f"<p>{html.escape(line)}</p>" for line in section.text]
+        body += [table_html(table) for table in section.tables]
+        body += [image(plot) for plot in section.plots]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Study {html.escape(name)}: report</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+def _inline_code(escaped: str) -> str:
+    """Markdown's `code` spans, as HTML."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+# ---- CSV ------------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = ["dataset", "method", "runs", "done", "diverged", "failed", "unfinished"] + [
+    f"{metric}_{statistic}"
+    for metric in SUMMARY_METRICS
+    for statistic in ("n", "mean", "sd", "ci_low", "ci_high")
+]
+COMPARISON_COLUMNS = [
+    "dataset",
+    "method",
+    "metric",
+    "n_pairs",
+    "seeds",
+    "mean_diff",
+    "sd_diff",
+    "ci_low",
+    "ci_high",
+    "t_stat",
+    "t_p",
+    "t_p_holm",
+    "wilcoxon_stat",
+    "wilcoxon_p",
+    "wilcoxon_p_holm",
+    "wilcoxon_min_p",
+    "effect_size_dz",
+    "note",
+]
+SPEED_COLUMNS = [
+    "dataset",
+    "method",
+    "target_val_loss",
+    "runs",
+    "reached",
+    "steps_mean",
+    "steps_sd",
+    "seconds_mean",
+    "seconds_sd",
+    "step_time_median_s",
+    "baseline_step_time_median_s",
+    "overhead_percent",
+]
+
+
+def write_csvs(directory: Path, analysis: Analysis) -> None:
+    """summary.csv, comparison.csv and speed_cost.csv: one line per row of the analysis."""
+    summary = []
+    for row in analysis.summaries:
+        record = {
+            "dataset": row.dataset,
+            "method": row.method,
+            "runs": row.runs,
+            "done": row.done,
+            "diverged": row.diverged,
+            "failed": row.failed,
+            "unfinished": row.unfinished,
+        }
+        for metric in SUMMARY_METRICS:
+            s = row.summary(metric)
+            record |= {
+                f"{metric}_n": s.n,
+                f"{metric}_mean": s.mean,
+                f"{metric}_sd": s.sd,
+                f"{metric}_ci_low": s.ci_low,
+                f"{metric}_ci_high": s.ci_high,
+            }
+        summary.append(record)
+    _write_csv(directory / "summary.csv", SUMMARY_COLUMNS, summary)
+
+    comparisons = [
+        {
+            "dataset": row.dataset,
+            "method": row.method,
+            "metric": row.metric,
+            "n_pairs": c.n_pairs,
+            "seeds": " ".join(str(s) for s in c.seeds),
+            "mean_diff": c.mean_diff,
+            "sd_diff": c.sd_diff,
+            "ci_low": c.ci_low,
+            "ci_high": c.ci_high,
+            "t_stat": c.t_stat,
+            "t_p": c.t_p,
+            "t_p_holm": row.t_p_holm,
+            "wilcoxon_stat": c.wilcoxon_stat,
+            "wilcoxon_p": c.wilcoxon_p,
+            "wilcoxon_p_holm": row.wilcoxon_p_holm,
+            "wilcoxon_min_p": c.wilcoxon_min_p,
+            "effect_size_dz": c.effect_size,
+            "note": c.note,
+        }
+        for row in analysis.comparisons
+        for c in (row.comparison,)
+    ]
+    _write_csv(directory / "comparison.csv", COMPARISON_COLUMNS, comparisons)
+
+    speeds = [
+        {
+            "dataset": r.dataset,
+            "method": r.method,
+            "target_val_loss": r.target_val_loss,
+            "runs": r.runs,
+            "reached": r.reached,
+            "steps_mean": r.steps.mean,
+            "steps_sd": r.steps.sd,
+            "seconds_mean": r.seconds.mean,
+            "seconds_sd": r.seconds.sd,
+            "step_time_median_s": r.overhead.method_median_s,
+            "baseline_step_time_median_s": r.overhead.baseline_median_s,
+            "overhead_percent": r.overhead.percent,
+        }
+        for r in analysis.speeds
+    ]
+    _write_csv(directory / "speed_cost.csv", SPEED_COLUMNS, speeds)
+
+
+def _csv_value(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    # float() first: numpy scalars subclass float, and their repr is "np.float64(…)".
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([[_csv_value(row.get(c)) for c in columns] for row in rows])
