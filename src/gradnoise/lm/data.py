@@ -9,7 +9,8 @@ Three corpora, each a registry entry in `CORPORA`:
 `prepare(name)` turns a raw corpus into token files under
 `$GRADNOISE_HOME/<name>/` (train.bin, val.bin[, test.bin], meta.json);
 `load(name)` memory-maps them; `get_batch` draws (x, y) windows from a split
-with a generator the run owns, so a seed fixes the batches for every method.
+with a generator the run owns (seeded by `derive_seed`), so a seed fixes the
+batches for every method; `substitute_characters` is the input augmentation.
 
 The pipeline holds the raw corpus in memory (10^8 bytes at most) and writes
 nothing until it is verified and tokenized; the output is built in a temporary
@@ -257,6 +258,24 @@ def get_batch(
     windows = np.array(tokens[offsets.numpy()[:, None] + np.arange(block_size + 1)], np.int64)
     windows = torch.from_numpy(windows)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def substitute_characters(
+    x: torch.Tensor, probability: float, vocab_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each input token, independently with probability p, by one drawn uniformly
+    from the vocabulary (which may be the same token). Targets are left untouched."""
+    replace = torch.rand(x.shape, generator=generator) < probability
+    random_tokens = torch.randint(vocab_size, x.shape, generator=generator)
+    return torch.where(replace, random_tokens, x)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose ("batches", "noise", an eval split, …): the first 8
+    bytes of sha256("{seed}/{purpose}"), halved. Streams seeded this way are unrelated,
+    so turning one on (augmentation, noise) does not shift another (the batches)."""
+    digest = hashlib.sha256(f"{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 # --- preparation --------------------------------------------------------------
