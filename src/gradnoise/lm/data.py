@@ -113,6 +113,11 @@ CORPORA: dict[str, CorpusSpec] = {
 }
 
 
+def vocabulary_size(vocab: list[str] | str) -> int:
+    """Tokens in a vocabulary as meta.json records it: "bytes" (256) or a list of characters."""
+    return 256 if vocab == "bytes" else len(vocab)
+
+
 def gradnoise_home() -> Path:
     """Where prepared data lives: $GRADNOISE_HOME, or ~/.cache/gradnoise."""
     return Path(os.environ.get("GRADNOISE_HOME") or "~/.cache/gradnoise").expanduser()
@@ -133,6 +138,13 @@ class Corpus:
         self.splits = splits
         self._chars: list[str] | None = None if meta["vocab"] == "bytes" else meta["vocab"]
         self._ids = None if self._chars is None else {c: i for i, c in enumerate(self._chars)}
+
+    @classmethod
+    def of_vocabulary(cls, vocab: list[str] | str) -> Corpus:
+        """A corpus without splits, to encode and decode text in a saved model's vocabulary."""
+        size = vocabulary_size(vocab)
+        meta = {"name": "model vocabulary", "vocab": vocab, "vocab_size": size, "dtype": "uint8"}
+        return cls(meta, splits={})
 
     def has_split(self, name: str) -> bool:
         return name in self.splits
@@ -311,7 +323,7 @@ def _prepare(
         "format_version": FORMAT_VERSION,
         "name": spec.name,
         "vocab": vocab,
-        "vocab_size": 256 if vocab == "bytes" else len(vocab),
+        "vocab_size": vocabulary_size(vocab),
         "dtype": tokens.dtype.name,
         "splits": {split: len(part) for split, part in splits.items()},
         "source": origin,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, runlog
-from gradnoise.lm.config import TrainConfig
+from gradnoise.lm.config import TrainConfig, read_config
 from gradnoise.lm.distributed import DistributedEnv, gather_rng_states, restore_rng_state
 from gradnoise.lm.model import load_weights, weights_for_saving
 from gradnoise.noise import GradientNoise
@@ -221,8 +220,8 @@ def finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
     """The result of a run in run_dir that trained to the end with this config, else None."""
     result = runlog.read_result(run_dir)
     try:
-        saved = TrainConfig.from_dict(json.loads((run_dir / runlog.CONFIG_FILE).read_text()))
-    except (OSError, ValueError):
+        saved = read_config(run_dir / runlog.CONFIG_FILE)
+    except UserError:
         return None
     if (
         result is not None
