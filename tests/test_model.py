@@ -85,6 +85,8 @@ def test_label_smoothing_matches_its_formula():
 def test_bad_config_and_too_long_input_are_user_errors():
     with pytest.raises(UserError, match="n_head"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(UserError, match="n_head=0 must be a positive integer"):
+        GPTConfig(n_head=0)  # checked before n_embd % n_head, which would divide by zero
     with pytest.raises(UserError, match="block_size=16"):
         make_model()(tokens(1, 17))
 

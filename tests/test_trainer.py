@@ -21,6 +21,7 @@ from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
+from gradnoise.lm.runlog import FINAL_METRICS
 from gradnoise.lm.trainer import build_optimizer, learning_rate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,7 +64,7 @@ def without_timing(records):
 
 
 def test_paper_presets_are_the_papers_setup():
-    # DESIGN.md, "The paper's setup".
+    # The seed paper's setup (docs/design.md): the AI-Scientist nanoGPT template's values.
     common = dict(
         n_layer=6,
         n_head=6,
@@ -241,6 +242,11 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     assert times == sorted(times)
 
     finals = result["finals"]
+    assert set(finals) == {
+        *FINAL_METRICS,
+        "test_loss",
+        "test_bpc",
+    }  # the study's columns, and the test split's
     best = min(evals, key=lambda r: r["val_loss"])
     assert (finals["best_val_loss"], finals["best_val_step"]) == (best["val_loss"], best["step"])
     assert finals["val_loss"] == evals[-1]["val_loss"] and finals["train_loss"] == evals[-1]["train_loss"]
@@ -334,6 +340,22 @@ def test_resume_continues_exactly(tmp_path):
         train(cfg.replace(lr=2e-3, max_iters=40), tmp_path / "parts", resume=True, progress=False)
     with pytest.raises(UserError, match="already holds a run"):
         train(cfg, tmp_path / "parts", progress=False)
+
+
+def test_resume_from_a_checkpoint_written_before_run_state(tmp_path):
+    # Checkpoints written before RunState kept progress and clock in one "book" entry; a
+    # run stopped then resumes with this version exactly.
+    cfg = small(noise="plateau:sigma0=0.02,patience=1", max_iters=20)
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "parts", progress=False, on_step=lambda step, x, y: step == 7)
+    state_path = checkpoint.latest(tmp_path / "parts") / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["book"] = {**state.pop("progress"), **state.pop("clock")}
+    torch.save(state, state_path)
+    resumed = train(cfg, tmp_path / "parts", resume=True, progress=False)
+    for key in LOSS_KEYS:
+        assert resumed["finals"][key] == whole["finals"][key], key
+    assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
 
 
 def test_noise_placement_matters_only_with_clipping(tmp_path):

@@ -1,22 +1,45 @@
 """The `gradnoise` command. Thin: parses arguments and calls the layers.
 
 Each sub-module adds its sub-commands with `register(subparsers)`; handlers
-import the heavy layers lazily so `gradnoise --help` stays fast.
+import the heavy layers lazily, so `gradnoise --help` stays fast and works with
+torch alone. The library needs nothing else; the commands need the harness's or
+the study's dependencies (EXTRAS), and when one is missing they say which extra
+installs it. Exit status 2 with one `gradnoise: error: ...` line: bad input, or a
+missing extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from gradnoise.cli import bench, data, study, train
 from gradnoise.errors import UserError
+
+# The modules each pip extra brings (pyproject.toml's optional-dependencies; "study"
+# includes "lm"). The library itself needs torch alone.
+EXTRAS = {
+    "lm": ("numpy", "tqdm", "safetensors"),
+    "study": ("scipy", "matplotlib", "yaml"),
+}
+# Which extra each command needs.
+COMMAND_EXTRAS = {
+    "data": "lm",
+    "train": "lm",
+    "sample": "lm",
+    "export": "lm",
+    "bench": "lm",
+    "study": "study",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradnoise",
         description="Gradient noise injection for PyTorch, and a small-LM study harness.",
+        epilog=_extras_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data, train, bench, study):
@@ -31,6 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"gradnoise: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").partition(".")[0]
+        if not any(missing in modules for modules in EXTRAS.values()):
+            raise
+        extra = COMMAND_EXTRAS[args.command]
+        print(
+            f"gradnoise: error: `gradnoise {args.command}` needs {missing}, which is not installed; "
+            f"install the '{extra}' extra: pip install 'gradnoise[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("gradnoise: interrupted", file=sys.stderr)
         return 130
+
+
+def _extras_help() -> str:
+    lines = [
+        "The library (import gradnoise) needs torch alone; the commands need an extra:",
+        "  data, train, sample, export, bench:  pip install 'gradnoise[lm]'",
+        "  study (and all of the above):        pip install 'gradnoise[study]'",
+    ]
+    missing = [m for modules in EXTRAS.values() for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        lines.append(f"Not installed here: {', '.join(missing)}.")
+    return "\n".join(lines)

@@ -8,8 +8,6 @@ checkpoint: run the same command with --resume to continue. 2: bad input.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +80,8 @@ def register(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
+    from gradnoise.lm.config import parse_overrides, read_config, resolve_config
+    from gradnoise.lm.distributed import DistributedEnv
     from gradnoise.lm.trainer import train
 
     overrides = parse_overrides(args.overrides)
@@ -92,20 +91,20 @@ def _train(args: argparse.Namespace) -> int:
                 "--config-file gives the whole config; change it with key=value overrides, "
                 "not --dataset or --preset"
             )
-        cfg = TrainConfig.from_dict(_read_json(args.config_file)).replace(**overrides)
+        cfg = read_config(args.config_file).replace(**overrides)
     else:
         cfg = resolve_config(args.dataset or "shakespeare_char", args.preset or "tiny", overrides)
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dist_env = DistributedEnv.from_environment()
     run_dir = args.run_dir
     if run_dir is None:
-        if distributed or args.resume:
+        if dist_env.world_size > 1 or args.resume:
             raise UserError("--run-dir is required with --resume and under torchrun")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}"
 
     result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if dist_env.is_main:
         _report(result, run_dir)
     return EXIT_STATUS[result["status"]]
 
@@ -161,12 +160,3 @@ def _export(args: argparse.Namespace) -> int:
     out = export(args.run_dir, args.out_dir)
     print(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
     return 0
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except OSError as error:
-        raise UserError(f"cannot read --config-file {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"--config-file {path} is not valid JSON: {error}") from None

@@ -3,8 +3,9 @@
 Layout inside a run directory:
 
     checkpoints/step_000500/model.safetensors   weights (safetensors: tensors only)
-    checkpoints/step_000500/state.pt            optimizer, GradScaler, noise, RNG
-                                                states, step, best val, clock …
+    checkpoints/step_000500/state.pt            the rest of RunState.state_dict() (optimizer,
+                                                GradScaler, noise, RNG states, progress,
+                                                clock), the config and the vocabulary
     checkpoints/LATEST                          the name of the newest complete one
 
 A checkpoint directory is built under a temporary name and renamed into place
@@ -18,7 +19,6 @@ tensors and plain containers: a file that would run code on load is refused.
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from pathlib import Path
@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm import atomic, runlog
+from gradnoise.lm.config import read_config
+from gradnoise.lm.model import GPT, SAVED_FILES, WEIGHTS_FILE, is_saved_model, load_weights, read_vocab
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
-WEIGHTS = "model.safetensors"
+WEIGHTS = WEIGHTS_FILE  # as a saved model holds them: safetensors, the tied matrix once
 STATE = "state.pt"
 
 
@@ -87,32 +89,25 @@ def load_state(path: Path) -> dict:
 
 def load_trained(path: Path, map_location="cpu"):
     """(GPT, vocab) from a run directory (its latest checkpoint) or an export directory."""
-    from gradnoise.lm.config import TrainConfig
-    from gradnoise.lm.model import GPT, load_weights, read_vocab
-
     path = Path(path)
-    if is_export(path):
+    if is_saved_model(path):
         return GPT.from_pretrained(path, map_location), read_vocab(path)
     directory = latest(path)
-    if directory is None or not (path / "config.json").is_file():
+    if directory is None or not (path / runlog.CONFIG_FILE).is_file():
         raise UserError(
-            f"{path} is neither a run directory with a checkpoint (config.json, "
-            f"{CHECKPOINTS}/{LATEST}) nor an export (config.json, {WEIGHTS}, vocab.json)"
+            f"{path} is neither a run directory with a checkpoint ({runlog.CONFIG_FILE}, "
+            f"{CHECKPOINTS}/{LATEST}) nor an export ({', '.join(SAVED_FILES)})"
         )
-    cfg = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+    cfg = read_config(path / runlog.CONFIG_FILE)
     weights, state = load(directory)
     model = GPT(cfg.model_config(vocab_size=weights["transformer.wte.weight"].shape[0]))
     load_weights(model, weights)
     return model.to(map_location), state["vocab"]
 
 
-def is_export(path: Path) -> bool:
-    return (Path(path) / WEIGHTS).is_file() and (Path(path) / "vocab.json").is_file()
-
-
 def export(run_dir: Path, out_dir: Path) -> Path:
     """Write the run's latest weights, model config and vocabulary for GPT.from_pretrained."""
-    if is_export(run_dir):
+    if is_saved_model(run_dir):
         raise UserError(f"{run_dir} is already an export, not a run directory")
     model, vocab = load_trained(run_dir)
     model.save_pretrained(out_dir, vocab)

@@ -3,10 +3,11 @@
     overrides = parse_overrides(["lr=3e-4", "noise=exp:sigma0=0.1,gamma=0.99"])
     cfg = resolve_config("shakespeare_char", "paper", overrides)
 
-Presets:
-    paper  the setup of the paper being reproduced (DESIGN.md, "The paper's setup"):
-           GPT 6×6×384, block 256, dropout 0.2, AdamW β=(0.9, 0.99), weight decay 0.1,
-           grad clip 1.0, linear warmup + cosine decay; per-dataset batch, lr and length.
+Presets (the registry: PRESETS):
+    paper  the seed paper's setup, which is the AI-Scientist nanoGPT template's (see
+           docs/design.md): GPT 6×6×384, block 256, dropout 0.2, AdamW β=(0.9, 0.99),
+           weight decay 0.1, grad clip 1.0, linear warmup + cosine decay; per-dataset
+           batch, lr and length.
     tiny   a 4×4×128 GPT with block 64 that a 2-core CPU trains on shakespeare_char to
            a val loss below 2.0 (≈ 1.93) in about a minute.
 """
@@ -15,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.data import CORPORA
-from gradnoise.lm.devices import DEVICE_PATTERN, DTYPES
+from gradnoise.lm.devices import DTYPES, check_device_name
 from gradnoise.lm.model import GPTConfig
 
 DATASETS = tuple(CORPORA)
@@ -97,11 +99,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not ok(value, self):
                 raise UserError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
-        if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "the width must split evenly across the heads"
-            )
+        check_device_name(self.device)
+        self.model_config(vocab_size=1)  # the model's own checks (n_embd divisible by n_head)
         schedule = schedules.parse(self.noise)
         # The canonical spec, so configs, logs and reports name a schedule one way.
         self.noise = "none" if schedule is None else schedule.spec
@@ -176,15 +175,11 @@ _RULES = {
         for name in ("beta1", "beta2", "momentum", "dropout", "label_smoothing")
     },
     "char_substitution": (lambda v, cfg: 0 <= v <= 1, "a probability in [0, 1]"),
-    "device": (
-        lambda v, cfg: re.fullmatch(DEVICE_PATTERN, v) is not None,
-        "auto, cpu, cuda or cuda:N",
-    ),
 }
 
 
 def _paper(dataset: str) -> dict:
-    """DESIGN.md, "The paper's setup" (the AI-Scientist nanoGPT template)."""
+    """The seed paper's setup (the AI-Scientist nanoGPT template's values), per dataset."""
     common = dict(
         n_layer=6,
         n_head=6,
@@ -261,6 +256,16 @@ def resolve_config(dataset: str, preset: str = "tiny", overrides: dict | None = 
     for key in overrides:
         _check_key(key)
     return TrainConfig(**(dict(dataset=dataset) | PRESETS[preset](dataset) | overrides))
+
+
+def read_config(path: Path) -> TrainConfig:
+    """The TrainConfig in a JSON file (a run's config.json); UserError if unreadable or invalid."""
+    try:
+        return TrainConfig.from_dict(json.loads(Path(path).read_text()))
+    except OSError as error:
+        raise UserError(f"cannot read the config file {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"the config file {path} is not valid JSON: {error}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -9,7 +9,8 @@ Three corpora, each a registry entry in `CORPORA`:
 `prepare(name)` turns a raw corpus into token files under
 `$GRADNOISE_HOME/<name>/` (train.bin, val.bin[, test.bin], meta.json);
 `load(name)` memory-maps them; `get_batch` draws (x, y) windows from a split
-with a generator the run owns, so a seed fixes the batches for every method.
+with a generator the run owns (seeded by `derive_seed`), so a seed fixes the
+batches for every method; `substitute_characters` is the input augmentation.
 
 The pipeline holds the raw corpus in memory (10^8 bytes at most) and writes
 nothing until it is verified and tokenized; the output is built in a temporary
@@ -112,6 +113,11 @@ CORPORA: dict[str, CorpusSpec] = {
 }
 
 
+def vocabulary_size(vocab: list[str] | str) -> int:
+    """Tokens in a vocabulary as meta.json records it: "bytes" (256) or a list of characters."""
+    return 256 if vocab == "bytes" else len(vocab)
+
+
 def gradnoise_home() -> Path:
     """Where prepared data lives: $GRADNOISE_HOME, or ~/.cache/gradnoise."""
     return Path(os.environ.get("GRADNOISE_HOME") or "~/.cache/gradnoise").expanduser()
@@ -132,6 +138,13 @@ class Corpus:
         self.splits = splits
         self._chars: list[str] | None = None if meta["vocab"] == "bytes" else meta["vocab"]
         self._ids = None if self._chars is None else {c: i for i, c in enumerate(self._chars)}
+
+    @classmethod
+    def of_vocabulary(cls, vocab: list[str] | str) -> Corpus:
+        """A corpus without splits, to encode and decode text in a saved model's vocabulary."""
+        size = vocabulary_size(vocab)
+        meta = {"name": "model vocabulary", "vocab": vocab, "vocab_size": size, "dtype": "uint8"}
+        return cls(meta, splits={})
 
     def has_split(self, name: str) -> bool:
         return name in self.splits
@@ -259,6 +272,24 @@ def get_batch(
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+def substitute_characters(
+    x: torch.Tensor, probability: float, vocab_size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each input token, independently with probability p, by one drawn uniformly
+    from the vocabulary (which may be the same token). Targets are left untouched."""
+    replace = torch.rand(x.shape, generator=generator) < probability
+    random_tokens = torch.randint(vocab_size, x.shape, generator=generator)
+    return torch.where(replace, random_tokens, x)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one purpose ("batches", "noise", an eval split, …): the first 8
+    bytes of sha256("{seed}/{purpose}"), halved. Streams seeded this way are unrelated,
+    so turning one on (augmentation, noise) does not shift another (the batches)."""
+    digest = hashlib.sha256(f"{seed}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 # --- preparation --------------------------------------------------------------
 
 
@@ -292,7 +323,7 @@ def _prepare(
         "format_version": FORMAT_VERSION,
         "name": spec.name,
         "vocab": vocab,
-        "vocab_size": 256 if vocab == "bytes" else len(vocab),
+        "vocab_size": vocabulary_size(vocab),
         "dtype": tokens.dtype.name,
         "splits": {split: len(part) for split, part in splits.items()},
         "source": origin,

@@ -23,6 +23,12 @@ from torch.nn import functional as F
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic
 
+# A saved model (save_pretrained): its GPTConfig, its weights and its vocabulary.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"
+SAVED_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
+
 
 @dataclass
 class GPTConfig:
@@ -35,14 +41,14 @@ class GPTConfig:
     bias: bool = False
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "the width must split evenly across heads"
-            )
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "the width must split evenly across the heads"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout={self.dropout} must lie in [0, 1)")
 
@@ -208,7 +214,7 @@ class GPT(nn.Module):
         return idx
 
     def save_pretrained(self, directory, vocab: list[str] | str) -> None:
-        """Write config.json + model.safetensors + vocab.json to `directory` atomically.
+        """Write SAVED_FILES (config.json, model.safetensors, vocab.json) to `directory` atomically.
 
         `vocab` is the corpus's vocabulary as its metadata records it (a list of
         characters, or "bytes"); from_pretrained hands it back unchanged.
@@ -216,9 +222,9 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
 
         def write(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            (tmp / "vocab.json").write_text(json.dumps(vocab) + "\n")
-            save_file(weights_for_saving(self), str(tmp / "model.safetensors"))
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            (tmp / VOCAB_FILE).write_text(json.dumps(vocab) + "\n")
+            save_file(weights_for_saving(self), str(tmp / WEIGHTS_FILE))
 
         atomic.build_directory(Path(directory), write, replace=True)
 
@@ -228,24 +234,25 @@ class GPT(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        missing = [
-            name
-            for name in ("config.json", "model.safetensors", "vocab.json")
-            if not (directory / name).is_file()
-        ]
+        missing = [name for name in SAVED_FILES if not (directory / name).is_file()]
         if missing:
             raise UserError(
                 f"{directory} is not a saved model: missing {', '.join(missing)} "
-                "(expected config.json, model.safetensors and vocab.json)"
+                f"(expected {', '.join(SAVED_FILES)})"
             )
-        model = cls(gpt_config_from_dict(json.loads((directory / "config.json").read_text())))
-        load_weights(model, load_file(str(directory / "model.safetensors")))
+        model = cls(gpt_config_from_dict(json.loads((directory / CONFIG_FILE).read_text())))
+        load_weights(model, load_file(str(directory / WEIGHTS_FILE)))
         return model.to(map_location)
+
+
+def is_saved_model(directory) -> bool:
+    """Whether `directory` holds what save_pretrained writes."""
+    return all((Path(directory) / name).is_file() for name in SAVED_FILES)
 
 
 def read_vocab(directory) -> list[str] | str:
     """The vocabulary save_pretrained stored beside the weights."""
-    return json.loads((Path(directory) / "vocab.json").read_text())
+    return json.loads((Path(directory) / VOCAB_FILE).read_text())
 
 
 def gpt_config_from_dict(values: dict) -> GPTConfig:
@@ -289,15 +296,7 @@ def sample_text(
 
     if not prompt:
         raise UserError("the prompt is empty; give at least one character, e.g. a newline")
-    codec = Corpus(
-        {
-            "name": "model vocabulary",
-            "vocab": vocab,
-            "dtype": "uint8",
-            "vocab_size": 256 if vocab == "bytes" else len(vocab),
-        },
-        splits={},
-    )
+    codec = Corpus.of_vocabulary(vocab)
     device = next(model.parameters()).device
     idx = torch.from_numpy(codec.encode(prompt).astype("int64"))[None].to(device)
     model.eval()

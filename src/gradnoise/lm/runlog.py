@@ -8,7 +8,8 @@
     run_dir/result.json   {"status", "error", "device", "host", "world_size", "finals"},
                           written last and atomically
 
-`RunLog` writes log.jsonl (and mirrors it to TensorBoard / W&B when asked);
+`RunLog` writes log.jsonl (and mirrors it to TensorBoard / W&B and a progress bar
+when asked); `write_config` and `write_result` write the two JSON files;
 `read_curves`, `read_log_tail`, `last_step` and `read_result` are how anything
 else (the study runner, its live display) reads a run. A resumed run logs the
 steps after its checkpoint again; readers keep the later line.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import statistics
 from pathlib import Path
 
 from gradnoise.errors import UserError
@@ -32,7 +35,8 @@ TRAIN_FIELDS = ("loss", "lr", "sigma", "tokens_per_s")
 EVAL_FIELDS = ("train_loss", "val_loss", "test_loss")
 #: Result statuses of a run that ended: it trained to max_iters, or stopped on a non-finite value.
 FINISHED = ("done", "diverged")
-#: The metrics every result's "finals" holds (see the trainer for their definitions).
+#: The metrics every result's "finals" holds (defined in `final_metrics`), beside
+#: test_loss and test_bpc (None without a test split).
 FINAL_METRICS = (
     "steps",
     "train_loss",
@@ -54,12 +58,60 @@ FINAL_METRICS = (
 )
 
 
-class RunLog:
-    """log.jsonl (always), TensorBoard and Weights & Biases (when the config asks); rank 0 only."""
+LN2 = math.log(2)
 
-    def __init__(self, run_dir: Path, cfg, enabled: bool):
-        self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
-        self.file = self.tensorboard = self.wandb = None
+
+def final_metrics(progress, clock, tokens_per_step: int, *, final_sigma: float, exact: dict) -> dict:
+    """A result's "finals", from the run's progress and clock at its end. Losses in nats
+    per character, *_bpc = nats / ln 2.
+
+    train_loss, val_loss, test_loss: the last eval (eval mode, eval_iters batches; None
+    for a split the corpus lacks); best_val_loss / best_val_step: the lowest eval val_loss
+    and its step; *_full: the exact pass over the whole split (`exact`: split → nats, from
+    final_eval); train_s: training seconds without evaluation and checkpointing; wall_s:
+    the whole run's seconds; step_time_median_s: median over log windows of the window's
+    mean step time (a window ends with a host sync, so device time is counted);
+    final_sigma: σ used at the last step (0 without noise).
+    """
+
+    def bpc(nats):
+        return None if nats is None else nats / LN2
+
+    train_s, last = clock.train_s, progress.last_eval
+    if progress.step_times:
+        step_time = statistics.median(progress.step_times)
+    else:
+        step_time = train_s / progress.step if progress.step else None
+    return {
+        "steps": progress.step,
+        "train_loss": last.get("train_loss"),
+        "val_loss": last.get("val_loss"),
+        "test_loss": last.get("test_loss"),
+        "best_val_loss": progress.best_val_loss,
+        "best_val_step": progress.best_val_step,
+        "val_loss_full": exact.get("val"),
+        "test_loss_full": exact.get("test"),
+        "train_bpc": bpc(last.get("train_loss")),
+        "val_bpc": bpc(last.get("val_loss")),
+        "test_bpc": bpc(last.get("test_loss")),
+        "best_val_bpc": bpc(progress.best_val_loss),
+        "val_bpc_full": bpc(exact.get("val")),
+        "test_bpc_full": bpc(exact.get("test")),
+        "wall_s": clock.wall_s,
+        "train_s": train_s,
+        "step_time_median_s": step_time,
+        "tokens_per_s": tokens_per_step * progress.step / train_s if train_s > 0 else None,
+        "final_sigma": final_sigma,
+    }
+
+
+class RunLog:
+    """log.jsonl (always), TensorBoard and Weights & Biases (when the config asks), a tqdm
+    bar of the steps with the last "train" line (progress_bar); rank 0 only."""
+
+    def __init__(self, run_dir: Path, cfg, enabled: bool, progress_bar: bool = False):
+        self.run_dir, self.cfg, self.enabled, self.progress_bar = run_dir, cfg, enabled, progress_bar
+        self.file = self.tensorboard = self.wandb = self.bar = None
         if not enabled:
             return
         if cfg.tensorboard:
@@ -91,6 +143,16 @@ class RunLog:
                         kept.append(line + "\n")
         atomic.write_text(path, "".join(kept))
         self.file = path.open("a")
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.cfg.max_iters,
+                initial=keep_through_step or 0,
+                desc=self.cfg.dataset,
+                unit="step",
+                dynamic_ncols=True,
+            )
         if self.cfg.tensorboard:
             self.tensorboard = self._tensorboard_writer(str(self.run_dir / "tensorboard"))
         if self.cfg.wandb:
@@ -112,14 +174,36 @@ class RunLog:
                 self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
         if self.wandb is not None:
             self.wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
+        if self.bar is not None and record["kind"] == "train":
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                sigma=f"{record['sigma']:.3g}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+
+    def tick(self) -> None:
+        """One more optimizer step on the progress bar."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.file is not None:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_config(run_dir: Path, cfg) -> None:
+    atomic.write_text(Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def write_result(run_dir: Path, result: dict) -> None:
+    atomic.write_text(Path(run_dir) / RESULT_FILE, json.dumps(result, indent=2) + "\n")
 
 
 def read_curves(run_dir: Path) -> list[dict]:

@@ -1,0 +1,93 @@
+"""Scoring a model: the quick estimate at every eval, and the exact pass at the end.
+
+    evaluator = Evaluator(splits, cfg, dist_env, device, autocast)
+    evaluator.estimate(model)      {"train_loss", "val_loss"[, "test_loss"]}: mean over eval_iters batches
+    evaluator.exact(model, "val")  mean over every token of the split
+
+Losses are mean cross-entropies in nats per token, computed in eval mode (no
+dropout), without label smoothing.
+
+The estimate's batches are drawn once, from a generator per split seeded from a
+constant (not from the run's seed): every method, seed and eval of a study is
+scored on the same batches. They stay on the device as this rank's rows,
+regrouped into chunks of EVAL_CHUNK batches: fewer, larger forward passes, the
+same mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradnoise.lm import data
+from gradnoise.lm.devices import to_device
+
+EVAL_SEED = 1337
+EVAL_CHUNK = 8  # eval batches per forward pass
+
+
+class Evaluator:
+    """The fixed eval batches of a run, and the two ways it scores a model."""
+
+    def __init__(self, splits: dict[str, np.ndarray], cfg, dist_env, device: torch.device, autocast):
+        self.splits, self.cfg, self.dist_env = splits, cfg, dist_env
+        self.device, self.autocast = device, autocast
+        self.batches = {split: self._draw(split) for split in splits}
+
+    def _draw(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """eval_iters global batches of one split; this rank's rows, in chunks, on the device."""
+        cfg, world = self.cfg, self.dist_env.world_size
+        tokens = self.splits[split]
+        generator = torch.Generator().manual_seed(data.derive_seed(EVAL_SEED, split))
+        rows = self.dist_env.rows(cfg.batch_size)
+        draws = [
+            data.get_batch(tokens, cfg.batch_size * world, cfg.block_size, generator)
+            for _ in range(cfg.eval_iters)
+        ]
+        x = torch.cat([x[rows] for x, _ in draws]).split(EVAL_CHUNK * cfg.batch_size)
+        y = torch.cat([y[rows] for _, y in draws]).split(EVAL_CHUNK * cfg.batch_size)
+        return [(to_device(xc, self.device), to_device(yc, self.device)) for xc, yc in zip(x, y, strict=True)]
+
+    @torch.no_grad()
+    def estimate(self, model) -> dict[str, float]:
+        """{"<split>_loss": mean loss over the split's eval batches}, averaged over ranks."""
+        model.eval()
+        losses = {}
+        for split, chunks in self.batches.items():
+            total = torch.zeros((), device=self.device)
+            for x, y in chunks:
+                with self.autocast:
+                    _, loss = model(x, y)
+                total += loss.float() * len(x)
+            rows = sum(len(x) for x, _ in chunks)
+            losses[f"{split}_loss"] = self.dist_env.mean(total / rows).item()
+        model.train()
+        return losses
+
+    @torch.no_grad()
+    def exact(self, model, split: str) -> float:
+        """Mean loss over a whole split: non-overlapping windows of block_size, every token
+        but the first predicted once. Windows are dealt round-robin to the ranks.
+
+            loss = Σ_windows Σ_t −log p(x_{t+1} | window up to t) / (len(split) − 1)
+        """
+        tokens, block, device = self.splits[split], self.cfg.block_size, self.device
+        model.eval()
+        predicted = len(tokens) - 1
+        starts = np.arange(0, predicted, block)[self.dist_env.rank :: self.dist_env.world_size]
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        batch_windows = 4 * self.cfg.batch_size
+        for begin in range(0, len(starts), batch_windows):
+            chunk = starts[begin : begin + batch_windows]
+            full = chunk[chunk + block <= predicted]
+            batches = [(full, block)] if len(full) else []
+            batches += [(np.array([s]), predicted - s) for s in chunk[chunk + block > predicted]]
+            for window_starts, length in batches:
+                windows = np.asarray(tokens[window_starts[:, None] + np.arange(length + 1)], np.int64)
+                windows = torch.from_numpy(windows)
+                x, y = to_device(windows[:, :-1], device), to_device(windows[:, 1:], device)
+                with self.autocast:
+                    _, loss = model(x, y)
+                total += loss.double() * y.numel()
+        model.train()
+        return (self.dist_env.sum(total) / predicted).item()

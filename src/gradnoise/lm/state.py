@@ -1,0 +1,248 @@
+"""What a run is between two steps, and the rules for resuming it.
+
+`RunState` holds everything a resume needs, with torch's state_dict protocol:
+
+    model, optimizer, scaler     weights, AdamW/SGD moments, GradScaler's scale
+    noise                        GradientNoise (seed, step; a plateau schedule's memory)
+    batch_generator              the training batches' stream
+    augment_generator            character substitution's stream
+    rng_per_rank                 each rank's global RNG: its dropout masks
+    progress                     steps done, best val so far, the log window
+    clock                        training and wall seconds so far
+
+A checkpoint is `RunState.state_dict()` (its "model" entry goes to
+model.safetensors, the rest to state.pt) plus the config it was trained with;
+`load_state_dict` puts every piece back, and the run continues bit for bit as
+if it had not stopped (on CPU; CUDA kernels may not be deterministic).
+
+A run may be resumed only with the same config, except the RESUMABLE_CHANGES,
+which do not alter the computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from gradnoise.errors import UserError
+from gradnoise.lm import checkpoint, runlog
+from gradnoise.lm.config import TrainConfig, read_config
+from gradnoise.lm.distributed import DistributedEnv, gather_rng_states, restore_rng_state
+from gradnoise.lm.model import load_weights, weights_for_saving
+from gradnoise.noise import GradientNoise
+
+# Settings a resumed run may change: they do not alter the computation.
+RESUMABLE_CHANGES = {"checkpoint_interval", "tensorboard", "wandb", "compile", "final_eval"}
+
+
+class Clock:
+    """The run's one stopwatch, continued across resumes.
+
+    wall_s: seconds since the run started (set-up, evaluation, checkpoints, all of it);
+    train_s: only the seconds between start() and stop(), which the trainer places
+    around optimizer steps, so time-to-target is comparable across methods.
+    """
+
+    def __init__(self):
+        self._origin = time.perf_counter()
+        self._wall_before = 0.0  # seconds of earlier processes of a resumed run
+        self._train_before = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self._train_before += time.perf_counter() - self._since
+            self._since = None
+
+    @property
+    def train_s(self) -> float:
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self._train_before + running
+
+    @property
+    def wall_s(self) -> float:
+        return self._wall_before + time.perf_counter() - self._origin
+
+    def state_dict(self) -> dict:
+        return {"train_s": self.train_s, "wall_s": self.wall_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_before, self._wall_before = state["train_s"], state["wall_s"]
+
+
+@dataclasses.dataclass
+class Progress:
+    """Steps done, the best eval so far and the log window: the run's scalar state."""
+
+    step: int = 0  # optimizer steps whose loss has been read back (and was finite)
+    checkpoint_step: int | None = None
+    best_val_loss: float | None = None
+    best_val_step: int | None = None
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    # The log window: training losses since the previous "train" log line.
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    window_start_s: float = 0.0  # train_s at the window's start
+    step_times: list = dataclasses.field(default_factory=list)  # mean step time of each window
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def absorb(self, losses: list[tuple[int, float]]) -> tuple[int, float] | None:
+        """Add read-back step losses to the log window; the first non-finite one, if any."""
+        for step, loss in losses:
+            if not math.isfinite(loss):
+                return step, loss
+            self.step = step
+            self.window_loss_sum += loss
+            self.window_steps += 1
+        return None
+
+    def log_record(self, step: int, lr: float, sigma: float, train_s: float, tokens_per_step: int) -> dict:
+        """The "train" log line of the window ending at `step` (train_s on the clock); starts
+        the next window."""
+        seconds = train_s - self.window_start_s
+        self.step_times.append(seconds / self.window_steps)
+        record = {
+            "kind": "train",
+            "step": step,
+            "loss": self.window_loss_sum / self.window_steps,
+            "lr": lr,
+            "sigma": sigma,
+            "time_s": train_s,
+            "tokens_per_s": tokens_per_step * self.window_steps / seconds if seconds > 0 else 0.0,
+        }
+        self.window_loss_sum, self.window_steps, self.window_start_s = 0.0, 0, train_s
+        return record
+
+    def record_eval(self, step: int, losses: dict) -> None:
+        self.last_eval = {"step": step, **losses}
+        if self.best_val_loss is None or losses["val_loss"] < self.best_val_loss:
+            self.best_val_loss, self.best_val_step = losses["val_loss"], step
+
+
+class PendingLosses:
+    """Per-step training losses kept on the device until the next sync point, so the loop
+    never waits for the device just to look for a non-finite loss. Never in a checkpoint:
+    the loop reads them back before it writes one."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def read_back(self, dist_env: DistributedEnv) -> list[tuple[int, float]]:
+        """[(step, loss)] since the last read, averaged over ranks."""
+        if not self.steps:
+            return []
+        losses = dist_env.mean(torch.stack(self.losses).float()).tolist()
+        read = list(zip(self.steps, losses, strict=True))
+        self.steps, self.losses = [], []
+        return read
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything a resume needs (see the module docstring), on one rank."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    noise: GradientNoise | None
+    batch_generator: torch.Generator
+    augment_generator: torch.Generator
+    dist_env: DistributedEnv
+    device: torch.device
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    clock: Clock = dataclasses.field(default_factory=Clock)
+
+    @functools.cached_property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The trained parameters: clipped, and checked for non-finite values."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        """The whole state. Under DDP every rank must call it: it gathers the RNG states."""
+        return {
+            "model": weights_for_saving(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "batch_generator": self.batch_generator.get_state(),
+            "augment_generator": self.augment_generator.get_state(),
+            "rng_per_rank": gather_rng_states(self.dist_env, self.device),
+            "progress": self.progress.state_dict(),
+            "clock": self.clock.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if "book" in state:  # written before RunState existed: progress and clock in one entry
+            book = dict(state["book"])
+            state = {**state, "clock": {k: book.pop(k) for k in ("train_s", "wall_s")}, "progress": book}
+        load_weights(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.noise is not None:
+            self.noise.load_state_dict(state["noise"])
+        self.batch_generator.set_state(state["batch_generator"])
+        self.augment_generator.set_state(state["augment_generator"])
+        restore_rng_state(state["rng_per_rank"], self.dist_env.rank, self.device)
+        self.progress = Progress(**state["progress"])
+        self.clock.load_state_dict(state["clock"])
+
+
+# --- resuming ----------------------------------------------------------------------
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """UserError unless `cfg` differs from the saved config only in RESUMABLE_CHANGES."""
+    changed = sorted(_differences(saved, cfg) - RESUMABLE_CHANGES)
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in changed)
+        raise UserError(
+            f"cannot resume with a different config ({detail}); only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume"
+        )
+
+
+def finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The result of a run in run_dir that trained to the end with this config, else None."""
+    result = runlog.read_result(run_dir)
+    try:
+        saved = read_config(run_dir / runlog.CONFIG_FILE)
+    except UserError:
+        return None
+    if (
+        result is not None
+        and result["status"] == "done"
+        and _differences(saved.to_dict(), cfg) <= RESUMABLE_CHANGES
+    ):
+        return result
+    return None
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """UserError if run_dir already holds a run's outputs (a fresh run would overwrite them)."""
+    outputs = (runlog.LOG_FILE, runlog.RESULT_FILE, checkpoint.CHECKPOINTS)
+    existing = [name for name in outputs if (run_dir / name).exists()]
+    if existing:
+        raise UserError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue "
+            "it, or choose another --run-dir"
+        )
+
+
+def _differences(saved: dict, cfg: TrainConfig) -> set[str]:
+    current = cfg.to_dict()
+    return {key for key in current if saved.get(key) != current[key]}
