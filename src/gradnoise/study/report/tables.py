@@ -328,9 +328,11 @@ def caveats(analysis: Analysis) -> list[str]:
         )
     if any(row.summary(key).n == 1 for row in analysis.summaries for key in LOSS_METRICS):
         lines.append(f"Where only one seed finished, sd and CI are undefined (shown as {MISSING}).")
-    for n in sorted({r.comparison.n_pairs for r in analysis.comparisons} - {0, 1}):
+    # Counted over the comparisons that ran a test: the Wilcoxon test drops zero differences.
+    tested = [r.comparison for r in analysis.comparisons if not math.isnan(r.comparison.wilcoxon_p)]
+    for n in sorted({c.n_nonzero for c in tested}):
         min_p = wilcoxon_min_p(n)
-        line = f"With {n} paired seeds the smallest two-sided Wilcoxon p is {min_p:.4g}"
+        line = f"With {n} non-zero paired differences the smallest two-sided Wilcoxon p is {min_p:.4g}"
         if min_p > 0.05:
             line += ", so the Wilcoxon test cannot reach 0.05 here, whatever the effect"
         lines.append(line + ".")
