@@ -107,11 +107,13 @@ def test_run_id_is_sha256_of_canonical_config_without_device():
     config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
     values = dataclasses.asdict(config)
     del values["device"]
+    del values["train_fraction"]  # at 1.0, what every run did before the key existed
     expected = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :12
     ]
     assert run_id(config) == expected
     assert run_id(config.replace(device="cuda:1")) == expected
+    assert run_id(config.replace(train_fraction=0.5)) != expected
 
 
 def test_run_ids_stable_across_processes():

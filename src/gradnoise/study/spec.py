@@ -73,6 +73,10 @@ TABLE_KEYS = ("title", "caption", "metrics", "labels")
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
 EXECUTION_KEYS = ("device",)
+# Config keys added after studies were stored, with the value that computes what runs did
+# before the key existed: at that value a key is left out of the run id, so a stored
+# study's runs keep their ids.
+LATER_KEYS = {"train_fraction": 1.0}
 SPECS_DIR = Path(__file__).parent / "specs"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -137,8 +141,12 @@ class StudySpec:
 
 def run_id(config: TrainConfig) -> str:
     """sha256[:12] of the canonical JSON of the resolved config (dataset and seed included,
-    execution keys such as the device left out)."""
-    values = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_KEYS}
+    execution keys such as the device left out, and LATER_KEYS at their former value)."""
+    values = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in EXECUTION_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])
+    }
     return hashlib.sha256(canonical(values).encode()).hexdigest()[:12]
 
 
