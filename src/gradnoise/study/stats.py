@@ -152,9 +152,7 @@ def paired_comparison(
     baseline = np.array([baseline_values[s] for s in common], dtype=float)
     scale = float(max(np.abs(method).max(), np.abs(baseline).max()))
     if summary.sd <= ZERO_SPREAD_RTOL * scale:
-        return degenerate(
-            f"every paired difference equals {summary.mean:.6g} (up to rounding): zero spread"
-        )
+        return degenerate(f"every paired difference equals {summary.mean:.6g} (up to rounding): zero spread")
     t_test = scipy.stats.ttest_rel(method, baseline)
     wilcoxon = scipy.stats.wilcoxon(diffs)
     return Comparison(
