@@ -19,7 +19,8 @@ def register(commands) -> None:
         "clip, AdamW step) of the paper and/or tiny model with: no noise; the per-parameter "
         "loop (ESPnet/Chainer); gradnoise (and, on CUDA, gradnoise without the fused kernel). "
         "Then the noise op alone in µs and GB/s (8 bytes per gradient element), against an "
-        "all-core normal fill and the device's copy bandwidth measured in the same run.",
+        "single normal_ fill of as many samples (single-threaded on CPU) and the device's copy "
+        "bandwidth measured in the same run.",
     )
     noise.add_argument("--preset", choices=("paper", "tiny", "both"), default="both")
     noise.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
