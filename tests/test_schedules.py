@@ -106,6 +106,25 @@ def test_invalid_specs_name_the_problem(spec, words):
         assert word in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("spec", "value"),
+    [
+        ("exp:sigma0=0.1,sigma0=5,gamma=0.9", "sigma0 is given twice"),
+        ("neelakantan:eta=0.01,gamma=1100", "gamma=1100"),
+        ("neelakantan:eta=0.01,gamma=30", "gamma=30"),
+        ("linear:sigma0=0.1,total_steps=2.5", "total_steps='2.5'"),
+    ],
+)
+def test_the_command_line_exits_2_on_a_bad_spec_naming_the_value(spec, value, tmp_path, capsys):
+    from gradnoise.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(run_dir), f"noise={spec}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gradnoise: error: ") and value in error and spec in error
+    assert not run_dir.exists()
+
+
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="sigma"):
         Constant(float("nan"))

@@ -120,11 +120,13 @@ def _draw_key(generator: torch.Generator | None) -> int:
 
 # --- CPU: chunked mt19937 streams ----------------------------------------------------------
 
-# Elements per chunk. Small enough that each chunk's noise is added while it is
-# in cache, and that ATen runs the add on the calling thread alone (it
-# parallelizes only above 32,768 elements); large enough that the per-chunk
-# Python work (a state copy, two calls) stays a few percent.
+# Elements per chunk: small enough that each chunk's noise is added while it is
+# in cache and that the threads share the work evenly, large enough that the
+# per-chunk Python work stays a few percent of drawing it.
 _CPU_CHUNK = 1 << 15
+# Each add_ covers at most this many elements: ATen runs it on the calling
+# thread alone (its OpenMP threads would only contend with ours).
+_SERIAL_ADD = 1 << 15
 _MT_WORDS = 624
 # torch's CPU generator state, read as int64: [initial seed, left | seeded << 32,
 # next, the 624 mt19937 words, the cached normals]; `set_state` takes it back.
@@ -229,7 +231,8 @@ def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _chunk_pieces(numels: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
     """The tensors laid end to end, cut into chunks of `_CPU_CHUNK` elements:
-    per chunk, its pieces (tensor index, start, stop, offset in the chunk)."""
+    per chunk, its pieces (tensor index, start, stop, offset in the chunk),
+    none longer than `_SERIAL_ADD`."""
     chunks: list[list[tuple[int, int, int, int]]] = []
     filled = _CPU_CHUNK
     for index, numel in enumerate(numels):
@@ -238,7 +241,7 @@ def _chunk_pieces(numels: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int, i
             if filled == _CPU_CHUNK:
                 chunks.append([])
                 filled = 0
-            stop = min(numel, start + _CPU_CHUNK - filled)
+            stop = min(numel, start + _CPU_CHUNK - filled, start + _SERIAL_ADD)
             chunks[-1].append((index, start, stop, filled))
             filled += stop - start
             start = stop

@@ -386,7 +386,10 @@ def parse(spec: str) -> Schedule | None:
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in kwargs]
     if missing:
         raise UserError(f"noise schedule {spec!r}: missing {', '.join(missing)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as error:
+        raise UserError(f"noise schedule {spec!r}: {error}") from None
 
 
 def _parameters(schedule) -> list[dataclasses.Field]:
