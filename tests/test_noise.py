@@ -458,6 +458,11 @@ def test_chunk_states_of_distinct_streams_differ_in_almost_every_word():
         assert not torch.equal(*draws), name
 
 
+def test_a_chunk_state_does_not_depend_on_how_many_chunks_there_are():
+    many, few = noise._chunk_states(99, 3, 130), noise._chunk_states(99, 3, 61)
+    assert torch.equal(many[:61], few)  # states are built in blocks: block edges change nothing
+
+
 def test_step_keys_can_be_computed_on_a_tensor():
     seeds = [0, 1, (1 << 63) + 5, (1 << 64) - 1, 0x1234_5678_9ABC_DEF0]
     steps = [0, 1, 2, 4999, 10**6, (1 << 40) + 3]

@@ -75,19 +75,27 @@ def _wrap(x):
 
 def _shift_right(x, bits: int):
     """Logical shift of a 64-bit value (torch's >> is arithmetic on int64)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    shifted = x >> bits
+    shifted &= (1 << (64 - bits)) - 1
+    return shifted
 
 
 def _splitmix64(x):
     """SplitMix64's step and output function: a bijection of 64-bit integers that mixes well.
 
     Works on Python ints (returns 0 ≤ value < 2⁶⁴) and on int64 tensors (the
-    same bits, as int64), so a key can be computed on the device.
+    same bits, as int64), so a key can be computed on the device. On tensors
+    the augmented assignments work in place on a new tensor, not the argument.
     """
     x = _wrap(x + _GAMMA)
-    x = _wrap((x ^ _shift_right(x, 30)) * _MIX1)
-    x = _wrap((x ^ _shift_right(x, 27)) * _MIX2)
-    return x ^ _shift_right(x, 31)
+    x ^= _shift_right(x, 30)
+    x *= _MIX1
+    x = _wrap(x)
+    x ^= _shift_right(x, 27)
+    x *= _MIX2
+    x = _wrap(x)
+    x ^= _shift_right(x, 31)
+    return x
 
 
 def _mix(key, *indices):
@@ -123,7 +131,7 @@ def _draw_key(generator: torch.Generator | None) -> int:
 # Elements per chunk: small enough that each chunk's noise is added while it is
 # in cache and that the threads share the work evenly, large enough that the
 # per-chunk Python work stays a few percent of drawing it.
-_CPU_CHUNK = 1 << 15
+_CPU_CHUNK = 1 << 16
 # Each add_ covers at most this many elements: ATen runs it on the calling
 # thread alone (its OpenMP threads would only contend with ours).
 _SERIAL_ADD = 1 << 15
@@ -133,6 +141,8 @@ _MT_WORDS = 624
 _STATE_INT64 = 632
 _STATE_MT = slice(3, 3 + _MT_WORDS)
 _FILLER_PAIRS = (_MT_WORDS - 6) // 2  # SplitMix64 outputs filling words 6…623, two words each
+# States are built this many chunks at a time, every op under ATen's grain size.
+_STATE_BLOCK = _SERIAL_ADD // _STATE_INT64
 
 _thread_pool: ThreadPoolExecutor | None = None
 # One reusable generator per accelerator device (unfused path), re-seeded at every use.
@@ -181,18 +191,15 @@ def _generator_state_template() -> torch.Tensor:
     return words.clone()
 
 
-@functools.cache
-def _word_hashes() -> torch.Tensor:
-    """splitmix64(2⁶³ + i) for each filler word pair i: indices apart from every chunk's u < 2⁶³."""
-    return _splitmix64(torch.arange(_FILLER_PAIRS, dtype=torch.int64) + _signed(1 << 63))
-
-
 @functools.lru_cache(maxsize=64)
-def _chunk_hashes(stream: int, chunks: int) -> torch.Tensor:
-    """splitmix64(u_c) for u_c = stream·2²⁴ + c: one-to-one, and below 2⁶³, for stream < 2³⁹, c < 2²⁴."""
+def _stream_hashes(stream: int, chunks: int) -> torch.Tensor:
+    """splitmix64 of the filler word pairs' indices 2⁶³ + i, then of each chunk's
+    u_c = stream·2²⁴ + c: one-to-one (stream < 2³⁹, c < 2²⁴) and disjoint from the word indices."""
     if stream >= 1 << 39 or chunks > 1 << 24:
         raise ValueError(f"gradnoise: stream {stream} or {chunks} chunks out of range")
-    return _splitmix64(torch.arange(chunks, dtype=torch.int64) + (stream << 24))
+    words = torch.arange(_FILLER_PAIRS, dtype=torch.int64) + _signed(1 << 63)
+    chunk_indices = torch.arange(chunks, dtype=torch.int64) + (stream << 24)
+    return _splitmix64(torch.cat([words, chunk_indices]))
 
 
 def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
@@ -212,19 +219,22 @@ def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
     fillers agree only where 64-bit hashes collide, word by word, never all at
     once through one shared seed.
     """
-    signed_key = _signed(key)
-    per_word = _splitmix64(signed_key ^ _word_hashes())
-    per_chunk = _splitmix64(signed_key ^ _chunk_hashes(stream, chunks))
-    filler = _splitmix64(per_word[None, :] ^ per_chunk[:, None])
-    states = _generator_state_template().repeat(chunks, 1)
-    states[:, 0] = signed_key  # reported as the generator's initial_seed()
-    words = states[:, _STATE_MT]
-    words[:, 0] = 1 << 31
-    words[:, 1], words[:, 2] = key & 0xFFFFFFFF, key >> 32
-    words[:, 3], words[:, 4] = stream & 0xFFFFFFFF, stream >> 32
-    words[:, 5] = torch.arange(chunks, dtype=torch.int64)
-    words[:, 6::2] = filler & 0xFFFFFFFF
-    words[:, 7::2] = _shift_right(filler, 32)
+    hashes = _splitmix64(_stream_hashes(stream, chunks) ^ _signed(key))
+    per_word, per_chunk = hashes[:_FILLER_PAIRS], hashes[_FILLER_PAIRS:]
+    header = torch.tensor([1 << 31, key & 0xFFFFFFFF, key >> 32, stream & 0xFFFFFFFF, stream >> 32, 0])
+    template = _generator_state_template()
+    states = torch.empty(chunks, _STATE_INT64, dtype=torch.int64)
+    for first in range(0, chunks, _STATE_BLOCK):
+        block = states[first : first + _STATE_BLOCK]
+        block[:, : _STATE_MT.start] = template[: _STATE_MT.start]
+        block[:, 0] = _signed(key)  # reported as the generator's initial_seed()
+        block[:, _STATE_MT.stop :] = template[_STATE_MT.stop :]
+        words = block[:, _STATE_MT]
+        words[:, :6] = header
+        words[:, 5] = torch.arange(first, first + len(block))
+        filler = _splitmix64(per_word[None, :] ^ per_chunk[first : first + len(block), None])
+        # Each 64-bit value as its two 32-bit words, low first (set_state keeps 32 bits of each).
+        words[:, 6:] = filler.view(torch.int32)
     return states.view(torch.uint8)
 
 
@@ -445,10 +455,11 @@ class GradientNoise:
             ratio at each step in `last_stats` (costs a copy of the gradients
             that get noise, three reductions and a host sync).
         capturable: keep t on the gradients' device and compute σ_t and the
-            step's key there, so that a step needs no host sync and can be
-            captured in a CUDA graph (replays advance t on the device; a step
-            GradScaler skips is not counted). Not for schedules that follow a
-            metric. The noise is the same as without it.
+            step's key there, so that a step on CUDA (fused kernel) needs no
+            host sync and can be captured in a CUDA graph (replays advance t
+            on the device; a step GradScaler skips is not counted). Not for
+            schedules that follow a metric. The noise is the same as without
+            it; eager, it costs a few more small kernels per step.
         attach: register the step pre-hook (default). With False, call `apply()`
             yourself, e.g. before gradient clipping for that ablation.
     """
