@@ -267,7 +267,8 @@ def _add_noise_cpu(tensors: list[torch.Tensor], sigma: float, key: int, stream: 
     targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     flat = [t.view(-1) for t in targets]
     chunks = _chunk_pieces(tuple(t.numel() for t in flat))
-    states = _chunk_states(key, stream, len(chunks))
+    # One tensor per state: set_state crashes on a view at an offset.
+    states = [state.clone() for state in _chunk_states(key, stream, len(chunks))]
     claim = itertools.count().__next__  # atomic under the GIL
 
     def work() -> None:
@@ -275,7 +276,7 @@ def _add_noise_cpu(tensors: list[torch.Tensor], sigma: float, key: int, stream: 
         scratch = torch.empty(_CPU_CHUNK, dtype=flat[0].dtype)
         while (index := claim()) < len(chunks):
             pieces = chunks[index]
-            generator.set_state(states[index].clone())  # set_state crashes on a view at an offset
+            generator.set_state(states[index])
             noise = scratch[: pieces[-1][3] + pieces[-1][2] - pieces[-1][1]]
             noise.normal_(generator=generator)
             for tensor, start, stop, offset in pieces:
