@@ -141,7 +141,9 @@ _MT_WORDS = 624
 _STATE_INT64 = 632
 _STATE_MT = slice(3, 3 + _MT_WORDS)
 _FILLER_PAIRS = (_MT_WORDS - 6) // 2  # SplitMix64 outputs filling words 6…623, two words each
-# States are built this many chunks at a time, every op under ATen's grain size.
+# States are built this many chunks at a time: every op stays under ATen's
+# grain size and so on the calling thread, away from the OpenMP threads, which
+# stall whenever another process holds a core.
 _STATE_BLOCK = _SERIAL_ADD // _STATE_INT64
 
 _thread_pool: ThreadPoolExecutor | None = None
@@ -191,15 +193,18 @@ def _generator_state_template() -> torch.Tensor:
     return words.clone()
 
 
-@functools.lru_cache(maxsize=64)
-def _stream_hashes(stream: int, chunks: int) -> torch.Tensor:
-    """splitmix64 of the filler word pairs' indices 2⁶³ + i, then of each chunk's
-    u_c = stream·2²⁴ + c: one-to-one (stream < 2³⁹, c < 2²⁴) and disjoint from the word indices."""
+@functools.lru_cache(maxsize=16)
+def _filler_hashes(stream: int, chunks: int) -> torch.Tensor:
+    """(chunks, 309) int64: h_ci = f(f(u_c) ⊕ f(2⁶³ + i)), f = splitmix64, u_c = stream·2²⁴ + c.
+
+    u_c is one-to-one for stream < 2³⁹ and c < 2²⁴ and stays below 2⁶³, apart
+    from the word indices 2⁶³ + i; so h_ci ≠ h_c'i whenever c ≠ c'.
+    """
     if stream >= 1 << 39 or chunks > 1 << 24:
         raise ValueError(f"gradnoise: stream {stream} or {chunks} chunks out of range")
-    words = torch.arange(_FILLER_PAIRS, dtype=torch.int64) + _signed(1 << 63)
-    chunk_indices = torch.arange(chunks, dtype=torch.int64) + (stream << 24)
-    return _splitmix64(torch.cat([words, chunk_indices]))
+    per_chunk = _splitmix64(torch.arange(chunks, dtype=torch.int64) + (stream << 24))
+    per_word = _splitmix64(torch.arange(_FILLER_PAIRS, dtype=torch.int64) + _signed(1 << 63))
+    return _splitmix64(per_chunk[:, None] ^ per_word[None, :])
 
 
 def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
@@ -207,20 +212,18 @@ def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
 
     mt19937 words: 0 = 2³¹ (only its top bit is state, and a set bit keeps the
     state from being all zero), 1–2 = the key, 3–4 = the stream, 5 = the chunk
-    index c; words 6 + 2i and 7 + 2i hold the 64 bits of
-    f(f(k ⊕ f(2⁶³ + i)) ⊕ f(k ⊕ f(u_c))), f = splitmix64, u_c = stream·2²⁴ + c.
+    index c, and words 6 + 2i, 7 + 2i the 64 bits of f(k ⊕ h_ci) (see
+    `_filler_hashes`).
 
     The first outputs come after a twist (left = 1), which is a bijection of
     the state, so distinct (key, stream, chunk) give distinct output streams.
-    The states also differ in (almost) every word, which is what independence
-    needs, mt19937 being linear and slow to diffuse a difference of a few
-    words: two chunks of one (key, stream) differ in every filler word by
-    construction, and two keys give different per-word hashes, so their
-    fillers agree only where 64-bit hashes collide, word by word, never all at
-    once through one shared seed.
+    The states also differ in (almost) every word, which independence needs,
+    mt19937 being linear and slow to diffuse a difference of a few words: two
+    chunks of one (key, stream) differ in every filler word by construction;
+    for two keys k ≠ k', a word agrees only where k ⊕ k' = h_ci ⊕ h_c'i, which
+    varies with i, so never in more than a few words at once.
     """
-    hashes = _splitmix64(_stream_hashes(stream, chunks) ^ _signed(key))
-    per_word, per_chunk = hashes[:_FILLER_PAIRS], hashes[_FILLER_PAIRS:]
+    hashes = _filler_hashes(stream, chunks)
     header = torch.tensor([1 << 31, key & 0xFFFFFFFF, key >> 32, stream & 0xFFFFFFFF, stream >> 32, 0])
     template = _generator_state_template()
     states = torch.empty(chunks, _STATE_INT64, dtype=torch.int64)
@@ -232,7 +235,7 @@ def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
         words = block[:, _STATE_MT]
         words[:, :6] = header
         words[:, 5] = torch.arange(first, first + len(block))
-        filler = _splitmix64(per_word[None, :] ^ per_chunk[first : first + len(block), None])
+        filler = _splitmix64(hashes[first : first + len(block)] ^ _signed(key))
         # Each 64-bit value as its two 32-bit words, low first (set_state keeps 32 bits of each).
         words[:, 6:] = filler.view(torch.int32)
     return states.view(torch.uint8)
