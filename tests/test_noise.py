@@ -555,10 +555,11 @@ def test_cuda_key_and_sigma_on_the_device_equal_host_values(fused, monkeypatch):
     )
     for a, b in zip(on_host, on_device, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
-    # Streams of one key are independent: two groups of equal shape differ.
+    # A bf16 tensor in the call is another stream, which leaves the fp32 group's noise alone.
     twin = _cuda_params(torch.float32)
     add_noise_([p.grad for p in twin] + [torch.zeros(5, device="cuda", dtype=torch.bfloat16)], 0.3, key=key)
-    assert torch.equal(twin[0].grad, on_host[0].grad)  # stream 0 again
+    assert torch.equal(twin[0].grad, on_host[0].grad)
+    # Streams of one key are independent: two param groups of equal shape get different noise.
     first, second = _cuda_params(torch.float32, sizes=((4097,), (4097,)), fill=0.0)
     optimizer = torch.optim.SGD([{"params": [first]}, {"params": [second]}], lr=0.0)
     GradientNoise(optimizer, "const:sigma=0.3").apply()
