@@ -137,7 +137,7 @@ class GradientNoiseCallback(Callback):
             )
         # Every rank must take the same σ: average the metric as the ranks saw it.
         mean = trainer.strategy.reduce(
-            torch.as_tensor(value, dtype=torch.float32, device=pl_module.device), "mean"
+            torch.as_tensor(value, dtype=torch.float32, device=pl_module.device), reduce_op="mean"
         )
         for noise in self.noises:
             noise.observe(float(mean))
