@@ -484,3 +484,19 @@ def test_transformers_logs_the_noise_statistics_for_reporters(transformers_parts
     late_reporter = Recorder()
     train(tmp_path / "late", 1, [late_reporter, GradientNoiseCallback(schedules.Constant(SIGMA))])
     assert not any("gradnoise_sigma" in logs for logs in late_reporter.logs)
+
+
+def test_transformers_per_rank_seeds(transformers_parts):
+    """Sharded gradients: rank r seeds with seed + r; a restored state (rank 0's) keeps this rank's seed."""
+    GradientNoiseCallback, _ = transformers_parts
+    optimizer = torch.optim.SGD(tiny_net().parameters(), lr=1.0)
+    rank_one, fresh = SimpleNamespace(process_index=1), SimpleNamespace(global_step=0)
+    sharded = GradientNoiseCallback("const:sigma=0.1", seed=10, per_rank_seed=True)
+    sharded.on_train_begin(rank_one, fresh, None, optimizer=optimizer)
+    replicated = GradientNoiseCallback("const:sigma=0.1", seed=10)
+    replicated.on_train_begin(rank_one, fresh, None, optimizer=optimizer)
+    assert (sharded.noise.seed, replicated.noise.seed) == (11, 10)
+    restored = GradientNoiseCallback("const:sigma=0.1", seed=10, per_rank_seed=True)
+    restored.noise_state = {**replicated.noise.state_dict(), "step": 5}  # as rank 0 saved it
+    restored.on_train_begin(rank_one, SimpleNamespace(global_step=5), None, optimizer=optimizer)
+    assert (restored.noise.seed, restored.noise.step) == (11, 5)
