@@ -10,6 +10,8 @@ rank keeps the replicas bit-identical; noise drawn from the per-rank global RNG
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -92,3 +94,47 @@ def test_naive_per_rank_global_rng_noise_makes_replicas_diverge(replicas):
     # AdamW moves each weight by up to lr per step; different noise on each rank
     # turns that into differences of the order of lr, far above float rounding.
     assert difference.max().item() > 1e-3
+
+
+def plateau_worker(rank: int, rendezvous: str, results: str) -> None:
+    """The Lightning callback's plateau update on two ranks that see different validation losses."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from gradnoise.integrations.lightning import GradientNoiseCallback
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        callback = GradientNoiseCallback("plateau:sigma0=0.1,patience=0", monitor="val_loss")
+        optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+        trainer = SimpleNamespace(
+            optimizers=[optimizer],
+            global_rank=rank,
+            world_size=WORLD_SIZE,
+            strategy=DDPStrategy(),
+            sanity_checking=False,
+            state=SimpleNamespace(fn="fit"),
+            callback_metrics={},
+        )
+        module = SimpleNamespace(device=torch.device("cpu"))
+        callback.on_fit_start(trainer, module)
+        # Rank r sees losses[r]: the mean is 2.0 both times (improve, then a plateau);
+        # rank 0 alone would decay at once, rank 1 alone would improve twice.
+        for losses in ([1.0, 3.0], [2.5, 1.5]):
+            trainer.callback_metrics = {"val_loss": torch.tensor(losses[rank])}
+            callback.on_validation_end(trainer, module)
+        state = callback.noises[0].schedule.state
+        mine = torch.tensor([state.sigma, state.best], dtype=torch.float64)
+        everyone = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
+        dist.all_gather(everyone, mine)
+        if rank == 0:
+            torch.save(torch.stack(everyone), results)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lightning_plateau_takes_the_same_sigma_on_every_rank(tmp_path):
+    pytest.importorskip("lightning")
+    results = tmp_path / "plateau.pt"
+    mp.spawn(plateau_worker, args=(str(tmp_path / "rendezvous"), str(results)), nprocs=WORLD_SIZE, join=True)
+    states = torch.load(results, weights_only=True)  # (rank, [sigma, best])
+    assert states.tolist() == [[0.05, 2.0], [0.05, 2.0]]

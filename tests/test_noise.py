@@ -1,5 +1,4 @@
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -161,6 +160,127 @@ def test_a_step_skipped_by_grad_scaler_draws_no_noise_and_is_not_counted():
     assert gn.sigma == pytest.approx(0.05)  # σ_1: the skipped step did not advance t
 
 
+def _scaled_step(model, optimizer, scaler, overflow: bool, unscale: bool = True) -> None:
+    optimizer.zero_grad()
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    if overflow:
+        model.weight.grad[0, 0] = float("inf")
+    if unscale:
+        scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def test_a_fused_optimizer_step_skipped_by_grad_scaler_draws_no_noise():
+    """GradScaler hands a fused optimizer found_inf instead of skipping its step()."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    gn = GradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    steps = []
+    for overflow in (False, True, False):
+        _scaled_step(model, optimizer, scaler, overflow)
+        steps.append(gn.step)
+        if overflow:  # no noise was added: the inf is still the only change
+            assert torch.isinf(model.weight.grad[0, 0])
+    assert steps == [1, 1, 2]  # as with an unfused optimizer
+    assert gn.sigma == pytest.approx(0.05)  # σ_1
+
+
+def test_still_scaled_gradients_of_a_fused_optimizer_are_refused():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    gn = GradientNoise(optimizer, "const:sigma=0.1", seed=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    with pytest.raises(UserError, match=r"scaler\.unscale_\(optimizer\)"):
+        _scaled_step(model, optimizer, scaler, overflow=False, unscale=False)
+    assert gn.step == 0
+
+
+def test_sigma_of_the_last_step_survives_a_resume():
+    gn, _ = _noisy_run(seed=5, steps=4)
+    assert gn.sigma == pytest.approx(0.1 * 0.9**3)
+    resumed = GradientNoise(torch.optim.SGD(_zero_grad_model(), lr=0.1), schedules.Exponential(0.1, 0.9))
+    resumed.load_state_dict(gn.state_dict())
+    assert resumed.sigma == gn.sigma and resumed.step == 4
+
+
+@pytest.mark.parametrize("schedule", ["exp:sigma0=0.1,gamma=0.9", "relative:const:sigma=0.5"])
+def test_track_stats_does_not_change_the_noise(schedule):
+    def run(track_stats):
+        torch.manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.zeros(size)) for size in ((300, 200), (77,), (2 * noise._CPU_CHUNK,))
+        ]
+        optimizer = torch.optim.SGD(
+            [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}], lr=0.1
+        )
+        gn = GradientNoise(optimizer, schedule, seed=3, track_stats=track_stats)
+        grads = []
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+        return gn, grads
+
+    (tracked, with_stats), (_, without) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(with_stats, without, strict=True))
+    assert tracked.last_stats["noise_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        "const:sigma=0.1",
+        "exp:sigma0=0.1,gamma=0.9",
+        "linear:sigma0=0.1,total_steps=3",
+        "cosine:sigma0=0.1,total_steps=4,sigma_end=0.01",
+        "neelakantan:eta=0.01,gamma=0.55",
+        "relative:exp:sigma0=0.5,gamma=0.8",
+    ],
+)
+def test_capturable_noise_equals_the_default_bit_for_bit(schedule):
+    """capturable=True keeps t, σ_t and the step key as tensors (no host sync on a GPU)."""
+
+    def run(capturable):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(size)) for size in ((300, 200), (77,))]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        gn = GradientNoise(optimizer, schedule, seed=(1 << 63) + 9, capturable=capturable)
+        grads = []
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+        return gn, grads
+
+    (captured, a), (default, b) = run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert isinstance(captured._step, torch.Tensor) and captured.step == default.step == 5
+    assert captured.sigma == pytest.approx(default.sigma, rel=1e-6)
+    resumed = GradientNoise(torch.optim.SGD(_zero_grad_model(), lr=0.1), schedule, capturable=True)
+    resumed.load_state_dict(captured.state_dict())
+    assert resumed.step == 5
+
+
+def test_capturable_counts_the_steps_a_fused_optimizer_skips_on_the_device():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    gn = GradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", capturable=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    steps = []
+    for overflow in (False, True, False):
+        _scaled_step(model, optimizer, scaler, overflow)
+        steps.append(gn.step)
+    assert steps == [1, 1, 2]
+    with pytest.raises(UserError, match="capturable"):
+        GradientNoise(optimizer, "plateau:sigma0=0.1", capturable=True)
+
+
 def test_noise_lands_after_gradient_clipping():
     params = _zero_grad_model()
     for p in params:
@@ -175,12 +295,12 @@ def test_noise_lands_after_gradient_clipping():
     _assert_standard_normal_scaled(update, 1.0)
 
 
-def test_noise_multiplier_per_param_group():
+def test_noise_scale_per_param_group():
     quiet, loud, normal = _zero_grad_model(sizes=((100, 100), (100, 100), (100, 100)))
     optimizer = torch.optim.SGD(
         [
-            {"params": [quiet], "noise_multiplier": 0.0},
-            {"params": [loud], "noise_multiplier": 2.0},
+            {"params": [quiet], "noise_scale": 0.0},
+            {"params": [loud], "noise_scale": 2.0},
             {"params": [normal]},
         ],
         lr=0.0,
@@ -190,12 +310,38 @@ def test_noise_multiplier_per_param_group():
     assert torch.count_nonzero(quiet.grad) == 0
     _assert_standard_normal_scaled(loud.grad, 0.2)
     _assert_standard_normal_scaled(normal.grad, 0.1)
+    # Groups of equal shapes get independent noise, not one noise scaled twice.
+    assert abs(torch.corrcoef(torch.stack([loud.grad.flatten(), normal.grad.flatten()]))[0, 1]) < 5 / 100
 
 
-def test_bad_noise_multiplier_is_refused():
+def test_the_old_noise_multiplier_key_still_works_with_a_deprecation_warning():
+    def noisy(key):
+        (param,) = _zero_grad_model(sizes=((100, 100),))
+        optimizer = torch.optim.SGD([{"params": [param], key: 2.0}], lr=0.0)
+        GradientNoise(optimizer, "const:sigma=0.1", seed=3)
+        optimizer.step()
+        return param.grad
+
+    with pytest.warns(DeprecationWarning, match="noise_scale"):
+        old = noisy("noise_multiplier")
+    assert torch.equal(old, noisy("noise_scale"))
+
+
+@pytest.mark.parametrize(
+    ("group", "words"),
+    [
+        ({"noise_scale": -1}, ["noise_scale=-1", "≥ 0"]),
+        ({"noise_scale": float("nan")}, ["noise_scale=nan"]),
+        ({"noise_scale": "2"}, ["noise_scale='2'"]),
+        ({"noise_scale": 1.0, "noise_multiplier": 1.0}, ["both", "noise_scale"]),
+    ],
+)
+def test_bad_noise_scales_are_refused(group, words):
     p = torch.nn.Parameter(torch.zeros(3))
-    with pytest.raises(UserError, match="noise_multiplier=-1"):
-        GradientNoise(torch.optim.SGD([{"params": [p], "noise_multiplier": -1}], lr=0.1), "const:sigma=0.1")
+    with pytest.raises(UserError) as error:
+        GradientNoise(torch.optim.SGD([{"params": [p], **group}], lr=0.1), "const:sigma=0.1")
+    for word in words:
+        assert word in str(error.value)
 
 
 def test_remove_detaches_the_hook():
@@ -205,6 +351,18 @@ def test_remove_detaches_the_hook():
     gn.remove()
     optimizer.step()
     assert gn.step == 0 and all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_relative_rms_covers_only_the_gradients_that_get_noise():
+    silent, noisy = _zero_grad_model(sizes=((200, 100), (200, 100)))
+    silent.grad.fill_(1000.0)  # would dominate an RMS over every gradient
+    noisy.grad.fill_(2.0)
+    optimizer = torch.optim.SGD([{"params": [silent], "noise_scale": 0.0}, {"params": [noisy]}], lr=0.0)
+    gn = GradientNoise(optimizer, "relative:const:sigma=0.1", seed=0)
+    optimizer.step()
+    assert gn.sigma == pytest.approx(0.2, rel=1e-6)  # 0.1 × RMS(noisy) = 0.1 × 2
+    assert torch.all(silent.grad == 1000.0)
+    _assert_standard_normal_scaled(noisy.grad - 2.0, 0.2)
 
 
 def test_track_stats_reports_gradient_and_noise_norms():
@@ -256,25 +414,84 @@ def test_add_noise_batches_tensors_independently():
     assert not torch.equal(big[:1000], small)
 
 
-def test_noise_stream_does_not_depend_on_the_number_of_threads(monkeypatch):
-    results = []
-    for threads in (1, 3):
-        monkeypatch.setattr(noise, "_thread_pool", ThreadPoolExecutor(threads))
-        tensor = torch.zeros(5 * noise._CPU_CHUNK)
-        add_noise_([tensor], 0.5, torch.Generator().manual_seed(11))
-        results.append(tensor)
-    assert torch.equal(*results)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keys_that_differ_only_in_their_high_32_bits_give_different_noise(dtype):
+    def noisy(key):
+        tensors = [torch.zeros(3 * noise._CPU_CHUNK + 5, dtype=dtype), torch.zeros(100, dtype=dtype)]
+        add_noise_(tensors, 1.0, key=key)
+        return torch.cat(tensors)
+
+    low = 0x1234_5678
+    first, again = noisy(low), noisy(low)
+    assert torch.equal(first, again)
+    for high in (1, 1 << 31, 0xFFFF_FFFF):
+        other = noisy(high << 32 | low)
+        # Two independent normal samples: equal elements only by chance (often in bf16/fp16).
+        assert torch.count_nonzero(first == other) < first.numel() // 50
+    # The same holds for the seed of GradientNoise, whose step keys are 64-bit.
+    _, a = _noisy_run(seed=7, steps=2)
+    _, b = _noisy_run(seed=7 + (1 << 32), steps=2)
+    assert not any(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_add_noise_with_tensor_sigma_and_workspace_reuse():
-    workspace = {}
+def test_chunk_states_of_distinct_streams_differ_in_almost_every_word():
+    """Distinct (key, stream, chunk) give distinct mt19937 states that differ in
+    nearly every word (a state differing in a few words only would start a
+    nearly identical stream)."""
+    key = 0xDEADBEEF_01234567
+    cases = {
+        "next chunk": (noise._chunk_states(key, 0, 2)[0], noise._chunk_states(key, 0, 2)[1]),
+        "other stream": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key, 1, 1)[0]),
+        "high key bit": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key ^ 1 << 63, 0, 1)[0]),
+        "low key bit": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key ^ 1, 0, 1)[0]),
+    }
+    for name, (a, b) in cases.items():
+        words_a, words_b = a.view(torch.int64)[noise._STATE_MT], b.view(torch.int64)[noise._STATE_MT]
+        differing = torch.count_nonzero(words_a != words_b).item()
+        assert differing >= noise._MT_WORDS - 6, name  # all but the verbatim words may differ
+        # And torch accepts each as a generator state whose stream depends on it.
+        draws = []
+        for state in (a, b):
+            generator = torch.Generator()
+            generator.set_state(state.clone())
+            draws.append(torch.randn(1000, generator=generator))
+        assert not torch.equal(*draws), name
+
+
+def test_a_chunk_state_does_not_depend_on_how_many_chunks_there_are():
+    many, few = noise._chunk_states(99, 3, 130), noise._chunk_states(99, 3, 61)
+    assert torch.equal(many[:61], few)  # states are built in blocks: block edges change nothing
+
+
+def test_step_keys_can_be_computed_on_a_tensor():
+    seeds = [0, 1, (1 << 63) + 5, (1 << 64) - 1, 0x1234_5678_9ABC_DEF0]
+    steps = [0, 1, 2, 4999, 10**6, (1 << 40) + 3]
+    for seed in seeds:
+        on_tensor = noise._mix(seed, torch.tensor(steps, dtype=torch.int64))
+        assert [v & noise._MASK64 for v in on_tensor.tolist()] == [noise._mix(seed, step) for step in steps]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_noise_does_not_depend_on_the_number_of_threads(monkeypatch, workers):
+    def noisy():
+        tensors = [torch.zeros(5 * noise._CPU_CHUNK + 3), torch.zeros(7, 9).t()]  # the second not contiguous
+        add_noise_(tensors, 0.5, key=11)
+        return torch.cat([t.flatten() for t in tensors])
+
+    monkeypatch.setattr(noise, "_worker_count", lambda: 1)
+    serial = noisy()
+    monkeypatch.setattr(noise, "_worker_count", lambda: workers)
+    assert torch.equal(noisy(), serial)
+
+
+def test_add_noise_with_tensor_sigma_and_key_equals_floats():
     first, second = torch.zeros(5000), torch.zeros(5000)
-    add_noise_([first], torch.tensor(0.3), torch.Generator().manual_seed(1), workspace=workspace)
-    buffer = next(iter(workspace.values()))
-    add_noise_([second], 0.3, torch.Generator().manual_seed(1), workspace=workspace)
-    assert next(iter(workspace.values())) is buffer
-    torch.testing.assert_close(first, second)
+    add_noise_([first], torch.tensor(0.3), key=torch.tensor(1 << 40))
+    add_noise_([second], 0.3, key=1 << 40)
+    assert torch.equal(first, second)
     _assert_standard_normal_scaled(first, 0.3)
+    with pytest.raises(UserError, match=r"key=0\.5"):
+        add_noise_([first], 0.3, key=0.5)
 
 
 def test_public_api_is_exported():
@@ -283,7 +500,18 @@ def test_public_api_is_exported():
     assert gradnoise.schedules.parse("none") is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _cuda_params(dtype, sizes=((1000, 300), (7,), (4097,), (64, 64)), fill=1.0):
+    params = [torch.nn.Parameter(torch.zeros(size, device="cuda", dtype=dtype)) for size in sizes]
+    for p in params:
+        p.grad = torch.full_like(p, fill)
+    return params
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
@@ -291,12 +519,7 @@ def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
         monkeypatch.setenv("GRADNOISE_DISABLE_TRITON", "1")
 
     def noisy_gradients(seed, mode="absolute"):
-        params = [
-            torch.nn.Parameter(torch.zeros(size, device="cuda", dtype=dtype))
-            for size in ((1000, 300), (7,), (4097,), (64, 64))
-        ]
-        for p in params:
-            p.grad = torch.ones_like(p)
+        params = _cuda_params(dtype)
         optimizer = torch.optim.SGD(params, lr=0.0)
         GradientNoise(optimizer, "const:sigma=0.25", seed=seed, mode=mode)
         optimizer.step()
@@ -305,12 +528,83 @@ def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
     first, again, other = noisy_gradients(4), noisy_gradients(4), noisy_gradients(5)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[0], other[0])
+    # The key is 64 bits wide: seeds apart only in the high 32 bits give other noise.
+    assert not torch.equal(first[0], noisy_gradients(4 + (1 << 32))[0])
+    assert not torch.equal(first[0], noisy_gradients(4 + (1 << 62))[0])
     for added in first:
         if added.numel() > 1000:
             _assert_standard_normal_scaled(added, 0.25)
     _assert_standard_normal_scaled(torch.cat([a.flatten() for a in first]), 0.25)
     relative = noisy_gradients(4, mode="relative")  # RMS of all-ones gradients is 1
     _assert_standard_normal_scaled(torch.cat([a.flatten() for a in relative]), 0.25)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_key_and_sigma_on_the_device_equal_host_values(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setenv("GRADNOISE_DISABLE_TRITON", "1")
+    key = (1 << 63) + 12345
+    on_host, on_device = _cuda_params(torch.float32), _cuda_params(torch.float32)
+    add_noise_([p.grad for p in on_host], 0.3, key=key)
+    add_noise_(
+        [p.grad for p in on_device],
+        torch.tensor(0.3, device="cuda"),
+        key=torch.tensor(noise._signed(key), device="cuda"),
+    )
+    for a, b in zip(on_host, on_device, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    # A bf16 tensor in the call is another stream, which leaves the fp32 group's noise alone.
+    twin = _cuda_params(torch.float32)
+    add_noise_([p.grad for p in twin] + [torch.zeros(5, device="cuda", dtype=torch.bfloat16)], 0.3, key=key)
+    assert torch.equal(twin[0].grad, on_host[0].grad)
+    # Streams of one key are independent: two param groups of equal shape get different noise.
+    first, second = _cuda_params(torch.float32, sizes=((4097,), (4097,)), fill=0.0)
+    optimizer = torch.optim.SGD([{"params": [first]}, {"params": [second]}], lr=0.0)
+    GradientNoise(optimizer, "const:sigma=0.3").apply()
+    assert torch.count_nonzero(first.grad == second.grad) < 10
+
+
+@pytest.mark.cuda
+@cuda
+def test_capturable_noise_replays_in_a_cuda_graph():
+    """t, σ_t and the key live on the device: each replay of a captured step draws the next step's noise."""
+    schedule = "exp:sigma0=0.1,gamma=0.9"
+    reference_params = _cuda_params(torch.float32, fill=0.0)
+    reference = GradientNoise(torch.optim.SGD(reference_params, lr=0.0), schedule, seed=1, attach=False)
+    expected = []
+    for _ in range(3):
+        for p in reference_params:
+            p.grad.zero_()
+        reference.apply()
+        expected.append([p.grad.clone() for p in reference_params])
+
+    params = _cuda_params(torch.float32, fill=0.0)
+    gn = GradientNoise(torch.optim.SGD(params, lr=0.0), schedule, seed=1, capturable=True, attach=False)
+
+    def step():
+        for p in params:
+            p.grad.zero_()
+        gn.apply()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up, eager: step 0
+    torch.cuda.current_stream().wait_stream(side)
+    got = [[p.grad.clone() for p in params]]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        graph.replay()
+        got.append([p.grad.clone() for p in params])
+    torch.cuda.synchronize()
+    assert gn.step == 3
+    for step_got, step_expected in zip(got, expected, strict=True):
+        for a, b in zip(step_got, step_expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("as_keyword", [False, True])
@@ -336,3 +630,4 @@ def test_noise_follows_the_closure_when_step_gets_one(as_keyword):
 def test_step_keys_are_distinct_across_seeds_and_steps():
     keys = {noise._mix(seed, step) for seed in range(50) for step in range(2000)}
     assert len(keys) == 50 * 2000
+    assert all(0 <= key < 1 << 64 for key in keys)

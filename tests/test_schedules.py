@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,6 +13,7 @@ from gradnoise.schedules import (
     Linear,
     Neelakantan,
     Plateau,
+    PlateauState,
     Relative,
     parse,
 )
@@ -79,6 +81,22 @@ def test_parse_fills_defaults_and_none():
         ("plateau:sigma0=0.1,factor=1.0", ["factor", "(0, 1)"]),
         ("relative:none", ["relative"]),
         ("relative:relative:const:sigma=1", ["relative"]),
+        # a parameter given twice is an error, not "the last one wins"
+        ("exp:sigma0=0.1,sigma0=5,gamma=0.9", ["sigma0", "twice"]),
+        ("plateau:sigma0=0.1,patience=2,patience=3", ["patience", "twice"]),
+        # ranges under which σ_t can be computed for any t
+        ("neelakantan:eta=0.01,gamma=1100", ["gamma=1100", "[0, 10]"]),
+        ("neelakantan:eta=0.01,gamma=30", ["gamma=30", "[0, 10]"]),
+        ("neelakantan:eta=0.01,gamma=-1", ["gamma=-1", "[0, 10]"]),
+        ("neelakantan:eta=0.01,gamma=nan", ["gamma=nan"]),
+        ("neelakantan:eta=inf", ["eta=inf"]),
+        ("exp:sigma0=0.1,gamma=nan", ["gamma=nan"]),
+        ("const:sigma=inf", ["sigma=inf"]),
+        # integers: 1e3 is one, 1.5 is not
+        ("linear:sigma0=0.1,total_steps=1.5", ["total_steps='1.5'", "not an integer"]),
+        ("linear:sigma0=0.1,total_steps=inf", ["total_steps='inf'", "not an integer"]),
+        ("plateau:sigma0=0.1,patience=two", ["patience='two'", "not an integer"]),
+        ("exp:sigma0=abc,gamma=0.9", ["sigma0='abc'", "not a number"]),
     ],
 )
 def test_invalid_specs_name_the_problem(spec, words):
@@ -88,11 +106,54 @@ def test_invalid_specs_name_the_problem(spec, words):
         assert word in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("spec", "value"),
+    [
+        ("exp:sigma0=0.1,sigma0=5,gamma=0.9", "sigma0 is given twice"),
+        ("neelakantan:eta=0.01,gamma=1100", "gamma=1100"),
+        ("neelakantan:eta=0.01,gamma=30", "gamma=30"),
+        ("linear:sigma0=0.1,total_steps=2.5", "total_steps='2.5'"),
+    ],
+)
+def test_the_command_line_exits_2_on_a_bad_spec_naming_the_value(spec, value, tmp_path, capsys):
+    from gradnoise.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--run-dir", str(run_dir), f"noise={spec}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gradnoise: error: ") and value in error and spec in error
+    assert not run_dir.exists()
+
+
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="sigma"):
         Constant(float("nan"))
     with pytest.raises(ValueError, match="patience"):
         Plateau(0.1, patience=-1)
+    with pytest.raises(ValueError, match="an integer"):
+        Plateau(0.1, patience=1.5)
+    with pytest.raises(ValueError, match="an integer"):
+        Linear(0.1, total_steps=10.0)
+
+
+def test_integer_parameters_accept_exponent_notation():
+    assert parse("linear:sigma0=0.1,total_steps=1e3") == Linear(0.1, 1000)
+    assert parse("cosine:sigma0=0.1,total_steps=5E3") == Cosine(0.1, 5000)
+    assert parse("plateau:sigma0=0.1,patience=2.0") == Plateau(0.1, patience=2)
+    assert isinstance(parse("linear:sigma0=0.1,total_steps=1e3").total_steps, int)
+
+
+@given(st.floats(0, 10), st.floats(0, 1e6), st.integers(0, 10**15))
+def test_every_accepted_neelakantan_schedule_is_finite_at_any_step(gamma, eta, step):
+    schedule = Neelakantan(eta=eta, gamma=gamma)
+    value = schedule(step)
+    assert math.isfinite(value) and 0 <= value <= math.sqrt(eta)
+    schedule.horizon(0.01)  # a search over t up to 10^12, which overflowed before
+
+
+def test_the_steepest_neelakantan_schedule_has_a_horizon():
+    # σ_t/σ_0 = (1 + t)^-5 < 0.01 ⇔ 1 + t > 10^0.4 = 2.51
+    assert Neelakantan(eta=1.0, gamma=10.0).horizon(0.01) == 2
 
 
 def _first_step_below(schedule, fraction, limit):
@@ -126,6 +187,34 @@ def test_horizon_none_where_the_noise_never_fades():
     assert Linear(0.1, 100, sigma_end=0.05).horizon(0.1) is None
     assert Plateau(0.1).horizon() is None
     assert Neelakantan(0.01).horizon(1e-6) is None  # (1+t)^0.275 > 1e6 needs t ≈ 1e21
+
+
+def test_plateau_declares_its_state_and_needs_the_metric():
+    schedule = Plateau(sigma0=0.2, factor=0.5, patience=0, threshold=0.0)
+    assert schedule.needs_metric and Relative(schedule).needs_metric
+    assert not Exponential(0.1, 0.9).needs_metric
+    assert schedule.state == schedule.init() == PlateauState(sigma=0.2)
+    # update is the pure transition; observe applies it to the declared state
+    after = schedule.update(PlateauState(sigma=0.2, best=1.0), 1.0)
+    assert after == PlateauState(sigma=0.1, best=1.0) and schedule.state.sigma == 0.2
+    relative = Relative(schedule)
+    relative.observe(1.0)
+    relative.observe(1.0)  # no improvement, patience 0: decay, through the Relative wrapper
+    assert relative(0) == schedule(0) == pytest.approx(0.1)
+    with pytest.raises(UserError, match="number"):
+        schedule.observe("low")
+    schedule.observe(float("nan"))  # a NaN metric never counts as an improvement
+    assert schedule(0) == pytest.approx(0.05)
+    Exponential(0.1, 0.9).observe(1.0)  # other schedules do not depend on a metric
+    assert parse(schedule.spec) == schedule  # the spec holds the parameters, not the state
+
+
+def test_schedules_evaluate_tensor_steps_like_int_steps():
+    for spec in ALL_SPECS:
+        schedule = parse(spec)
+        for step in (0, 1, 7, 4999, 5000, 10**6):
+            on_tensor = schedule(torch.tensor(step, dtype=torch.float64))
+            assert float(on_tensor) == pytest.approx(schedule(step), rel=1e-12, abs=1e-300), (spec, step)
 
 
 def test_plateau_decays_after_patience_and_saves_state():

@@ -1,10 +1,16 @@
 """The fused CUDA kernel behind `add_noise_`: one launch, one pass over every gradient.
 
-Each program handles BLOCK elements of one tensor: it loads g, draws ε with
-Philox (`tl.randn4x`, four normals per counter; counters unique across the
-launch, key = the call's seed) and stores g + σ·ε. Per fp32 element that is 4
-bytes read and 4 written, the least any in-place update can move; the unfused
-path (fill a buffer, then add it) moves 16.
+Each program handles BLOCK elements of one tensor: it loads g, draws ε and
+stores g + σ·ε. Per fp32 element that is 4 bytes read and 4 written, the least
+any in-place update can move; the unfused path (fill a buffer, then add it)
+moves 16.
+
+ε comes from Philox-4x32-10 keyed by the whole 64-bit step key (Triton's
+`philox` splits a 64-bit seed into its two 32-bit key words), with the counter
+(q, 0, stream_lo, stream_hi) for the q-th quadruple of the launch, turned into
+four normals by Box–Muller. For a fixed key Philox is a bijection of the
+counter, so distinct (key, stream, position) never share random bits. The key
+and σ may be device tensors: then nothing is read on the host.
 """
 
 from __future__ import annotations
@@ -37,16 +43,20 @@ if triton is not None:
         gradient = tl.load(pointer + offsets, mask=mask)
         tl.store(pointer + offsets, (gradient.to(tl.float32) + sigma * noise).to(DTYPE), mask=mask)
 
-    @triton.jit
+    # Not specialized on the key and stream values: one compiled kernel serves every step.
+    @triton.jit(do_not_specialize=["key", "stream"])
     def _add_noise_kernel(
         table,
         n_tensors,
         sigma,
         sigma_ptr,
-        seed,
+        key,
+        key_ptr,
+        stream,
         DTYPE: tl.constexpr,
         BLOCK: tl.constexpr,
         SIGMA_ON_DEVICE: tl.constexpr,
+        KEY_ON_DEVICE: tl.constexpr,
     ):
         # table = [addresses (n_tensors), numels (n_tensors), per program: tensor, start]
         program = tl.program_id(0)
@@ -56,11 +66,24 @@ if triton is not None:
         numel = tl.load(table + n_tensors + tensor)
         if SIGMA_ON_DEVICE:
             sigma = tl.load(sigma_ptr)
-        # One Philox call gives four normals: this program's counters are
-        # program·BLOCK/4 + i, unique across the launch.
+        if KEY_ON_DEVICE:
+            key = tl.load(key_ptr)
+        # One Philox call gives four normals: this program's quadruples are
+        # program·BLOCK/4 + i, unique across the launch; the stream fills the
+        # counter's upper words.
         QUARTER: tl.constexpr = BLOCK // 4
         lanes = tl.arange(0, QUARTER)
-        n0, n1, n2, n3 = tl.randn4x(seed, (program * QUARTER + lanes).to(tl.int32))
+        zero = tl.zeros((QUARTER,), dtype=tl.uint32)
+        stream = stream.to(tl.uint64)
+        r0, r1, r2, r3 = tl.philox(
+            key,
+            (program * QUARTER + lanes).to(tl.uint32),
+            zero,
+            zero + stream.to(tl.uint32),
+            zero + (stream >> 32).to(tl.uint32),
+        )
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
         offsets = start + lanes
         _add_noise_to(pointer, offsets, numel, n0, sigma, DTYPE)
         _add_noise_to(pointer, offsets + QUARTER, numel, n1, sigma, DTYPE)
@@ -86,29 +109,33 @@ def _launch_table(addresses: tuple[int, ...], numels: tuple[int, ...], device: t
     return torch.tensor(flat, dtype=torch.int64).pin_memory().to(device, non_blocking=True), len(programs)
 
 
-def add_noise_(tensors: list[torch.Tensor], sigma, seed: int) -> None:
-    """t ← t + σ·ε for tensors of one CUDA device and dtype, in one launch."""
-    contiguous = [t for t in tensors if t.is_contiguous()]
-    others = [t for t in tensors if not t.is_contiguous()]
-    if others:  # rare (gradients are contiguous); noise them through a contiguous copy
-        copies = [t.contiguous() for t in others]
-        add_noise_(copies, sigma, seed ^ 0x5DEECE66D)
-        for tensor, copy in zip(others, copies, strict=True):
-            tensor.copy_(copy)
-    if not contiguous:
-        return
+def add_noise_(tensors: list[torch.Tensor], sigma, key, stream: int) -> None:
+    """t ← t + σ·ε for tensors of one CUDA device and dtype, in one launch.
+
+    `sigma`: a float or a 0-d tensor on the device; `key`: the 64-bit key as an
+    int64 (a signed int, or a 0-d int64 tensor on the device); `stream`: 0 ≤ stream < 2⁴⁰.
+    """
+    # Gradients are contiguous; anything else is noised through a contiguous copy, in the same launch.
+    targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     table, programs = _launch_table(
-        tuple(t.data_ptr() for t in contiguous), tuple(t.numel() for t in contiguous), contiguous[0].device
+        tuple(t.data_ptr() for t in targets), tuple(t.numel() for t in targets), targets[0].device
     )
-    on_device = isinstance(sigma, torch.Tensor)
+    sigma_on_device = isinstance(sigma, torch.Tensor)
+    key_on_device = isinstance(key, torch.Tensor)
     _add_noise_kernel[(programs,)](
         table,
-        len(contiguous),
-        0.0 if on_device else float(sigma),
-        sigma.reshape(1).float() if on_device else table,  # not read when σ is a float
-        seed % (2**31 - 1),
-        DTYPE=_TRITON_DTYPES[contiguous[0].dtype],
+        len(targets),
+        0.0 if sigma_on_device else float(sigma),
+        sigma.reshape(1).float() if sigma_on_device else table,  # not read when σ is a float
+        0 if key_on_device else key,
+        key.reshape(1).to(torch.int64) if key_on_device else table,  # not read when the key is an int
+        stream,
+        DTYPE=_TRITON_DTYPES[targets[0].dtype],
         BLOCK=_BLOCK,
-        SIGMA_ON_DEVICE=on_device,
+        SIGMA_ON_DEVICE=sigma_on_device,
+        KEY_ON_DEVICE=key_on_device,
         num_warps=4,
     )
+    for tensor, target in zip(tensors, targets, strict=True):
+        if target is not tensor:
+            tensor.copy_(target)

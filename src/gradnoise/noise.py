@@ -4,23 +4,43 @@
 pre-hook, so the noise lands on exactly the gradients the optimizer is about to
 use: after `clip_grad_norm_`, after `GradScaler.unscale_`, once per optimizer
 step however many micro-batches were accumulated. A step that GradScaler skips
-never calls `optimizer.step()`, so it draws no noise and is not counted.
+draws no noise and is not counted, with fused optimizers too.
 
 The noise has its own random stream, never the global RNG. Its state is
-explicit, as in optax: (seed, step). Step t's noise is generated from the key
-splitmix64(seed, t), so `state_dict()` resumes the stream exactly and runs
-with and without noise see the same initial weights, batches and dropout masks.
+explicit, as in optax: (seed, step). Step t's noise is a function of the key
+k_t = splitmix64(seed ⊕ splitmix64(t)) alone, so `state_dict()` resumes the
+stream exactly and runs with and without noise see the same initial weights,
+batches and dropout masks.
+
+Streams that never repeat. t ↦ k_t is a bijection of 64-bit integers for a
+fixed seed, so every step of a run has its own key. Within a step each group of
+gradients (param group × device × dtype) is a *stream* of that key, and every
+random number is drawn from a generator whose state holds (key, stream,
+position) verbatim:
+
+* CPU: the gradients are cut into fixed chunks of `_CPU_CHUNK` elements; chunk
+  c gets an mt19937 generator whose state words hold the 64-bit key, the
+  stream and c, the other 618 words hashed from them with SplitMix64 (see
+  `_chunk_states`). Distinct (key, stream, chunk) give distinct generator
+  states, hence distinct streams. (torch's `manual_seed` keeps only 32 bits
+  of a seed: among N draws about N²/2³³ pairs would repeat.)
+* CUDA, fused kernel: Philox keyed by the 64-bit key, the stream in the upper
+  counter words, the element's position in the lower ones.
 
 `add_noise_` is the batched kernel: on CUDA one fused Triton kernel generates
-and adds the noise for every tensor in a single pass over the gradients (8 bytes
-per fp32 element); elsewhere one flat buffer per (device, dtype), filled in
-parallel chunks, and one `torch._foreach_add_`.
+and adds the noise for every tensor in a single pass over the gradients (8
+bytes per fp32 element); on CPU the chunks are filled and added on every core,
+each chunk's noise added while it is still in cache; elsewhere one flat buffer
+per (device, dtype) and one `torch._foreach_add_`.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,47 +51,287 @@ from gradnoise.errors import UserError
 
 __all__ = ["GradientNoise", "add_noise_"]
 
-# CPU noise is generated in fixed-size chunks, each from its own generator
-# seeded from the step key and the chunk index. Fixed chunks keep the stream
-# independent of the number of threads; several chunks let the threads share
-# the work (torch's CPU normal_ is single-threaded, and the RNG, not the add,
-# is the cost on CPU). Known limit: torch's CPU generator (mt19937) keeps only
-# the low 32 bits of a seed, so among N chunk draws about N²/2³³ pairs repeat a
-# stream (≈ 5 in a 5,000-step run of a 10.7 M-parameter model on CPU, ≈ 0.05
-# for the 0.8 M tiny model). On CUDA the unfused path's Philox takes the whole
-# 63-bit key; the fused kernel takes 31 bits (≈ N²/2³² repeats among N steps).
-_CPU_CHUNK = 1 << 18
-_KEY_LIMIT = 2**63 - 1
+# --- keys: SplitMix64 on Python ints and on int64 tensors ------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    """The int64 whose two's-complement bits are those of the 64-bit unsigned `value`."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+# SplitMix64's constants as int64, so that they multiply int64 tensors too.
+_GAMMA = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _wrap(x):
+    """x mod 2⁶⁴: int64 tensors wrap by themselves, Python ints need the mask."""
+    return x if isinstance(x, torch.Tensor) else x & _MASK64
+
+
+def _shift_right(x, bits: int):
+    """Logical shift of a 64-bit value (torch's >> is arithmetic on int64)."""
+    shifted = x >> bits
+    shifted &= (1 << (64 - bits)) - 1
+    return shifted
+
+
+def _splitmix64(x):
+    """SplitMix64's step and output function: a bijection of 64-bit integers that mixes well.
+
+    Works on Python ints (returns 0 ≤ value < 2⁶⁴) and on int64 tensors (the
+    same bits, as int64), so a key can be computed on the device. On tensors
+    the augmented assignments work in place on a new tensor, not the argument.
+    """
+    x = _wrap(x + _GAMMA)
+    x ^= _shift_right(x, 30)
+    x *= _MIX1
+    x = _wrap(x)
+    x ^= _shift_right(x, 27)
+    x *= _MIX2
+    x = _wrap(x)
+    x ^= _shift_right(x, 31)
+    return x
+
+
+def _mix(key, *indices):
+    """A key for (key, indices), like JAX's fold_in: key ← splitmix64(key ⊕ splitmix64(index)).
+
+    A bijection of `key` for fixed indices and of the last index for a fixed
+    key. Python ints give 0 ≤ key < 2⁶⁴; if any argument is an int64 tensor the
+    result is one (the same bits).
+    """
+    on_tensor = isinstance(key, torch.Tensor) or any(isinstance(i, torch.Tensor) for i in indices)
+    if on_tensor and not isinstance(key, torch.Tensor):
+        key = _signed(key)
+    for index in indices:
+        if on_tensor and not isinstance(index, torch.Tensor):
+            index = _signed(index)
+        key = _splitmix64(key ^ _splitmix64(index))
+    return key
+
+
+def _as_int(key) -> int:
+    """A key as a Python int in [0, 2⁶⁴) (a host sync if it is a device tensor)."""
+    return int(key) & _MASK64
+
+
+def _draw_key(generator: torch.Generator | None) -> int:
+    device = generator.device if generator is not None else "cpu"
+    low, high = -(1 << 63), (1 << 63) - 1
+    return _as_int(torch.randint(low, high, (1,), generator=generator, device=device, dtype=torch.int64))
+
+
+# --- CPU: chunked mt19937 streams ----------------------------------------------------------
+
+# Elements per chunk: small enough that each chunk's noise is added while it is
+# in cache and that the threads share the work evenly, large enough that the
+# per-chunk Python work stays a few percent of drawing it.
+_CPU_CHUNK = 1 << 16
+# Each add_ covers at most this many elements: ATen runs it on the calling
+# thread alone (its OpenMP threads would only contend with ours).
+_SERIAL_ADD = 1 << 15
+_MT_WORDS = 624
+# torch's CPU generator state, read as int64: [initial seed, left | seeded << 32,
+# next, the 624 mt19937 words, the cached normals]; `set_state` takes it back.
+_STATE_INT64 = 632
+_STATE_MT = slice(3, 3 + _MT_WORDS)
+_FILLER_PAIRS = (_MT_WORDS - 6) // 2  # SplitMix64 outputs filling words 6…623, two words each
+# States are built this many chunks at a time: every op stays under ATen's
+# grain size and so on the calling thread, away from the OpenMP threads, which
+# stall whenever another process holds a core.
+_STATE_BLOCK = _SERIAL_ADD // _STATE_INT64
+
 _thread_pool: ThreadPoolExecutor | None = None
-# One reusable generator per accelerator device: re-seeded from the key at every use.
+# One reusable generator per accelerator device (unfused path), re-seeded at every use.
 _device_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _reset_after_fork() -> None:
+    # A forked child (a DataLoader worker) inherits the pool object, not its threads.
+    global _thread_pool
+    _thread_pool = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _worker_count() -> int:
+    return max(1, torch.get_num_threads())
 
 
 def _pool() -> ThreadPoolExecutor:
     global _thread_pool
     if _thread_pool is None:
-        _thread_pool = ThreadPoolExecutor(max(1, torch.get_num_threads()), "gradnoise")
+        _thread_pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), "gradnoise")
     return _thread_pool
 
 
-def _splitmix64(x: int) -> int:
-    """SplitMix64's output function: a bijection of 64-bit integers that mixes well."""
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
+@functools.cache
+def _generator_state_template() -> torch.Tensor:
+    """A CPU generator's state as int64 words, ready to take new mt19937 words.
+
+    Checks that torch lays the state out as `_chunk_states` writes it (seed,
+    left = 1, seeded, next = 0, then mt19937's init_genrand words).
+    """
+    seed = 0x5EED
+    state = torch.Generator().manual_seed(seed).get_state()
+    words = state.view(torch.int64) if state.numel() % 8 == 0 else state
+    first = seed & 0xFFFFFFFF
+    second = (1812433253 * (first ^ (first >> 30)) + 1) & 0xFFFFFFFF
+    expected = [seed, 1 | 1 << 32, 0, first, second]
+    if words.dtype != torch.int64 or words.numel() != _STATE_INT64 or words[:5].tolist() != expected:
+        raise RuntimeError(
+            f"gradnoise: torch {torch.__version__}'s CPU generator state ({state.numel()} bytes) is not "
+            "laid out as gradnoise expects (5056 bytes: seed, left, seeded, next, 624 mt19937 words); "
+            "please report this with your torch version"
+        )
+    return words.clone()
 
 
-def _mix(key: int, *indices: int) -> int:
-    """A key for (key, indices), like JAX's fold_in; deterministic across processes."""
-    for index in indices:
-        key = _splitmix64(key ^ _splitmix64(index))
-    return key % _KEY_LIMIT
+@functools.lru_cache(maxsize=16)
+def _filler_hashes(stream: int, chunks: int) -> torch.Tensor:
+    """(chunks, 309) int64: h_ci = f(f(u_c) ⊕ f(2⁶³ + i)), f = splitmix64, u_c = stream·2²⁴ + c.
+
+    u_c is one-to-one for stream < 2³⁹ and c < 2²⁴ and stays below 2⁶³, apart
+    from the word indices 2⁶³ + i; so h_ci ≠ h_c'i whenever c ≠ c'.
+    """
+    if stream >= 1 << 39 or chunks > 1 << 24:
+        raise ValueError(f"gradnoise: stream {stream} or {chunks} chunks out of range")
+    per_chunk = _splitmix64(torch.arange(chunks, dtype=torch.int64) + (stream << 24))
+    per_word = _splitmix64(torch.arange(_FILLER_PAIRS, dtype=torch.int64) + _signed(1 << 63))
+    return _splitmix64(per_chunk[:, None] ^ per_word[None, :])
 
 
-def _draw_key(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, _KEY_LIMIT, (1,), generator=generator, device=device).item())
+def _chunk_states(key: int, stream: int, chunks: int) -> torch.Tensor:
+    """(chunks, 5056) uint8: the CPU generator state of each chunk of stream (key, stream).
+
+    mt19937 words: 0 = 2³¹ (only its top bit is state, and a set bit keeps the
+    state from being all zero), 1–2 = the key, 3–4 = the stream, 5 = the chunk
+    index c, and words 6 + 2i, 7 + 2i the 64 bits of f(k ⊕ h_ci) (see
+    `_filler_hashes`).
+
+    The first outputs come after a twist (left = 1), which is a bijection of
+    the state, so distinct (key, stream, chunk) give distinct output streams.
+    The states also differ in (almost) every word, which independence needs,
+    mt19937 being linear and slow to diffuse a difference of a few words: two
+    chunks of one (key, stream) differ in every filler word by construction;
+    for two keys k ≠ k', a word agrees only where k ⊕ k' = h_ci ⊕ h_c'i, which
+    varies with i, so never in more than a few words at once.
+    """
+    hashes = _filler_hashes(stream, chunks)
+    header = torch.tensor([1 << 31, key & 0xFFFFFFFF, key >> 32, stream & 0xFFFFFFFF, stream >> 32, 0])
+    template = _generator_state_template()
+    states = torch.empty(chunks, _STATE_INT64, dtype=torch.int64)
+    for first in range(0, chunks, _STATE_BLOCK):
+        block = states[first : first + _STATE_BLOCK]
+        block[:, : _STATE_MT.start] = template[: _STATE_MT.start]
+        block[:, 0] = _signed(key)  # reported as the generator's initial_seed()
+        block[:, _STATE_MT.stop :] = template[_STATE_MT.stop :]
+        words = block[:, _STATE_MT]
+        words[:, :6] = header
+        words[:, 5] = torch.arange(first, first + len(block))
+        filler = _splitmix64(hashes[first : first + len(block)] ^ _signed(key))
+        # Each 64-bit value as its two 32-bit words, low first (set_state keeps 32 bits of each).
+        words[:, 6:] = filler.view(torch.int32)
+    return states.view(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_pieces(numels: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """The tensors laid end to end, cut into chunks of `_CPU_CHUNK` elements:
+    per chunk, its pieces (tensor index, start, stop, offset in the chunk),
+    none longer than `_SERIAL_ADD`."""
+    chunks: list[list[tuple[int, int, int, int]]] = []
+    filled = _CPU_CHUNK
+    for index, numel in enumerate(numels):
+        start = 0
+        while start < numel:
+            if filled == _CPU_CHUNK:
+                chunks.append([])
+                filled = 0
+            stop = min(numel, start + _CPU_CHUNK - filled, start + _SERIAL_ADD)
+            chunks[-1].append((index, start, stop, filled))
+            filled += stop - start
+            start = stop
+    return tuple(tuple(pieces) for pieces in chunks)
+
+
+def _add_noise_cpu(tensors: list[torch.Tensor], sigma: float, key: int, stream: int) -> None:
+    """t ← t + σ·ε for CPU tensors of one dtype; ε from the chunk generators of (key, stream).
+
+    The threads claim chunks in turn; what a chunk gets depends on its index
+    alone, so the result does not depend on the number of threads.
+    """
+    targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    flat = [t.view(-1) for t in targets]
+    chunks = _chunk_pieces(tuple(t.numel() for t in flat))
+    # One tensor per state: set_state crashes on a view at an offset.
+    states = [state.clone() for state in _chunk_states(key, stream, len(chunks))]
+    claim = itertools.count().__next__  # atomic under the GIL
+
+    def work() -> None:
+        generator = torch.Generator()
+        scratch = torch.empty(_CPU_CHUNK, dtype=flat[0].dtype)
+        while (index := claim()) < len(chunks):
+            pieces = chunks[index]
+            generator.set_state(states[index])
+            noise = scratch[: pieces[-1][3] + pieces[-1][2] - pieces[-1][1]]
+            noise.normal_(generator=generator)
+            for tensor, start, stop, offset in pieces:
+                flat[tensor][start:stop].add_(noise[offset : offset + stop - start], alpha=sigma)
+
+    helpers = [_pool().submit(work) for _ in range(min(_worker_count(), len(chunks)) - 1)]
+    try:
+        work()
+    finally:
+        for helper in helpers:
+            helper.result()
+    for tensor, target in zip(tensors, targets, strict=True):
+        if target is not tensor:
+            tensor.copy_(target)
+
+
+# --- other devices ---------------------------------------------------------------------------
+
+
+def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda" or os.environ.get("GRADNOISE_DISABLE_TRITON") == "1":
+        return False
+    from gradnoise import _triton
+
+    return _triton.available() and dtype in _triton.DTYPES
+
+
+def _add_noise_unfused(tensors, sigma, key: int, stream: int, workspace: dict | None) -> None:
+    """Any device: one flat buffer filled by the device's generator, then one `_foreach_add_`.
+
+    The generator is seeded with mix(key, stream), 64 bits (CUDA's Philox keeps them all).
+    """
+    device, dtype, numels = tensors[0].device, tensors[0].dtype, [t.numel() for t in tensors]
+    buffer = None if workspace is None else workspace.get((device, dtype))
+    if buffer is None or buffer.numel() != sum(numels):
+        buffer = torch.empty(sum(numels), device=device, dtype=dtype)
+        if workspace is not None:
+            workspace[(device, dtype)] = buffer
+    generator = _device_generators.get(device)
+    if generator is None:
+        generator = _device_generators[device] = torch.Generator(device)
+    generator.manual_seed(_mix(key, stream))
+    buffer.normal_(generator=generator)
+    noise = [view.view_as(t) for t, view in zip(tensors, buffer.split(numels), strict=True)]
+    if isinstance(sigma, torch.Tensor):
+        torch._foreach_mul_(noise, sigma)
+        torch._foreach_add_(tensors, noise)
+    else:
+        torch._foreach_add_(tensors, noise, alpha=sigma)
+
+
+# --- the batched op ---------------------------------------------------------------------------
 
 
 def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.device, torch.dtype, list]]:
@@ -83,66 +343,19 @@ def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.
     return [(device, dtype, group) for (device, dtype), group in groups.items()]
 
 
-def _fill_standard_normal(buffer: torch.Tensor, key: int) -> None:
-    """buffer ← N(0, 1) samples determined by `key` alone."""
-    if buffer.device.type != "cpu":
-        generator = _device_generators.get(buffer.device)
-        if generator is None:
-            generator = _device_generators[buffer.device] = torch.Generator(buffer.device)
-        generator.manual_seed(key)
-        buffer.normal_(generator=generator)
-        return
-
-    def fill(index_and_chunk):
-        index, chunk = index_and_chunk
-        generator = torch.Generator()
-        generator.manual_seed(_mix(key, index))
-        chunk.normal_(generator=generator)
-
-    chunks = list(enumerate(buffer.split(_CPU_CHUNK)))
-    if len(chunks) == 1:
-        fill(chunks[0])
-    else:
-        list(_pool().map(fill, chunks))
-
-
-def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cuda" or os.environ.get("GRADNOISE_DISABLE_TRITON") == "1":
-        return False
-    from gradnoise import _triton
-
-    return _triton.available() and dtype in _triton.DTYPES
-
-
-def _draw_group_noise(tensors: list[torch.Tensor], key: int, workspace: dict | None) -> list[torch.Tensor]:
-    """N(0, 1) noise shaped like `tensors` (one device and dtype), as views into
-    one flat buffer; the same key always gives the same noise."""
-    device, dtype, numels = tensors[0].device, tensors[0].dtype, [t.numel() for t in tensors]
-    total = sum(numels)
-    buffer = None if workspace is None else workspace.get((device, dtype))
-    if buffer is None or buffer.numel() != total:
-        buffer = torch.empty(total, device=device, dtype=dtype)
-        if workspace is not None:
-            workspace[(device, dtype)] = buffer
-    _fill_standard_normal(buffer, key)
-    return [view.view_as(t) for t, view in zip(tensors, buffer.split(numels), strict=True)]
-
-
-def _add_noise_to_groups(groups, sigma: float | torch.Tensor, key: int, workspace: dict | None) -> None:
-    """t ← t + σ·ε for groups of (device, dtype, tensors); group i's noise from key (key, i)."""
+def _add_noise_to_groups(groups, sigma, key, stream: int, workspace: dict | None) -> None:
+    """t ← t + σ·ε for groups of (device, dtype, tensors); group i is stream `stream + i` of `key`."""
     for index, (device, dtype, tensors) in enumerate(groups):
-        group_key = _mix(key, index)
         if _use_triton(device, dtype):
             from gradnoise import _triton
 
-            _triton.add_noise_(tensors, sigma, group_key)
-            continue
-        noise = _draw_group_noise(tensors, group_key, workspace)
-        if isinstance(sigma, torch.Tensor):
-            torch._foreach_mul_(noise, sigma)
-            torch._foreach_add_(tensors, noise)
+            _triton.add_noise_(
+                tensors, sigma, key if isinstance(key, torch.Tensor) else _signed(key), stream + index
+            )
+        elif device.type == "cpu":
+            _add_noise_cpu(tensors, float(sigma), _as_int(key), stream + index)
         else:
-            torch._foreach_add_(tensors, noise, alpha=sigma)
+            _add_noise_unfused(tensors, sigma, _as_int(key), stream + index, workspace)
 
 
 @torch.no_grad()
@@ -151,18 +364,25 @@ def add_noise_(
     sigma: float | torch.Tensor,
     generator: torch.Generator | None = None,
     *,
+    key: int | torch.Tensor | None = None,
     workspace: dict | None = None,
 ) -> None:
     """In place: t ← t + σ · ε for every tensor, ε ~ N(0, I) independent across elements.
 
-    Batched: one fused kernel (CUDA, Triton) or one RNG fill and one
-    `_foreach_add_` per (device, dtype), never a random and an add kernel per
-    tensor. fp32, bf16 and fp16 tensors; the noise is drawn in each tensor's
-    own dtype. `sigma` is a float or a 0-d tensor on the tensors' device (a
-    tensor avoids a host sync when σ is computed on the device). The noise
-    comes from `generator` (one key drawn from it per call; the default
-    generator if None). `workspace` (a dict owned by the caller) keeps the flat
-    buffers between calls.
+    Batched: one fused kernel (CUDA, Triton), chunks filled and added on every
+    core (CPU), or one RNG fill and one `_foreach_add_` per (device, dtype);
+    never a random and an add kernel per tensor. fp32, bf16 and fp16 tensors;
+    the noise is drawn in each tensor's own dtype.
+
+    Args:
+        sigma: a float, or a 0-d tensor on the tensors' device (no host sync
+            when σ is computed on the device).
+        generator: where the 64-bit key is drawn from when `key` is None (the
+            default generator if None as well).
+        key: the noise is a function of this 64-bit key alone: an int, or a
+            0-d int64 tensor (the fused CUDA kernel reads it on the device).
+        workspace: a dict owned by the caller, keeping the unfused path's flat
+            buffers between calls.
     """
     tensors = [t for t in tensors if t is not None]
     if not tensors:
@@ -172,7 +392,11 @@ def add_noise_(
             raise UserError(f"add_noise_: sigma={sigma!r} must be a finite number ≥ 0")
         if sigma == 0:
             return
-    _add_noise_to_groups(_group_by_device_dtype(tensors), sigma, _draw_key(generator), workspace)
+    if key is None:
+        key = _draw_key(generator)
+    elif not isinstance(key, (int, torch.Tensor)) or isinstance(key, bool):
+        raise UserError(f"add_noise_: key={key!r} must be an integer or a 0-d int64 tensor")
+    _add_noise_to_groups(_group_by_device_dtype(tensors), sigma, key, 0, workspace)
 
 
 def _global_rms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -182,25 +406,64 @@ def _global_rms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms])) / math.sqrt(total)
 
 
+def _flat(gradients) -> list[torch.Tensor]:
+    """The tensors of [(noise scale, param group index, [(device, dtype, gradients)])]."""
+    return [g for _, _, groups in gradients for _, _, grads in groups for g in grads]
+
+
+def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
+    """The param group's ``"noise_scale"`` (default 1), or its deprecated ``"noise_multiplier"``."""
+    if "noise_multiplier" in group:
+        if "noise_scale" in group:
+            raise UserError(
+                f"param group {index} has both noise_scale and noise_multiplier; "
+                "keep noise_scale (noise_multiplier is its deprecated name)"
+            )
+        if warn:
+            warnings.warn(
+                "the param group key 'noise_multiplier' is deprecated: use 'noise_scale' (in Opacus "
+                "noise_multiplier means σ / clipping norm; here it scales this group's σ)",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+        name, scale = "noise_multiplier", group["noise_multiplier"]
+    else:
+        name, scale = "noise_scale", group.get("noise_scale", 1.0)
+    if isinstance(scale, bool) or not (
+        isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0
+    ):
+        raise UserError(f"param group {index}: {name}={scale!r} must be a number ≥ 0")
+    return float(scale)
+
+
 class GradientNoise:
     """Adds N(0, σ_t²) noise to the gradients of `optimizer` at every `optimizer.step()`.
 
-    g̃ = g + σ_t · m_group · ε, ε ~ N(0, I), where σ_t = schedule(t) (absolute
+    g̃ = g + σ_t · s_group · ε, ε ~ N(0, I), where σ_t = schedule(t) (absolute
     mode) or σ_t = schedule(t) · RMS(g) (relative mode, or a
-    `schedules.Relative` schedule), t is the number of noisy steps taken so
-    far and m_group is the param group's ``"noise_multiplier"`` (default 1; 0
-    turns noise off for that group).
+    `schedules.Relative` schedule; the RMS over the gradients that get noise),
+    t is the number of noisy steps taken so far and s_group is the param
+    group's ``"noise_scale"`` (default 1; 0 turns noise off for that group).
 
     Args:
         optimizer: any `torch.optim.Optimizer`.
         schedule: a `gradnoise.schedules` schedule, or a spec string for `schedules.parse`.
+            A schedule that follows a metric (`plateau`) needs `observe(metric)`
+            after each evaluation.
         seed: with the step, determines the noise. Under DDP use the same seed on every
             replica (gradients are already averaged, so identical noise keeps
             replicas identical); for sharded gradients (FSDP, ZeRO) use
             ``seed + rank`` so every shard gets independent noise.
         mode: "absolute" or "relative".
-        track_stats: also record ‖g‖, ‖noise‖ and their ratio at each step in
-            `last_stats` (costs a reduction and a host sync).
+        track_stats: also record ‖g‖, ‖g̃ − g‖ (the noise as added) and their
+            ratio at each step in `last_stats` (costs a copy of the gradients
+            that get noise, three reductions and a host sync).
+        capturable: keep t on the gradients' device and compute σ_t and the
+            step's key there, so that a step on CUDA (fused kernel) needs no
+            host sync and can be captured in a CUDA graph (replays advance t
+            on the device; a step GradScaler skips is not counted). Not for
+            schedules that follow a metric. The noise is the same as without
+            it; eager, it costs a few more small kernels per step.
         attach: register the step pre-hook (default). With False, call `apply()`
             yourself, e.g. before gradient clipping for that ablation.
     """
@@ -213,6 +476,7 @@ class GradientNoise:
         seed: int = 0,
         mode: str = "absolute",
         track_stats: bool = False,
+        capturable: bool = False,
         attach: bool = True,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -225,19 +489,24 @@ class GradientNoise:
             raise UserError(f"mode={mode!r} is not allowed: use 'absolute' or 'relative'")
         if mode == "relative" and not isinstance(schedule, schedules.Relative):
             schedule = schedules.Relative(schedule)
-        for index, group in enumerate(optimizer.param_groups):
-            multiplier = group.get("noise_multiplier", 1.0)
-            if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier >= 0):
-                raise UserError(f"param group {index}: noise_multiplier={multiplier!r} must be a number ≥ 0")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"seed={seed!r} is not allowed: the seed must be an integer")
+        if capturable and schedule.needs_metric:
+            raise UserError(
+                f"capturable=True cannot follow a metric: schedule {schedule.spec!r} changes σ on the host "
+                "at each observe(); use a schedule of the step alone"
+            )
         self.optimizer = optimizer
         self.schedule = schedule
         self.seed = seed
         self.track_stats = track_stats
-        self.step = 0
+        self.capturable = capturable
         self.last_stats: dict[str, float] = {}
+        self._step: int | torch.Tensor = 0
         self._sigma: float | torch.Tensor = 0.0
         self._workspace: dict = {}
         self._plan: list | None = None
+        self._groups()  # validates the param groups' noise scales now
         self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
 
     @property
@@ -245,31 +514,62 @@ class GradientNoise:
         return "relative" if isinstance(self.schedule, schedules.Relative) else "absolute"
 
     @property
+    def step(self) -> int:
+        """Noisy steps taken so far: the t of the next step (a host sync when capturable)."""
+        return int(self._step)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(self._step, torch.Tensor):
+            self._step.fill_(value)
+        else:
+            self._step = int(value)
+
+    @property
     def sigma(self) -> float:
         """σ used at the last step (relative mode: after scaling by RMS(g)); 0 before the first."""
         return float(self._sigma)
 
+    def observe(self, metric: float) -> None:
+        """Feed the schedule a validation metric (lower is better); see `schedules.Plateau`.
+
+        Call it after each evaluation: schedules that follow a metric decay σ
+        when it stops improving; the others ignore it.
+        """
+        self.schedule.observe(metric)
+
     def _pre_step(self, optimizer, args, kwargs):
         """Add the noise once the step's gradients are final.
 
-        `opt.step(closure)` computes them inside the closure (after which
-        Lightning, for one, clips them), so the closure is wrapped and the
-        noise follows it; with no closure they are final now.
+        GradScaler hands a fused optimizer (``_step_supports_amp_scaling``) the
+        attributes ``grad_scale`` (gradients still scaled) and ``found_inf``
+        (the optimizer will skip this step). `opt.step(closure)` computes the
+        gradients inside the closure (after which Lightning, for one, clips
+        them), so the closure is wrapped and the noise follows it; with no
+        closure they are final now.
         """
-        if kwargs.get("grad_scale") is not None:
+        if "grad_scaler" in kwargs:
+            raise UserError(
+                "GradientNoise: optimizers whose step() takes grad_scaler= (a protocol torch deprecated) "
+                "are not supported: the noise cannot tell whether GradScaler skips the step"
+            )
+        if getattr(optimizer, "grad_scale", None) is not None:
             raise UserError(
                 "GradientNoise: the optimizer got still-scaled gradients from GradScaler; "
                 "call scaler.unscale_(optimizer) before scaler.step(optimizer)"
             )
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and not self.capturable and bool(found_inf):
+            return None  # the optimizer skips this step: no noise, t unchanged
         # `args` starts with the optimizer itself: step(closure) passes (optimizer, closure).
         closure = kwargs["closure"] if "closure" in kwargs else (args[1] if len(args) > 1 else None)
         if closure is None:
-            self.apply()
+            self._apply(found_inf)
             return None
 
         def noisy_closure():
             result = closure()
-            self.apply()
+            self._apply(found_inf)
             return result
 
         if "closure" in kwargs:
@@ -284,67 +584,91 @@ class GradientNoise:
         """
         groups = self.optimizer.param_groups
         if self._plan is None or len(self._plan) != len(groups):
+            for index, group in enumerate(groups):
+                _noise_scale(group, index, warn=True)
             self._plan = [(group, _group_by_device_dtype(group["params"])) for group in groups]
         return self._plan
 
-    def _gradients(self) -> list[tuple[float, list]]:
-        """This step's (noise multiplier, [(device, dtype, gradients)]) per param group."""
+    def _gradients(self) -> list[tuple[float, int, list]]:
+        """This step's (noise scale, param group index, [(device, dtype, gradients)]) per param group."""
         result = []
-        for group, by_device in self._groups():
-            multiplier = float(group.get("noise_multiplier", 1.0))
+        for index, (group, by_device) in enumerate(self._groups()):
             present = []
             for device, dtype, params in by_device:
                 grads = [p.grad for p in params if p.grad is not None]
                 if grads:
                     present.append((device, dtype, grads))
             if present:
-                result.append((multiplier, present))
+                result.append((_noise_scale(group, index), index, present))
         return result
 
-    @torch.no_grad()
     def apply(self) -> None:
         """Add this step's noise to the gradients and advance the step count."""
-        gradients = self._gradients()
-        key = _mix(self.seed, self.step)
-        sigma: float | torch.Tensor = self.schedule(self.step)
-        if gradients and isinstance(self.schedule, schedules.Relative):
-            all_grads = [g for _, groups in gradients for _, _, grads in groups for g in grads]
-            sigma = sigma * _global_rms(all_grads)
-        self._sigma = sigma
-        if self.track_stats:
-            self._add_and_record_stats(gradients, sigma, key)
-        else:
-            for index, (multiplier, groups) in enumerate(gradients):
-                if multiplier > 0 and (isinstance(sigma, torch.Tensor) or sigma > 0):
-                    _add_noise_to_groups(groups, sigma * multiplier, _mix(key, index), self._workspace)
-        self.step += 1
+        self._apply(None)
 
-    def _add_and_record_stats(self, gradients, sigma, key) -> None:
-        """The same noise as `apply`'s unfused path, also measuring ‖g‖ and ‖noise‖."""
-        all_grads = [g for _, groups in gradients for _, _, grads in groups for g in grads]
-        norms = [n.float() for n in torch._foreach_norm(all_grads)] if all_grads else []
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-        noise_squared = 0.0
-        for index, (multiplier, groups) in enumerate(gradients):
-            if multiplier == 0:
-                continue
-            for group_index, (_, _, grads) in enumerate(groups):
-                noise = _draw_group_noise(grads, _mix(_mix(key, index), group_index), self._workspace)
-                torch._foreach_mul_(noise, sigma * multiplier)
-                noise_squared += sum(float(n.float().square().sum()) for n in noise)
-                torch._foreach_add_(grads, noise)
-        noise_norm = math.sqrt(noise_squared)
-        self.last_stats = {
+    @torch.no_grad()
+    def _apply(self, found_inf: torch.Tensor | None) -> None:
+        gradients = self._gradients()
+        noised = [(scale, index, groups) for scale, index, groups in gradients if scale > 0]
+        step = self._step_counter(gradients)
+        sigma = self.schedule(step.double() if isinstance(step, torch.Tensor) else step)
+        if noised and isinstance(self.schedule, schedules.Relative):
+            rms = _global_rms(_flat(noised))
+            # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
+            sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
+        before = self._snapshot(noised) if self.track_stats else None
+        if isinstance(sigma, torch.Tensor) or sigma > 0:
+            key = _mix(self.seed, step)
+            for scale, index, groups in noised:
+                # Param group i's (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
+                _add_noise_to_groups(groups, sigma * scale, key, index << 16, self._workspace)
+        if before is not None:
+            self.last_stats = self._stats(gradients, noised, before)
+        self._sigma = sigma
+        if isinstance(self._step, torch.Tensor):
+            # A step a fused optimizer skips (GradScaler found inf) is not counted, without a sync.
+            self._step += 1 if found_inf is None else (found_inf == 0).to(torch.int64)
+        else:
+            self._step += 1
+
+    def _step_counter(self, gradients) -> int | torch.Tensor:
+        """t, moved to the gradients' device on the first capturable step."""
+        if self.capturable and not isinstance(self._step, torch.Tensor) and gradients:
+            device = gradients[0][2][0][0]
+            self._step = torch.tensor(self._step, dtype=torch.int64, device=device)
+        return self._step
+
+    @staticmethod
+    def _snapshot(noised) -> list[torch.Tensor]:
+        return [g.clone() for g in _flat(noised)]
+
+    @staticmethod
+    def _stats(gradients, noised, before: list[torch.Tensor]) -> dict[str, float]:
+        """‖g‖ over every gradient, ‖g̃ − g‖ over those that got noise, and their ratio."""
+        after = _flat(noised)
+        clean = _flat([entry for entry in gradients if entry[0] == 0])
+
+        def norm(tensors: list[torch.Tensor]) -> float:
+            if not tensors:
+                return 0.0
+            norms = torch._foreach_norm(tensors)
+            return float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
+
+        grad_norm = math.hypot(norm(before), norm(clean))
+        noise = torch._foreach_sub(after, before) if after else []
+        noise_norm = norm(noise)
+        return {
             "grad_norm": grad_norm,
             "noise_norm": noise_norm,
             "noise_to_grad": noise_norm / grad_norm if grad_norm > 0 else math.inf,
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the noise stream exactly: (seed, step) and the schedule's state."""
+        """What continuing exactly needs: (seed, step), the last step's σ and the schedule's state."""
         return {
             "step": self.step,
             "seed": self.seed,
+            "sigma": self.sigma,
             "schedule_spec": self.schedule.spec,
             "schedule_state": self.schedule.state_dict(),
         }
@@ -357,6 +681,7 @@ class GradientNoise:
             )
         self.step = int(state["step"])
         self.seed = int(state["seed"])
+        self._sigma = float(state.get("sigma", 0.0))  # states saved before σ was kept have none
         self.schedule.load_state_dict(state["schedule_state"])
 
     def remove(self) -> None:

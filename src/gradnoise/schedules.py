@@ -1,9 +1,15 @@
 """Noise schedules: σ_t, the standard deviation of the noise added at step t.
 
 Every schedule is a small object with ``__call__(step) -> float``; ``step``
-counts optimizer steps from 0 at the first one. Every schedule returns a
-*standard deviation*, never a variance (Neelakantan et al. state theirs as a
-variance: see `Neelakantan`).
+counts optimizer steps from 0 at the first one (it may also be a float64
+tensor, for σ_t computed on the device). Every schedule returns a *standard
+deviation*, never a variance (Neelakantan et al. state theirs as a variance:
+see `Neelakantan`).
+
+A schedule whose σ follows a metric (`Plateau`, like optax's
+`reduce_on_plateau`) declares its state and takes the metric as an input:
+``observe(val_loss)`` after each evaluation (``needs_metric`` is True). The
+integrations refuse such a schedule unless told which metric to feed it.
 
 Schedules name themselves with a spec string that `parse` reads back, so that
 configs, command lines and reports all say the same thing::
@@ -24,6 +30,8 @@ import dataclasses
 import math
 from typing import ClassVar
 
+import torch
+
 from gradnoise.errors import UserError
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "Linear",
     "Neelakantan",
     "Plateau",
+    "PlateauState",
     "Relative",
     "Schedule",
     "parse",
@@ -41,11 +50,25 @@ __all__ = [
 # horizon() searches up to this step; a schedule still above the threshold
 # there is reported as never reaching it.
 _HORIZON_LIMIT = 10**12
+# Neelakantan's decay exponent: at γ = 10, σ_1 = σ_0/32 and σ_100 ≈ 1e-10·σ_0;
+# a larger γ is a typo for a noise that is gone after the first step.
+_NEELAKANTAN_MAX_GAMMA = 10.0
 
 
 def _require(condition: bool, name: str, value, allowed: str) -> None:
     if not condition:
         raise UserError(f"{name}={value!r} is not allowed: {name} must be {allowed}")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fraction_done(step, total_steps: int):
+    """min(t, T) / T, for an int step or a tensor of steps."""
+    if isinstance(step, torch.Tensor):
+        return step.clamp(max=total_steps) / total_steps
+    return min(step, total_steps) / total_steps
 
 
 class Schedule:
@@ -54,14 +77,21 @@ class Schedule:
     name: ClassVar[str]
     #: True if σ_t never increases with t (what `horizon`'s search relies on).
     monotone: ClassVar[bool] = True
+    #: True if σ follows a metric: feed it with `observe` after each evaluation.
+    needs_metric: ClassVar[bool] = False
 
     def __call__(self, step: int) -> float:
         raise NotImplementedError
 
+    def observe(self, metric: float) -> None:
+        """Record a validation metric (lower is better). Schedules with
+        ``needs_metric`` update their state; the others do not depend on it."""
+        del metric
+
     @property
     def spec(self) -> str:
         """The string `parse` turns back into an equal schedule."""
-        params = ",".join(f"{field.name}={getattr(self, field.name)!r}" for field in dataclasses.fields(self))
+        params = ",".join(f"{field.name}={getattr(self, field.name)!r}" for field in _parameters(self))
         return f"{self.name}:{params}"
 
     def horizon(self, fraction: float = 0.01) -> int | None:
@@ -87,7 +117,7 @@ class Schedule:
                 low = middle
         return high
 
-    # Schedules without data-driven state have nothing to save.
+    # Schedules without a metric-driven state have nothing to save.
     def state_dict(self) -> dict:
         return {}
 
@@ -137,11 +167,15 @@ class Linear(Schedule):
     def __post_init__(self):
         _require(math.isfinite(self.sigma0) and self.sigma0 >= 0, "sigma0", self.sigma0, "≥ 0")
         _require(0 <= self.sigma_end <= self.sigma0, "sigma_end", self.sigma_end, "in [0, sigma0]")
-        _require(self.total_steps > 0, "total_steps", self.total_steps, "> 0")
+        _require(
+            _is_integer(self.total_steps) and self.total_steps > 0,
+            "total_steps",
+            self.total_steps,
+            "an integer > 0",
+        )
 
     def __call__(self, step: int) -> float:
-        progress = min(step, self.total_steps) / self.total_steps
-        return self.sigma0 + (self.sigma_end - self.sigma0) * progress
+        return self.sigma0 + (self.sigma_end - self.sigma0) * _fraction_done(step, self.total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,19 +190,26 @@ class Cosine(Schedule):
     def __post_init__(self):
         _require(math.isfinite(self.sigma0) and self.sigma0 >= 0, "sigma0", self.sigma0, "≥ 0")
         _require(0 <= self.sigma_end <= self.sigma0, "sigma_end", self.sigma_end, "in [0, sigma0]")
-        _require(self.total_steps > 0, "total_steps", self.total_steps, "> 0")
+        _require(
+            _is_integer(self.total_steps) and self.total_steps > 0,
+            "total_steps",
+            self.total_steps,
+            "an integer > 0",
+        )
 
     def __call__(self, step: int) -> float:
-        progress = min(step, self.total_steps) / self.total_steps
-        return self.sigma_end + (self.sigma0 - self.sigma_end) * (1 + math.cos(math.pi * progress)) / 2
+        progress = _fraction_done(step, self.total_steps)
+        cos = torch.cos if isinstance(progress, torch.Tensor) else math.cos
+        return self.sigma_end + (self.sigma0 - self.sigma_end) * (1 + cos(math.pi * progress)) / 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Neelakantan(Schedule):
-    """Neelakantan et al. (2015): σ_t² = η / (1 + t)^γ, so σ_t = sqrt(η / (1 + t)^γ).
+    """Neelakantan et al. (2015): σ_t² = η / (1 + t)^γ, so σ_t = √η · (1 + t)^(−γ/2).
 
     η is a *variance* (the paper tried η ∈ {0.01, 0.3, 1.0}, γ = 0.55); this
-    schedule returns its square root, the standard deviation.
+    schedule returns its square root, the standard deviation. γ ∈ [0, 10].
+    Computed as √η · (1 + t)^(−γ/2), which cannot overflow for any t.
     """
 
     eta: float
@@ -177,10 +218,15 @@ class Neelakantan(Schedule):
 
     def __post_init__(self):
         _require(math.isfinite(self.eta) and self.eta >= 0, "eta", self.eta, "≥ 0 (a variance)")
-        _require(math.isfinite(self.gamma) and self.gamma >= 0, "gamma", self.gamma, "≥ 0")
+        _require(
+            0 <= self.gamma <= _NEELAKANTAN_MAX_GAMMA,
+            "gamma",
+            self.gamma,
+            f"in [0, {_NEELAKANTAN_MAX_GAMMA:g}]",
+        )
 
     def __call__(self, step: int) -> float:
-        return math.sqrt(self.eta / (1 + step) ** self.gamma)
+        return math.sqrt(self.eta) * (1 + step) ** (-self.gamma / 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +250,15 @@ class Relative(Schedule):
     def monotone(self) -> bool:  # type: ignore[override]
         return self.inner.monotone
 
+    @property
+    def needs_metric(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_metric
+
     def __call__(self, step: int) -> float:
         return self.inner(step)
+
+    def observe(self, metric: float) -> None:
+        self.inner.observe(metric)
 
     @property
     def spec(self) -> str:
@@ -218,13 +271,26 @@ class Relative(Schedule):
         self.inner.load_state_dict(state)
 
 
+@dataclasses.dataclass(frozen=True)
+class PlateauState:
+    """`Plateau`'s state: σ now, the best metric so far, evaluations since it last improved."""
+
+    sigma: float
+    best: float = math.inf
+    bad_observations: int = 0
+
+
 @dataclasses.dataclass
 class Plateau(Schedule):
-    """Plateau-driven decay, like ReduceLROnPlateau: σ ← max(σ·factor, min_sigma) after
-    more than `patience` calls of `observe(metric)` without the metric improving
-    on its best by a relative `threshold` (metric < best · (1 − threshold)).
+    """Plateau-driven decay, like ReduceLROnPlateau (and optax's `reduce_on_plateau`):
+    σ ← max(σ·factor, min_sigma) after more than `patience` evaluations without
+    the metric improving on its best by a relative `threshold`
+    (metric < best · (1 − threshold)).
 
-    σ_t does not depend on t; feed it the validation loss after each eval.
+    σ_t does not depend on t but on the declared `state` (a `PlateauState`),
+    which only `observe(metric)` advances: feed it the validation loss after
+    each evaluation. `update(state, metric)` is the same transition as a pure
+    function.
     """
 
     sigma0: float
@@ -232,40 +298,48 @@ class Plateau(Schedule):
     patience: int = 2
     threshold: float = 1e-3
     min_sigma: float = 0.0
+    state: PlateauState = dataclasses.field(init=False, repr=False, compare=False)
     name: ClassVar[str] = "plateau"
     monotone: ClassVar[bool] = False
+    needs_metric: ClassVar[bool] = True
 
     def __post_init__(self):
         _require(math.isfinite(self.sigma0) and self.sigma0 >= 0, "sigma0", self.sigma0, "≥ 0")
         _require(0 < self.factor < 1, "factor", self.factor, "in (0, 1)")
-        _require(self.patience >= 0, "patience", self.patience, "≥ 0")
+        _require(
+            _is_integer(self.patience) and self.patience >= 0, "patience", self.patience, "an integer ≥ 0"
+        )
         _require(0 <= self.threshold < 1, "threshold", self.threshold, "in [0, 1)")
         _require(0 <= self.min_sigma <= self.sigma0, "min_sigma", self.min_sigma, "in [0, sigma0]")
-        self._sigma = self.sigma0
-        self._best = math.inf
-        self._bad_observations = 0
+        self.state = self.init()
 
-    def __call__(self, step: int) -> float:
-        return self._sigma
+    def init(self) -> PlateauState:
+        """The state before any evaluation: σ = σ_0."""
+        return PlateauState(sigma=self.sigma0)
+
+    def update(self, state: PlateauState, metric: float) -> PlateauState:
+        """The state after an evaluation that measured `metric` (lower is better; NaN never improves)."""
+        if metric < state.best * (1 - self.threshold):
+            return PlateauState(state.sigma, best=metric)
+        if state.bad_observations + 1 > self.patience:
+            return PlateauState(max(state.sigma * self.factor, self.min_sigma), state.best)
+        return PlateauState(state.sigma, state.best, state.bad_observations + 1)
 
     def observe(self, metric: float) -> None:
-        """Record a validation metric (lower is better); may decay σ."""
-        if metric < self._best * (1 - self.threshold):
-            self._best = metric
-            self._bad_observations = 0
-            return
-        self._bad_observations += 1
-        if self._bad_observations > self.patience:
-            self._sigma = max(self._sigma * self.factor, self.min_sigma)
-            self._bad_observations = 0
+        try:
+            value = float(metric)
+        except (TypeError, ValueError):
+            raise UserError(f"plateau schedule: the metric must be a number, got {metric!r}") from None
+        self.state = self.update(self.state, value)
+
+    def __call__(self, step: int) -> float:
+        return self.state.sigma
 
     def state_dict(self) -> dict:
-        return {"sigma": self._sigma, "best": self._best, "bad_observations": self._bad_observations}
+        return dataclasses.asdict(self.state)
 
     def load_state_dict(self, state: dict) -> None:
-        self._sigma = float(state["sigma"])
-        self._best = float(state["best"])
-        self._bad_observations = int(state["bad_observations"])
+        self.state = PlateauState(float(state["sigma"]), float(state["best"]), int(state["bad_observations"]))
 
 
 _SCHEDULES: dict[str, type[Schedule]] = {
@@ -296,7 +370,7 @@ def parse(spec: str) -> Schedule | None:
         allowed = ", ".join(["none", *_SCHEDULES, "relative:<spec>"])
         raise UserError(f"unknown noise schedule {name!r} in {spec!r}; allowed: {allowed}")
     cls = _SCHEDULES[name]
-    fields = {field.name: field for field in dataclasses.fields(cls)}
+    fields = {field.name: field for field in _parameters(cls)}
     kwargs = {}
     for item in filter(None, params.split(",")):
         key, equals, value = item.partition("=")
@@ -306,12 +380,33 @@ def parse(spec: str) -> Schedule | None:
                 f"noise schedule {spec!r}: bad parameter {item!r}; {name} takes "
                 + ", ".join(f"{k}=<{f.type}>" for k, f in fields.items())
             )
-        converter = int if fields[key].type == "int" else float
-        try:
-            kwargs[key] = converter(value)
-        except ValueError:
-            raise UserError(f"noise schedule {spec!r}: {key}={value!r} is not a {fields[key].type}") from None
+        if key in kwargs:
+            raise UserError(f"noise schedule {spec!r}: {key} is given twice; give each parameter once")
+        kwargs[key] = _number(spec, key, value.strip(), fields[key].type)
     missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in kwargs]
     if missing:
         raise UserError(f"noise schedule {spec!r}: missing {', '.join(missing)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as error:
+        raise UserError(f"noise schedule {spec!r}: {error}") from None
+
+
+def _parameters(schedule) -> list[dataclasses.Field]:
+    """A schedule's parameters: the dataclass fields its constructor takes (not its state)."""
+    return [field for field in dataclasses.fields(schedule) if field.init]
+
+
+def _number(spec: str, key: str, text: str, kind: str) -> int | float:
+    """`text` as the parameter's type: a float, or an integer (also written 1e3)."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if kind == "int":
+        if number is not None and math.isfinite(number) and number.is_integer():
+            return int(text) if text.lstrip("+-").isdigit() else int(number)
+        raise UserError(f"noise schedule {spec!r}: {key}={text!r} is not an integer")
+    if number is None:
+        raise UserError(f"noise schedule {spec!r}: {key}={text!r} is not a number")
+    return number

@@ -18,8 +18,9 @@ def register(commands) -> None:
         description="Times, interleaved in one process, a full training step (forward, backward, "
         "clip, AdamW step) of the paper and/or tiny model with: no noise; the per-parameter "
         "loop (ESPnet/Chainer); gradnoise (and, on CUDA, gradnoise without the fused kernel). "
-        "Then the noise op alone in µs and GB/s (8 bytes per gradient element), against an "
-        "all-core normal fill and the device's copy bandwidth measured in the same run.",
+        "Then the noise op alone in µs and GB/s (8 bytes per gradient element), against a "
+        "single normal_ fill of as many samples (single-threaded on CPU) and the device's copy "
+        "bandwidth measured in the same run.",
     )
     noise.add_argument("--preset", default="both", help="tiny, paper or both (default)")
     noise.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -27,7 +28,7 @@ def register(commands) -> None:
         "--steps",
         type=int,
         metavar="N",
-        help="timed steps per variant (default: CPU tiny 30, CPU paper 3, CUDA 100 / 50)",
+        help="timed steps per variant (default: CPU tiny 30, CPU paper 3, CUDA tiny 300, CUDA paper 200)",
     )
     noise.add_argument("--no-compile", action="store_true", help="CUDA: leave the model eager")
     noise.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -49,6 +49,13 @@ def register(commands) -> None:
         action="store_true",
         help="continue from the run directory's latest checkpoint (start afresh if it has none)",
     )
+    train.add_argument(
+        "--group",
+        type=Path,
+        metavar="GROUP_DIR",
+        help="train the runs listed in GROUP_DIR/group.json together (the study runner's "
+        "--batch-models); exit 0 when every run ended (done or diverged: see each result.json)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(func=_train)
@@ -80,6 +87,8 @@ def register(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        return _train_group(args)
     from gradnoise.lm.config import parse_overrides, read_config, resolve_config
     from gradnoise.lm.distributed import DistributedEnv
     from gradnoise.lm.trainer import train
@@ -107,6 +116,29 @@ def _train(args: argparse.Namespace) -> int:
     if dist_env.is_main:
         _report(result, run_dir)
     return EXIT_STATUS[result["status"]]
+
+
+def _train_group(args: argparse.Namespace) -> int:
+    from gradnoise.lm.group import read_group
+    from gradnoise.lm.trainer import train_group
+
+    given = [
+        name for name in ("dataset", "preset", "config_file", "run_dir") if getattr(args, name) is not None
+    ]
+    if given or args.overrides:
+        shown = [f"--{name.replace('_', '-')}" for name in given] + args.overrides
+        raise UserError(f"--group takes its runs and configs from group.json; drop {' '.join(shown)}")
+    members = read_group(args.group)
+    results = train_group(
+        [m.config for m in members],
+        [m.run_dir for m in members],
+        args.group,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    for member, result in zip(members, results, strict=True):
+        _report(result, member.run_dir)
+    return EXIT_STATUS["interrupted"] if any(r["status"] == "interrupted" for r in results) else 0
 
 
 def _report(result: dict, run_dir: Path) -> None:

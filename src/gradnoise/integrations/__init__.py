@@ -17,7 +17,7 @@ from types import ModuleType
 from gradnoise import schedules
 from gradnoise.errors import UserError
 
-__all__ = ["check_mode", "import_extra", "schedule_from"]
+__all__ = ["check_mode", "check_monitor", "import_extra", "noise_seed", "schedule_from"]
 
 
 def import_extra(module: str, extra: str) -> ModuleType:
@@ -46,3 +46,32 @@ def check_mode(mode: str) -> str:
     if mode not in ("absolute", "relative"):
         raise UserError(f"mode={mode!r} is not allowed: use 'absolute' or 'relative'")
     return mode
+
+
+def check_monitor(schedule: schedules.Schedule, monitor: str | None) -> str | None:
+    """`monitor` if it fits the schedule: a metric name for a schedule that follows one, else None."""
+    if monitor is not None and not (isinstance(monitor, str) and monitor):
+        raise UserError(
+            f"monitor={monitor!r} is not allowed: give the name of a logged metric, e.g. 'val_loss'"
+        )
+    if schedule.needs_metric and monitor is None:
+        raise UserError(
+            f"schedule {schedule.spec!r} follows a metric: pass monitor=<the validation metric to feed it>, "
+            "e.g. monitor='val_loss'; without one σ would stay at σ0"
+        )
+    if monitor is not None and not schedule.needs_metric:
+        raise UserError(
+            f"monitor={monitor!r} has no effect: schedule {schedule.spec!r} does not follow a metric "
+            "(only plateau schedules do); leave monitor out"
+        )
+    return monitor
+
+
+def noise_seed(seed: int, optimizer_index: int, rank: int, world_size: int) -> int:
+    """The seed of optimizer `optimizer_index` on `rank`: seed + optimizer_index · world_size + rank.
+
+    One-to-one over (optimizer, rank), so no two streams of a run share a seed;
+    with rank 0 and world size 1 (the same seed on every rank, for DDP) it is
+    seed + optimizer_index.
+    """
+    return seed + optimizer_index * world_size + rank

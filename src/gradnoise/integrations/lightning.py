@@ -12,18 +12,26 @@ then `scaler.step` without a closure; the noise is then added at the start of
 the step, also after clipping, and steps the scaler skips draw no noise.
 
 One `GradientNoise` per optimizer of the trainer (optimizer i is seeded with
-`seed + i`), attached at fit start, detached at teardown. Its state (step
-count and seed) is saved in Lightning checkpoints, so a resumed fit
+`seed + i`, or `seed + i·world_size + rank` with ``per_rank_seed=True``),
+attached at fit start, detached at teardown. Its state (step count, σ and a
+plateau schedule's state) is saved in Lightning checkpoints, so a resumed fit
 continues the noise stream exactly.
+
+A plateau schedule follows a validation metric, as `ReduceLROnPlateau` does
+in Lightning: ``monitor="val_loss"`` names the metric (logged with
+``self.log``) fed to it at the end of every validation during fit.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import check_mode, import_extra, schedule_from
+from gradnoise.integrations import check_mode, check_monitor, import_extra, noise_seed, schedule_from
 from gradnoise.noise import GradientNoise
 
 try:
@@ -46,8 +54,22 @@ class GradientNoiseCallback(Callback):
         seed: seeds the noise of optimizer i with ``seed + i``. Keep it equal
             on every rank under DDP so the replicas stay identical.
         mode: "absolute" or "relative".
-        log_sigma: log σ of the last step as ``gradnoise/sigma`` (with the
-            optimizer's index appended when there are several) via `pl_module.log`.
+        monitor: the metric a plateau schedule follows (e.g. "val_loss", as
+            logged by ``self.log`` in validation), read from
+            `trainer.callback_metrics` at the end of each validation and
+            averaged over the ranks. Required for plateau schedules, refused
+            for the others.
+        per_rank_seed: seed optimizer i on rank r with ``seed + i·world_size + r``:
+            for sharded gradients (FSDP, DeepSpeed ZeRO), where each rank holds
+            different parameters and needs noise of its own.
+        track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
+            gradients and a host sync per step; see `GradientNoise`).
+        log_sigma: log σ of the last step as ``gradnoise/sigma``.
+
+    Logged via `pl_module.log` at every training batch (the optimizer's index
+    appended when there are several): ``gradnoise/sigma``, and with
+    ``track_stats`` ``gradnoise/grad_norm``, ``gradnoise/noise_norm``,
+    ``gradnoise/noise_to_grad``.
     """
 
     def __init__(
@@ -56,11 +78,17 @@ class GradientNoiseCallback(Callback):
         *,
         seed: int = 0,
         mode: str = "absolute",
+        monitor: str | None = None,
+        per_rank_seed: bool = False,
+        track_stats: bool = False,
         log_sigma: bool = True,
     ):
         self.schedule = schedule_from(schedule)
         self.seed = seed
         self.mode = check_mode(mode)
+        self.monitor = check_monitor(self.schedule, monitor)
+        self.per_rank_seed = per_rank_seed
+        self.track_stats = track_stats
         self.log_sigma = log_sigma
         self.noises: list[GradientNoise] = []
         self._restored: list[dict] | None = None
@@ -71,21 +99,48 @@ class GradientNoiseCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._detach()
-        self.noises = []
-        for index, optimizer in enumerate(trainer.optimizers):
-            noise = GradientNoise(optimizer, self.schedule, seed=self.seed + index, mode=self.mode)
-            self.noises.append(noise)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if self.per_rank_seed else (0, 1)
+        self.noises = [
+            GradientNoise(
+                optimizer,
+                copy.deepcopy(self.schedule),  # a plateau's state is per optimizer
+                seed=noise_seed(self.seed, index, rank, world_size),
+                mode=self.mode,
+                track_stats=self.track_stats,
+            )
+            for index, optimizer in enumerate(trainer.optimizers)
+        ]
         if self._restored is not None:
             self._load_noise_states(self._restored)
             self._restored = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.log_sigma:
-            return
         several = len(self.noises) > 1
         for index, noise in enumerate(self.noises):
-            name = f"gradnoise/sigma{index}" if several else "gradnoise/sigma"
-            pl_module.log(name, noise.sigma, on_step=True, on_epoch=False)
+            values = {"sigma": noise.sigma} if self.log_sigma else {}
+            if self.track_stats:
+                values.update(noise.last_stats)
+            for name, value in values.items():
+                pl_module.log(
+                    f"gradnoise/{name}{index if several else ''}", value, on_step=True, on_epoch=False
+                )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            raise UserError(
+                f"GradientNoiseCallback: monitor={self.monitor!r} was not logged by validation "
+                f"(logged: {logged}); log it with self.log({self.monitor!r}, ...) in validation_step"
+            )
+        # Every rank must take the same σ: average the metric as the ranks saw it.
+        mean = trainer.strategy.reduce(
+            torch.as_tensor(value, dtype=torch.float32, device=pl_module.device), reduce_op="mean"
+        )
+        for noise in self.noises:
+            noise.observe(float(mean))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
@@ -115,7 +170,10 @@ class GradientNoiseCallback(Callback):
                 f"but the trainer has {len(self.noises)}"
             )
         for noise, state in zip(self.noises, states, strict=True):
+            seed = noise.seed
             noise.load_state_dict(state)
+            # Lightning saves rank 0's callback state: every rank keeps its own seed.
+            noise.seed = seed
 
     def __repr__(self) -> str:
         return f"GradientNoiseCallback({self.schedule.spec!r}, seed={self.seed}, mode={self.mode!r})"

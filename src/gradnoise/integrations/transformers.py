@@ -11,25 +11,36 @@ micro-batches, and under fp16 AMP through a GradScaler that has already
 unscaled them: the step pre-hook therefore adds the noise after clipping and
 unscaling, once per optimizer step, and a step the scaler skips draws none.
 
-σ of the last step is added to the Trainer's logs as ``gradnoise_sigma`` (in
-`on_log`, so reporters registered before this callback, such as the default
-TensorBoard or W&B ones, do not see it; it is written to `log_history`).
+Logs. σ of the last step goes into each training log as ``gradnoise_sigma``
+(and, with ``track_stats``, ``gradnoise_grad_norm``, ``gradnoise_noise_norm``,
+``gradnoise_noise_to_grad``), through the Trainer's own `on_log`: callbacks
+registered after this one see them, as does `state.log_history`. The Trainer
+puts its reporters (TensorBoard, W&B, ...) before the callbacks you pass; for
+them to record these values, move this callback first::
 
-The callback is an `ExportableState`: with
-``TrainingArguments(restore_callback_states_from_checkpoint=True)`` a resumed
-run continues the noise stream exactly (step count and seed are kept in
-the checkpoint's trainer_state.json).
+    trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))
+
+Resuming. A resumed run continues the noise at t = `state.global_step` (the
+Trainer's optimizer steps), so no step's key is used twice. With
+``TrainingArguments(restore_callback_states_from_checkpoint=True)`` it
+continues exactly: the callback is an `ExportableState` whose state (step, σ
+and a plateau schedule's state) is kept in the checkpoint's
+trainer_state.json. The Trainer then *replaces* the callback object you passed
+with a new one built from the saved arguments: find it in
+`trainer.callback_handler.callbacks`, not in your variable.
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import check_mode, import_extra, schedule_from
+from gradnoise.integrations import check_mode, check_monitor, import_extra, noise_seed, schedule_from
 from gradnoise.noise import GradientNoise
 
 _transformers = import_extra("transformers", "transformers")
@@ -63,6 +74,15 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         seed: seeds the noise; keep it equal on every rank under DDP so the
             replicas stay identical.
         mode: "absolute" or "relative".
+        monitor: the evaluation metric a plateau schedule follows, fed to it
+            at every evaluation during training: "eval_loss", or "loss" (the
+            ``eval_`` prefix is added as for ``metric_for_best_model``).
+            Required for plateau schedules, refused for the others.
+        per_rank_seed: seed rank r with ``seed + r`` (`args.process_index`):
+            for sharded gradients (FSDP, DeepSpeed ZeRO), where each rank holds
+            different parameters and needs noise of its own.
+        track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
+            gradients and a host sync per step; see `GradientNoise`).
         log_sigma: add ``gradnoise_sigma`` to the training logs.
     """
 
@@ -72,36 +92,78 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         *,
         seed: int = 0,
         mode: str = "absolute",
+        monitor: str | None = None,
+        per_rank_seed: bool = False,
+        track_stats: bool = False,
         log_sigma: bool = True,
     ):
         self.schedule = schedule_from(schedule)
         self.seed = seed
         self.mode = check_mode(mode)
+        self.monitor = check_monitor(self.schedule, monitor)
+        self.per_rank_seed = per_rank_seed
+        self.track_stats = track_stats
         self.log_sigma = log_sigma
         self.noise: GradientNoise | None = None
         # Set by the Trainer when it restores this callback from a checkpoint.
         self.noise_state: dict | None = None
+        self._training = False
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
         if optimizer is None:
             raise UserError("GradientNoiseCallback: the Trainer passed no optimizer to on_train_begin")
         if self.noise is not None:
             self.noise.remove()
-        self.noise = GradientNoise(_torch_optimizer(optimizer), self.schedule, seed=self.seed, mode=self.mode)
+        self.noise = GradientNoise(
+            _torch_optimizer(optimizer),
+            copy.deepcopy(self.schedule),
+            seed=noise_seed(self.seed, 0, args.process_index if self.per_rank_seed else 0, 1),
+            mode=self.mode,
+            track_stats=self.track_stats,
+        )
         if self.noise_state is not None:
+            seed = self.noise.seed
             self.noise.load_state_dict(self.noise_state)
+            self.noise.seed = seed  # the checkpoint holds rank 0's state: every rank keeps its own seed
             self.noise_state = None
+        elif state.global_step > 0:
+            # Resumed without this callback's state: continue t, never reuse a step's key.
+            self.noise.step = state.global_step
+            if self.schedule.needs_metric:
+                warnings.warn(
+                    f"GradientNoiseCallback: resumed at step {state.global_step} without its saved state, so "
+                    f"the plateau schedule restarts at σ0; pass TrainingArguments("
+                    "restore_callback_states_from_checkpoint=True) to continue it",
+                    stacklevel=2,
+                )
+        self._training = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
+        if self.monitor is None or not self._training or self.noise is None:
+            return
+        metrics = metrics or {}
+        name = self.monitor if self.monitor in metrics else f"eval_{self.monitor}"
+        if name not in metrics:
+            raise UserError(
+                f"GradientNoiseCallback: monitor={self.monitor!r} is not among the evaluation metrics "
+                f"({', '.join(sorted(metrics)) or 'none'})"
+            )
+        self.noise.observe(metrics[name])
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if not (self.log_sigma and self.noise is not None and logs is not None and "loss" in logs):
-            return
-        logs["gradnoise_sigma"] = self.noise.sigma
+        if self.noise is None or logs is None or "loss" not in logs:
+            return  # not a training log
+        values = {"gradnoise_sigma": self.noise.sigma} if self.log_sigma else {}
+        if self.track_stats:
+            values.update({f"gradnoise_{name}": value for name, value in self.noise.last_stats.items()})
+        logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1]["gradnoise_sigma"] = self.noise.sigma
+            state.log_history[-1].update(values)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if self.noise is not None:
             self.noise.remove()
+        self._training = False
 
     def state(self) -> dict[str, Any]:
         noise_state = self.noise.state_dict() if self.noise is not None else self.noise_state
@@ -110,6 +172,9 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
                 "schedule": self.schedule.spec,
                 "seed": self.seed,
                 "mode": self.mode,
+                "monitor": self.monitor,
+                "per_rank_seed": self.per_rank_seed,
+                "track_stats": self.track_stats,
                 "log_sigma": self.log_sigma,
             },
             "attributes": {"noise_state": noise_state},

@@ -138,6 +138,28 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+#: The settings each replica of a batched group has for itself (see gradnoise.lm.group);
+#: every other key is shared by the group: architecture, optimizer and learning-rate
+#: schedule, batch, iterations, evaluation, device, dtype, compile, noise placement.
+PER_REPLICA_KEYS = (
+    "seed",
+    "noise",
+    "noise_mode",
+    "dropout",
+    "weight_decay",
+    "label_smoothing",
+    "char_substitution",
+    "grad_clip",
+)
+
+
+def group_key(cfg: TrainConfig) -> str:
+    """Runs with equal keys may train together as one batched model: the config without
+    its per-replica settings, as canonical JSON."""
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in PER_REPLICA_KEYS}
+    return json.dumps(shared, sort_keys=True, separators=(",", ":"))
+
+
 def _at_least(low: int):
     return lambda value, cfg: value >= low
 

@@ -95,6 +95,30 @@ def train(
         dist_env.close(wait_for_peers=finished)
 
 
+def train_group(
+    configs: list[TrainConfig],
+    run_dirs: list[Path],
+    group_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Train a group of runs (see gradnoise.lm.group): their configs differ only in
+    config.PER_REPLICA_KEYS. Each run writes its own run directory exactly as `train`
+    does; returns their results in order.
+
+    Today the members train one after the other; the batched trainer (one model with a
+    replica dimension, one optimizer step for all) replaces this body.
+    """
+    from gradnoise.lm.group import Member, check_members
+
+    check_members([Member(str(d), Path(d), c) for c, d in zip(configs, run_dirs, strict=True)])
+    del group_dir  # the members' own run directories hold their checkpoints for now
+    return [
+        train(c, Path(d), resume=resume, progress=progress) for c, d in zip(configs, run_dirs, strict=True)
+    ]
+
+
 def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
     clock = Clock()
     device = dist_env.resolve_device(cfg.device)

@@ -1,0 +1,83 @@
+"""A group: runs of one architecture trained together, in one process, as one batched model.
+
+    group_dir/group.json   {"runs": [{"run_id", "run_dir", "config"}, ...]}
+
+`run_dir` is relative to the group directory (so a study directory can move); each member keeps its own
+run directory (config.json, log.jsonl, result.json), so everything that reads a run
+reads a member the same way. The members' configs differ only in
+`config.PER_REPLICA_KEYS`. A group of one is an ordinary run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradnoise.errors import UserError
+from gradnoise.lm import atomic
+from gradnoise.lm.config import TrainConfig, group_key
+
+GROUP_FILE = "group.json"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run of a group."""
+
+    run_id: str
+    run_dir: Path
+    config: TrainConfig
+
+
+def check_members(members: list[Member]) -> None:
+    """UserError unless the members may share one batched model (equal shared settings)."""
+    if not members:
+        raise UserError("a group needs at least one run")
+    ids = [m.run_id for m in members]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"a group lists a run twice: {ids}")
+    first = group_key(members[0].config)
+    for member in members[1:]:
+        if group_key(member.config) != first:
+            shared = {k for k, v in member.config.to_dict().items() if members[0].config.to_dict()[k] != v}
+            raise UserError(
+                f"runs {members[0].run_id} and {member.run_id} cannot share a batched model: "
+                f"they differ in {', '.join(sorted(shared))}, which every run of a group shares"
+            )
+
+
+def write_group(group_dir: Path, members: list[Member]) -> None:
+    """Write group_dir/group.json (atomically); run directories are stored relative to it."""
+    check_members(members)
+    group_dir = Path(group_dir)
+
+    runs = [
+        {
+            "run_id": m.run_id,
+            "run_dir": os.path.relpath(Path(m.run_dir).resolve(), group_dir.resolve()),
+            "config": m.config.to_dict(),
+        }
+        for m in members
+    ]
+    atomic.write_text(group_dir / GROUP_FILE, json.dumps({"runs": runs}, indent=2) + "\n")
+
+
+def read_group(group_dir: Path) -> list[Member]:
+    """The members recorded in group_dir/group.json; UserError if it is missing or malformed."""
+    path = Path(group_dir) / GROUP_FILE
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        members = [
+            Member(str(r["run_id"]), Path(group_dir) / r["run_dir"], TrainConfig.from_dict(r["config"]))
+            for r in runs
+        ]
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(
+            f"{path} is not a group file ({{'runs': [{{run_id, run_dir, config}}]}}): {error}"
+        ) from None
+    check_members(members)
+    return members
