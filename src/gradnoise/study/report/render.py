@@ -58,6 +58,8 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-
 td.num { text-align: right; }
 td.text { white-space: normal; min-width: 14em; max-width: 32em; }
 th { background: #f3f3f3; cursor: pointer; user-select: none; }
+td:first-child { position: sticky; left: 0; background: #fff; }
+th:first-child { position: sticky; left: 0; }
 th[aria-sort="ascending"]::after { content: " ▲"; }
 th[aria-sort="descending"]::after { content: " ▼"; }
 code { overflow-wrap: anywhere; background: #f4f4f4; padding: 0 0.2em; border-radius: 3px; }
