@@ -14,8 +14,9 @@ import pytest
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import tables, write_report
-from gradnoise.study.report.analysis import PublishedRow, analyze, load_study
+from gradnoise.study.report import render, tables, write_report
+from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.stats import summarize
 from gradnoise.study.store import Store
 
 MAX_ITERS = 600
@@ -33,6 +34,11 @@ def val_curve(final: float, step: int) -> float:
     return final + (2.5 - final) * (1 - step / MAX_ITERS) ** 2
 
 
+PARAMETERS = 40_000
+# ‖g‖ logged at the train lines: the baseline's (after clipping) cycle through these.
+GRAD_NORMS = (0.5, 0.75, 1.0)
+
+
 def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list[dict]]:
     schedule = schedules.parse(EXP_SPEC) if method == "exp" else None
     curves = [
@@ -44,8 +50,12 @@ def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list
             "sigma": schedule(s) if schedule else 0.0,
             "time_s": s * STEP_TIME[method],
             "tokens_per_s": 15000.0,
+            "grad_norm": GRAD_NORMS[(s // 50) % 3],
+            "noise_norm": schedule(s) * math.sqrt(PARAMETERS) if schedule else 0.0,
+            "noise_to_grad": (schedule(s) * math.sqrt(PARAMETERS) if schedule else 0.0)
+            / GRAD_NORMS[(s // 50) % 3],
         }
-        for s in range(0, MAX_ITERS, 50)
+        for s in range(50, MAX_ITERS + 1, 50)
     ] + [
         {
             "kind": "eval",
@@ -59,6 +69,8 @@ def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list
     finals = {
         "steps": MAX_ITERS,
         "train_loss": train,
+        "train_loss_window": train - 0.2,
+        "train_loss_last_batch": train - 0.25,
         "val_loss": val,
         "best_val_loss": val,
         "best_val_step": MAX_ITERS,
@@ -74,6 +86,7 @@ def fabricated_result(method: str, train: float, val: float) -> tuple[dict, list
         "step_time_median_s": STEP_TIME[method],
         "tokens_per_s": 15000.0,
         "final_sigma": schedule(MAX_ITERS - 1) if schedule else 0.0,
+        "parameters": PARAMETERS,
     }
     result = {"status": "done", "error": None, "device": "cpu", "host": "test", "finals": finals}
     return result, curves
@@ -92,14 +105,14 @@ SPEC = {
     "table": {
         "title": "Table 9",
         "caption": "a made-up paper's layout",
-        "metrics": ["val_loss", "best_val_step"],
-        "labels": {"val_loss": "val"},
+        "metrics": ["train_loss_window", "val_loss", "best_val_step"],
+        "labels": {"val_loss": "val", "train_loss_window": "train"},
     },
     # In YAML order best val before train; the report shows the final metrics' order.
     "published": {
         "source": "a made-up paper",
-        "values": {"shakespeare_char": {"best_val_loss": 1.25, "train_loss": 1.5}},
-        "how": {"train_loss": "in train mode"},
+        "values": {"shakespeare_char": {"best_val_loss": 1.25, "train_loss_last_batch": 0.96}},
+        "how": {"train_loss_last_batch": "the last minibatch, in train mode"},
     },
 }
 DATASET = "shakespeare_char"
@@ -178,13 +191,17 @@ def test_comparison_rows_pair_seeds_and_adjust_per_metric(analysis):
     assert row.t_p_holm == pytest.approx(c.t_p)  # one comparison per family: Holm changes nothing
     assert c.wilcoxon_p == pytest.approx(0.25)  # three same-sign differences: the minimum, 2/2³
     metrics = {r.metric for r in analysis.comparisons}
-    # test loss has no values; best_val_step is compared because the table shows its p.
-    assert metrics == {"train_loss", "val_loss", "best_val_loss", "best_val_step"}
+    # test loss has no values; the table's metrics are compared because it shows their p.
+    assert metrics == {
+        *("val_loss_full", "best_val_loss", "val_loss", "train_loss"),
+        *("train_loss_window", "best_val_step"),
+    }
     assert analysis.comparison(DATASET, "baseline", "val_loss") is None
 
 
-def test_speed_rows_reach_the_baseline_mean_val_loss(analysis):
-    target = statistics.mean(v for _, v in FINALS["baseline"].values())
+def test_speed_rows_reach_the_baseline_best_val_loss(analysis):
+    # Every baseline run reaches the highest of its runs' best val losses (here = final).
+    target = max(v for _, v in FINALS["baseline"].values())
     for method, per_seed in FINALS.items():
         row = analysis.speed(DATASET, method)
         assert row.target_val_loss == pytest.approx(target)
@@ -193,6 +210,8 @@ def test_speed_rows_reach_the_baseline_mean_val_loss(analysis):
         ]
         hits = [s for s in first_steps if s is not None]
         assert (row.runs, row.reached) == (3, len(hits))
+        if method == "baseline":
+            assert row.reached == row.runs
         assert row.steps.mean == pytest.approx(statistics.mean(hits))
         assert row.seconds.mean == pytest.approx(statistics.mean(hits) * STEP_TIME[method])
     assert analysis.speed(DATASET, "exp").overhead.percent == pytest.approx(10.0)
@@ -205,30 +224,95 @@ def test_schedule_uses_and_their_horizon(analysis):
     assert 0.01 * 0.99**use.horizon < 0.0001 <= 0.01 * 0.99 ** (use.horizon - 1)
 
 
-def test_published_rows_come_from_the_spec_in_final_metric_order(analysis):
-    assert analysis.published == (
-        PublishedRow(DATASET, "baseline", "train_loss", 1.5, "in train mode"),
-        PublishedRow(DATASET, "baseline", "best_val_loss", 1.25, ""),
+def test_published_rows_come_from_the_spec_beside_ours_like_for_like(analysis):
+    (last_batch, best) = analysis.published  # the final metrics' order, not the YAML's
+    train = [t for t, _ in FINALS["baseline"].values()]
+    val = [v for _, v in FINALS["baseline"].values()]
+    assert (last_batch.metric, last_batch.value, last_batch.how) == (
+        "train_loss_last_batch",
+        0.96,
+        "the last minibatch, in train mode",
     )
+    assert last_batch.ours.mean == pytest.approx(statistics.mean(train) - 0.25)
+    assert last_batch.stand_in == "train_loss_window"
+    assert last_batch.stand_in_ours.mean == pytest.approx(statistics.mean(train) - 0.2)
+    assert last_batch.comparable == ("train_loss_last_batch", last_batch.ours)
+    # A study that did not record the last minibatch reads the published value against the window.
+    unrecorded = dataclasses.replace(last_batch, ours=summarize([]))
+    assert unrecorded.comparable == ("train_loss_window", last_batch.stand_in_ours)
+    assert (best.metric, best.value, best.how, best.stand_in) == ("best_val_loss", 1.25, "", None)
+    assert best.ours.mean == pytest.approx(statistics.mean(val))
+
+
+def test_published_table_sets_each_value_beside_ours(analysis):
+    table = tables.published_table(analysis)
+    rows = {row[1]: row for row in table.rows}
+    window = analysis.summary(DATASET, "baseline").summary("train_loss_window")
+    assert rows["train loss, last minibatch"][2:4] == ["0.9600", "the last minibatch, in train mode"]
+    like = rows["train loss, last log window (like for like)"]
+    assert like[2] == "0.9600" and like[4] == tables.mean_sd_ci(window)
+    in_ci = window.ci_low <= 0.96 <= window.ci_high
+    assert like[5] == ("yes" if in_ci else "no")
+    assert rows["best val loss"][5] == "no"  # 1.25 is far below this study's 1.49–1.52
+    # Our own end-of-training measures, not published, below them.
+    assert rows["final val loss, full pass"][2:4] == [tables.MISSING, "not published"]
+    assert rows["final train loss, eval mode"][2:4] == [tables.MISSING, "not published"]
 
 
 def test_paper_table_follows_the_specs_layout(analysis):
     table = tables.paper_table(analysis)
-    assert table.title == "Table 9 (a made-up paper's layout, with ± sd and p)"
+    assert table.title == "a made-up paper's layout: mean ± sd over seeds, p vs baseline"
+    assert "Table 9" not in table.title  # the section is titled Table 9: not twice
     assert table.columns == [
         "dataset",
+        "baseline train",
         "baseline val",
         "baseline best_val_step",
+        "exp train",
         "exp val",
         "exp best_val_step",
     ]
-    (row,) = table.rows
+    row, published = table.rows
     val = [v for _, v in FINALS["exp"].values()]
-    assert row[3] == f"{statistics.mean(val):.4f} ± {statistics.stdev(val):.4f} (p={student_t_p(VAL_T):.3f})"
-    assert row[4] == f"{MAX_ITERS:.4f} ± 0.0000 (p=n/a)"  # no differences: the t-test is undefined
-    assert "a made-up paper" in table.notes[-1] and "train loss 1.5000" in table.notes[-1]
+    assert row[5] == f"{statistics.mean(val):.4f} ± {statistics.stdev(val):.4f} (p={student_t_p(VAL_T):.3f})"
+    assert row[6] == f"{MAX_ITERS:.4f} ± 0.0000 (p=n/a)"  # no differences: the t-test is undefined
+    # The published last-minibatch loss goes under the baseline's train-mode window mean.
+    assert published == [f"{DATASET}, published", "0.9600", "", "", "", "", ""]
+    assert "under ours averaged like for like (train loss, last log window)" in table.notes[-1]
+    assert "best val loss (as ours): not a column here" in table.notes[-1]
     bare = dataclasses.replace(analysis.study, table=None, published=None)
     assert tables.paper_table(analyze(bare)) is None
+
+
+def test_run_rows_link_each_run_to_its_files(analysis, study_dir):
+    rows = {r.run_id: r for r in analysis.runs}
+    assert len(rows) == 8
+    done = rows["exp-1"]
+    assert (done.method, done.seed, done.status) == ("exp", 1, "done")
+    assert done.finals["val_loss"] == FINALS["exp"][1][1]
+    assert (study_dir / "report" / done.directory).resolve() == (study_dir / "runs" / "exp-1").resolve()
+    assert done.log == f"{done.directory}log.jsonl"
+    assert rows["baseline-3"].status == "failed" and rows["baseline-3"].finals["val_loss"] is None
+    table = tables.runs_table(analysis)
+    assert [str(row[0]) for row in table.rows] == [r.run_id for r in analysis.runs]
+    assert all(isinstance(row[0], tables.Link) and row[0].href.startswith("../runs/") for row in table.rows)
+
+
+def test_methods_table_shows_resolved_differences_from_the_baseline(analysis):
+    (baseline, exp) = analysis.config_diffs
+    assert (baseline.method, baseline.changes) == ("baseline", ())
+    assert exp.changes == (("noise", "none", EXP_SPEC),)
+    rows = {row[0]: row[1] for row in tables.methods_table(analysis).rows}
+    assert rows == {"baseline": "(the baseline)", "exp": f"noise: none → {EXP_SPEC}"}
+
+
+def test_gradient_scale_is_the_baselines_median_norm_over_root_n(analysis):
+    scale = analysis.gradient_scale(DATASET)
+    logged = [GRAD_NORMS[(s // 50) % 3] for s in range(50, MAX_ITERS + 1, 50)] * 3
+    assert scale.grad_norm == statistics.median(logged) and scale.points == len(logged)
+    assert scale.rms == pytest.approx(statistics.median(logged) / math.sqrt(PARAMETERS))
+    note = tables.gradient_note(analysis, DATASET)
+    assert f"RMS(g) = ‖g‖/√N = {scale.rms:.3g}" in note and "after clipping at 1" in note
 
 
 def test_caveats_state_budget_runs_power_and_horizons(analysis):
@@ -256,8 +340,10 @@ def test_report_files_exist(study_dir):
         "summary.csv",
         "comparison.csv",
         "speed_cost.csv",
+        "runs.csv",
         "curves_shakespeare_char.png",
         "final_val_shakespeare_char.png",
+        "gradients_shakespeare_char.png",
         "sigma_schedules.png",
         "overhead.png",
     ):
@@ -276,18 +362,24 @@ def test_markdown_holds_what_the_rows_say(study_dir, analysis):
     """The rendered tables: numbers computed here, independently of the report's formatting."""
     markdown = (study_dir / "report" / "report.md").read_text()
     for method, per_seed in FINALS.items():
-        train = [t for t, _ in per_seed.values()]
-        summary = analysis.summary(DATASET, method).summary("train_loss")
+        val = [v + 0.001 for _, v in per_seed.values()]  # the full pass leads
+        summary = analysis.summary(DATASET, method).summary("val_loss_full")
         cell = (
-            f"{statistics.mean(train):.4f} ± {statistics.stdev(train):.4f} "
+            f"{statistics.mean(val):.4f} ± {statistics.stdev(val):.4f} "
             f"[{summary.ci_low:.4f}, {summary.ci_high:.4f}]"
         )
         assert f"| {method} | 3 | {cell} |" in markdown
     p = student_t_p(VAL_T)
     assert "| exp | 3 | -0.0200 [" in markdown
     assert f"| {p:.3f} | {p:.3f} | 0.250 | 0.250 |" in markdown  # t p, Holm, Wilcoxon p, Holm
-    assert "## Table 9\n" in markdown and "**Table 9 (a made-up paper's layout" in markdown
-    assert "Published values for baseline (a made-up paper)" in markdown
+    assert markdown.count("Table 9") == 1 and "## Table 9\n" in markdown
+    for table in (
+        tables.published_table(analysis),
+        tables.runs_table(analysis),
+        tables.methods_table(analysis),
+    ):
+        assert render.table_markdown(table) in markdown
+    assert "[exp-1](../runs/exp-1/)" in markdown and "{max_iters}" not in markdown
     caveats = markdown.split("## Caveats", 1)[1].split("\n## ", 1)[0]
     assert [line[2:] for line in caveats.strip().splitlines()] == tables.caveats(analysis)
     assert "test loss" not in markdown  # no test split, so no test-loss column or comparison
@@ -321,6 +413,15 @@ def test_csvs_hold_the_rows(study_dir, analysis):
         assert float(speed[method]["seconds_mean"]) == pytest.approx(row.seconds.mean)
     assert float(speed["exp"]["overhead_percent"]) == pytest.approx(10.0)
 
+    with open(report / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [r["run_id"] for r in runs] == [r.run_id for r in analysis.runs]
+    by_id = {r["run_id"]: r for r in runs}
+    assert float(by_id["exp-2"]["val_loss"]) == FINALS["exp"][2][1]
+    assert by_id["exp-2"]["log"] == "../runs/exp-2/log.jsonl" and by_id["exp-2"]["wall_s"] == "40.0"
+    assert by_id["baseline-3"]["status"] == "failed" and by_id["baseline-3"]["val_loss"] == ""
+    assert by_id["baseline-3"]["error"] == "RuntimeError: out of memory"
+
 
 def test_html_is_self_contained_and_embeds_every_plot(study_dir):
     report = study_dir / "report"
@@ -329,9 +430,13 @@ def test_html_is_self_contained_and_embeds_every_plot(study_dir):
     pngs = sorted(report.glob("*.png"))
     assert sorted(base64.b64decode(i) for i in images) == sorted(p.read_bytes() for p in pngs)
     outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
-    for reference in ("http:", "https:", "//cdn", "//", "<link", "<script"):
+    for reference in ("http:", "https:", "//", "<link", "<script src", "@import", "url("):
         assert reference not in outside_images.lower()
-    assert "A made-up study for the tests." in page and "<table>" in page
+    assert outside_images.count("<script>") == 1  # the inline sorting script, nothing fetched
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    assert page.count('<div class="wide"><table>') == page.count("<table>") > 0  # tables scroll
+    assert "A made-up study for the tests." in page
+    assert '<a href="../runs/exp-1/">exp-1</a>' in page
 
 
 def test_without_a_table_published_values_get_their_own_section(tmp_path):
@@ -340,7 +445,7 @@ def test_without_a_table_published_values_get_their_own_section(tmp_path):
     markdown = (write_report(tmp_path) / "report.md").read_text()
     assert "Table 9" not in markdown
     section = markdown.split("## Published values\n", 1)[1].split("\n## ", 1)[0]
-    assert "shakespeare_char: final train loss 1.5000, best val loss 1.2500." in section
+    assert "| shakespeare_char | best val loss | 1.2500 | — |" in section
 
 
 def test_rewriting_replaces_the_report(study_dir):

@@ -236,7 +236,8 @@ def test_a_spec_changed_in_its_report_keys_alone_is_taken_without_running(finish
     assert main(["study", "report", str(study_dir)]) == 0
     markdown = (study_dir / "report" / "report.md").read_text()
     assert "a caveat added later" in markdown and "## Table 1" in markdown
-    assert "Published values for baseline (a paper): shakespeare_char: final val loss 1.4700." in markdown
+    assert "Published values (a paper) beside baseline's, like for like" in markdown
+    assert "| shakespeare_char | final val loss, estimate | 1.4700 |" in markdown
     # The original spec is a report-key change too, back again.
     run_study(spec, study_dir, progress=False)
     with Store(study_dir / "study.sqlite") as store:

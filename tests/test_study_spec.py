@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,18 @@ import yaml
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
+from gradnoise.lm import data
 from gradnoise.lm.config import CHOICES, TrainConfig, resolve_config
-from gradnoise.study.spec import Published, load_spec, packaged_specs, parse_spec, run_id, runs_differ
+from gradnoise.lm.model import GPT
+from gradnoise.study.spec import (
+    DoseLayout,
+    Published,
+    load_spec,
+    packaged_specs,
+    parse_spec,
+    run_id,
+    runs_differ,
+)
 
 
 def base_spec(**changes) -> dict:
@@ -107,11 +118,13 @@ def test_run_id_is_sha256_of_canonical_config_without_device():
     config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
     values = dataclasses.asdict(config)
     del values["device"]
+    del values["train_fraction"]  # at 1.0, what every run did before the key existed
     expected = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :12
     ]
     assert run_id(config) == expected
     assert run_id(config.replace(device="cuda:1")) == expected
+    assert run_id(config.replace(train_fraction=0.5)) != expected
 
 
 def test_run_ids_stable_across_processes():
@@ -232,6 +245,13 @@ TABLE = {"title": "Table 1", "metrics": ["train_loss", "val_loss"]}
         ({"table": {**TABLE, "metrics": ["val_bpb"]}}, ["val_bpb", "val_bpc"]),
         ({"table": {**TABLE, "labels": {"best_val_loss": "best"}}}, ["best_val_loss", "not in metrics"]),
         ({"table": {**TABLE, "labels": {"val_loss": ""}}}, ["labels.val_loss", "non-empty string"]),
+        ({"dose_response": {"methods": []}}, ["dose_response.methods=[]", "non-empty list"]),
+        ({"dose_response": {"methods": ["exp2"]}}, ["exp2", "not one of the methods", "exp"]),
+        ({"dose_response": {"methods": ["baseline"]}}, ["'baseline'", "compared with baseline"]),
+        ({"dose_response": {"methods": ["exp", "exp"]}}, ["twice"]),
+        ({"dose_response": {"methods": ["exp"], "metrics": ["val_los"]}}, ["val_los", "val_loss_full"]),
+        ({"dose_response": {"methods": ["exp"], "references": ["exp"]}}, ["exp", "both"]),
+        ({"dose_response": {"methods": ["exp"], "levels": [1]}}, ["levels", "methods", "references"]),
     ],
 )
 def test_bad_report_keys_raise_user_error_naming_what_is_allowed(changes, words):
@@ -247,10 +267,12 @@ def test_report_keys_are_parsed_and_do_not_change_the_runs():
         base_spec(
             published={**PUBLISHED, "how": {"val_loss": "the last eval"}},
             table={**TABLE, "caption": "its layout", "labels": {"val_loss": "val"}},
+            dose_response={"methods": ["exp"]},
             caveats=["another"],
         )
     )
-    assert (plain.published, plain.table) == (None, None)
+    assert spec.dose_response == DoseLayout(("exp",), ("val_loss_full", "best_val_loss"), ())
+    assert (plain.published, plain.table, plain.dose_response) == (None, None, None)
     assert spec.published == Published(
         "a paper", "baseline", PUBLISHED["values"], {"val_loss": "the last eval"}
     )
@@ -300,18 +322,46 @@ def test_unknown_spec_name_lists_the_packaged_ones():
 # ---- the packaged specs ------------------------------------------------------------------
 
 
+def tiny_gradient_rms_bound() -> float:
+    """RMS(g) = ‖g‖/√N of the tiny model's gradient clipped at ‖g‖ ≤ 1."""
+    cfg = resolve_config("shakespeare_char", "tiny")
+    model = GPT(cfg.model_config(data.load("shakespeare_char").vocab_size))
+    return cfg.grad_clip / math.sqrt(sum(p.numel() for p in model.parameters()))
+
+
+def noise_levels(spec) -> dict[str, tuple[bool, float, str]]:
+    """method → (relative, σ0 or r0, the inner schedule's kind) of its noise."""
+    levels = {}
+    for run in spec.runs:
+        schedule = schedules.parse(run.config.noise)
+        if schedule is not None:
+            relative = isinstance(schedule, schedules.Relative)
+            inner = schedule.inner if relative else schedule
+            levels[run.method] = (relative, inner(0), type(inner).__name__)
+    return levels
+
+
 def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
-    assert set(packaged_specs()) == {"quick", "paper", "paper-small"}
+    assert set(packaged_specs()) == {"quick", "paper", "paper-small", "sweep"}
     quick, paper, small = (load_spec(n) for n in ("quick", "paper", "paper-small"))
     for spec in (quick, paper, small):
         assert spec.caveats and spec.description and spec.baseline in spec.methods
 
     assert (quick.preset, quick.datasets) == ("tiny", ("shakespeare_char",))
     assert {r.seed for r in quick.runs} == {0, 1, 2}
-    noises = {r.method: schedules.parse(r.config.noise) for r in quick.runs}
-    kinds = {type(s).__name__ for s in noises.values() if s is not None}
-    assert {"Exponential", "Linear", "Neelakantan"} <= kinds
-    assert kinds & {"Relative", "Plateau"}
+    levels = noise_levels(quick)
+    assert {"Exponential", "Linear"} <= {kind for _, _, kind in levels.values()}
+    # Issue 11: a level well below the gradient's RMS, and a matched absolute/relative pair
+    # (same schedule shape, σ0 = r0 · RMS within a factor 1.5).
+    rms = tiny_gradient_rms_bound()
+    assert any(not rel and level <= rms / 5 for rel, level, _ in levels.values())
+    pairs = [
+        (a, b)
+        for a, (rel_a, level_a, kind_a) in levels.items()
+        for b, (rel_b, level_b, kind_b) in levels.items()
+        if not rel_a and rel_b and kind_a == kind_b and 1 / 1.5 <= level_a / (level_b * rms) <= 1.5
+    ]
+    assert pairs
 
     assert paper.preset == "paper" and set(paper.datasets) == {"shakespeare_char", "enwik8", "text8"}
     seeds = {d: {r.seed for r in paper.runs if r.dataset == d} for d in paper.datasets}
@@ -336,17 +386,39 @@ def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
     assert {r.config.max_iters for r in small.runs} == {5000}
     assert set(small.methods) <= set(paper.methods)
 
-    # The seed paper's published baseline (mean of seeds, paper preset) and its Table 1 layout.
+    # The seed paper's published baseline (mean of seeds, paper preset), keyed as the paper
+    # measured it, and its Table 1 with the like-for-like measures beside ours.
     published = {
-        "shakespeare_char": {"train_loss": 0.8132, "best_val_loss": 1.4692},
-        "enwik8": {"train_loss": 0.9323, "best_val_loss": 1.0048},
-        "text8": {"train_loss": 0.9978, "best_val_loss": 0.9793},
+        "shakespeare_char": {"train_loss_last_batch": 0.8132, "best_val_loss": 1.4692},
+        "enwik8": {"train_loss_last_batch": 0.9323, "best_val_loss": 1.0048},
+        "text8": {"train_loss_last_batch": 0.9978, "best_val_loss": 0.9793},
     }
-    for spec in (quick, paper, small):
+    for spec in (paper, small):
         assert spec.published.values == {d: published[d] for d in spec.datasets}
         assert spec.published.method == spec.baseline
-        assert "train mode" in spec.published.how["train_loss"]
-        assert spec.table.metrics == ("train_loss", "val_loss")
+        assert "train mode" in spec.published.how["train_loss_last_batch"]
+        assert spec.table.metrics == ("train_loss_window", "best_val_loss", "train_loss", "val_loss_full")
+    assert quick.published is None  # the tiny model's numbers are not comparable with the paper's
+
+
+def test_sweep_is_a_dose_response_study_where_the_model_overfits():
+    sweep = load_spec("sweep")
+    assert sweep.preset == "tiny" and {r.seed for r in sweep.runs} >= set(range(5))
+    assert {r.config.train_fraction for r in sweep.runs} == {0.02}
+    levels = noise_levels(sweep)
+    assert set(sweep.dose_response.methods) == set(levels)  # every noise level is in the family
+    rms = tiny_gradient_rms_bound()
+    absolute = sorted(level for rel, level, _ in levels.values() if not rel)
+    relative = sorted(level * rms for rel, level, _ in levels.values() if rel)
+    for family in (absolute, relative):
+        assert len(family) >= 5 and math.log10(family[-1] / family[0]) >= 3 - 1e-9  # three decades
+        assert family[0] < rms < family[-1]  # around the gradient's RMS
+    for a, r in zip(absolute, relative, strict=True):  # at matched scales
+        assert 1 / 1.5 <= a / r <= 1.5
+    assert {kind for _, _, kind in levels.values()} == {"Constant"}
+    dropout = {r.config.dropout for r in sweep.runs if r.method in sweep.dose_response.references}
+    assert dropout and 0.0 not in dropout
+    assert all(r.config.dropout == 0.0 for r in sweep.runs if r.method == sweep.baseline)
 
 
 def test_quick_noise_acts_during_its_run():

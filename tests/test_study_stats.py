@@ -99,6 +99,39 @@ def test_paired_comparison_degenerate_cases_return_nan_with_reason():
     assert missing.seeds == (1, 2)
 
 
+def test_differences_equal_up_to_rounding_have_zero_spread():
+    baseline = {0: 1.5432, 1: 2.2791, 2: 1.9875}
+    method = {seed: value + 0.0123 for seed, value in baseline.items()}
+    # Float subtraction leaves the differences unequal in their last bits (sd ~1e-16):
+    # an exact sd == 0 guard would report t ~ 1e14 and p ~ 1e-28 here.
+    diffs = [method[s] - baseline[s] for s in baseline]
+    assert len(set(diffs)) > 1
+    result = paired_comparison(method, baseline)
+    assert result.mean_diff == pytest.approx(0.0123)
+    assert math.isnan(result.t_p) and math.isnan(result.effect_size) and math.isnan(result.wilcoxon_p)
+    assert "zero spread" in result.note and "0.0123" in result.note
+
+
+def test_a_small_real_spread_is_still_tested():
+    # Differences that vary by 1e-6 of the values: float32 losses of different runs do.
+    baseline = {0: 1.5, 1: 2.0, 2: 2.5}
+    method = {0: 1.5 + 1e-6, 1: 2.0 + 2e-6, 2: 2.5 + 4e-6}
+    result = paired_comparison(method, baseline)
+    assert result.note == ""
+    expected = scipy.stats.ttest_rel(list(method.values()), list(baseline.values())).pvalue
+    assert result.t_p == pytest.approx(expected)
+
+
+def test_wilcoxon_minimum_counts_nonzero_differences():
+    # 4 pairs, one of them identical: the test ranks 3 differences, so its floor is 2/2³.
+    baseline = {s: 2.0 for s in range(4)}
+    method = {0: 1.9, 1: 1.8, 2: 2.0, 3: 1.7}
+    result = paired_comparison(method, baseline)
+    assert (result.n_pairs, result.n_nonzero) == (4, 3)
+    assert result.wilcoxon_min_p == pytest.approx(0.25)
+    assert result.wilcoxon_p == pytest.approx(0.25)  # all three of one sign: the floor itself
+
+
 def test_holm_hand_worked_example_with_monotonicity_and_nan():
     # Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → raised to 0.06.
     adjusted = holm([0.01, 0.04, 0.03, 0.005, float("nan")])

@@ -137,12 +137,64 @@ def test_record_result_writes_status_finals_and_curves(store):
         "lr": None,
         "sigma": None,
         "tokens_per_s": None,
+        "grad_norm": None,
+        "noise_norm": None,
+        "noise_to_grad": None,
         "train_loss": 2.0,
         "val_loss": 3.0,
         "test_loss": None,
     }
     assert store.curves(["r2"]) == []
     assert store.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "diverged": 0}
+
+
+# The schema of stores written before the gradient statistics and the last-batch finals.
+OLD_SCHEMA = """
+CREATE TABLE study (id INTEGER PRIMARY KEY CHECK (id = 1), name TEXT NOT NULL, spec TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE runs (id TEXT PRIMARY KEY, dataset TEXT NOT NULL, method TEXT NOT NULL,
+    seed INTEGER NOT NULL, status TEXT NOT NULL, error TEXT, config TEXT NOT NULL, host TEXT,
+    device TEXT, started REAL, finished REAL, attempts INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE curves (run_id TEXT NOT NULL REFERENCES runs(id), kind TEXT NOT NULL,
+    step INTEGER NOT NULL, time_s REAL, loss REAL, lr REAL, sigma REAL, tokens_per_s REAL,
+    train_loss REAL, val_loss REAL, test_loss REAL, PRIMARY KEY (run_id, kind, step));
+CREATE TABLE finals (run_id TEXT PRIMARY KEY REFERENCES runs(id), steps INTEGER, train_loss REAL,
+    val_loss REAL, best_val_loss REAL, best_val_step INTEGER, val_loss_full REAL,
+    test_loss_full REAL, train_bpc REAL, val_bpc REAL, best_val_bpc REAL, val_bpc_full REAL,
+    test_bpc_full REAL, wall_s REAL, train_s REAL, step_time_median_s REAL, tokens_per_s REAL,
+    final_sigma REAL, extra TEXT NOT NULL DEFAULT '{}');
+INSERT INTO study VALUES (1, 'unit', '{"methods":{"baseline":{}},"name":"unit"}', 0);
+INSERT INTO runs (id, dataset, method, seed, status, config) VALUES
+    ('old', 'shakespeare_char', 'baseline', 0, 'done', '{}');
+INSERT INTO curves (run_id, kind, step, loss, sigma) VALUES ('old', 'train', 10, 2.5, 0.01);
+INSERT INTO finals (run_id, steps, val_loss, extra) VALUES ('old', 20, 1.75, '{"test_loss": null}');
+"""
+
+
+def test_an_older_store_gets_the_new_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+    with Store(path) as store:
+        (point,) = store.curves(["old"])
+        assert (point["loss"], point["sigma"]) == (2.5, 0.01)
+        assert (point["grad_norm"], point["noise_norm"], point["noise_to_grad"]) == (None, None, None)
+        (finals,) = store.finals()
+        assert (finals["steps"], finals["val_loss"]) == (20, 1.75)
+        assert finals["train_loss_last_batch"] is None and finals["parameters"] is None
+        # The migrated store takes results with the new values.
+        store.add_runs([("new", "shakespeare_char", "baseline", 1, {})])
+        new_point = {"kind": "train", "step": 10, "loss": 2.0, "grad_norm": 0.75, "noise_norm": 0.0}
+        store.record_result(
+            "new", result(1.5) | {"finals": result(1.5)["finals"] | {"parameters": 7}}, [new_point]
+        )
+        assert store.curves(["new"])[0]["grad_norm"] == 0.75
+        assert [f["parameters"] for f in store.finals()] == [None, 7]
+    with Store(path) as store:  # opening it again adds nothing and loses nothing
+        assert len(store.finals()) == 2
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(curves)")]
+    assert columns.count("grad_norm") == 1 and columns[-3:] == ["grad_norm", "noise_norm", "noise_to_grad"]
 
 
 def test_recording_a_run_again_replaces_never_duplicates(store):

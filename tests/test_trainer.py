@@ -22,7 +22,7 @@ from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.runlog import FINAL_METRICS
-from gradnoise.lm.trainer import build_optimizer, learning_rate, train
+from gradnoise.lm.trainer import build_noise, build_optimizer, learning_rate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,16 @@ SMALL = dict(
     lr=1e-3,
     min_lr=1e-4,
 )
-LOSS_KEYS = ("steps", "train_loss", "val_loss", "best_val_loss", "best_val_step", "final_sigma")
+LOSS_KEYS = (
+    "steps",
+    "train_loss",
+    "train_loss_last_batch",
+    "train_loss_window",
+    "val_loss",
+    "best_val_loss",
+    "best_val_step",
+    "final_sigma",
+)
 
 
 def small(**changes) -> TrainConfig:
@@ -151,6 +160,8 @@ def test_overrides_are_typed_by_field():
         (["optimizer=adam"], r"optimizer='adam'.*allowed: adamw, sgd"),
         (["noise_placement=middle"], r"after_clip, before_clip"),
         (["dropout=1.5"], r"dropout=1.5.*\[0, 1\)"),
+        (["train_fraction=0"], r"train_fraction=0.0.*\(0, 1\]"),
+        (["train_fraction=1.5"], r"train_fraction=1.5.*\(0, 1\]"),
         (["min_lr=1"], r"min_lr=1.0.*\[0, lr\]"),
         (["device=tpu"], r"device='tpu'.*cuda:N"),
         (["noise=exp:sigma0=0.1"], r"missing gamma"),
@@ -234,7 +245,10 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     trains = [r for r in log if r["kind"] == "train"]
     assert [r["step"] for r in evals] == [0, 10, 20, 30]
     assert [r["step"] for r in trains] == [5, 10, 15, 20, 25, 30]
-    assert set(trains[0]) == {"kind", "step", "loss", "lr", "sigma", "time_s", "tokens_per_s"}
+    assert set(trains[0]) == {
+        *("kind", "step", "loss", "lr", "sigma", "time_s", "tokens_per_s"),
+        *("grad_norm", "noise_norm", "noise_to_grad"),  # measured at each line's step
+    }
     assert set(evals[0]) == {"kind", "step", "train_loss", "val_loss", "time_s"}
     assert trains[-1]["lr"] == pytest.approx(learning_rate(29, cfg))
     assert trains[-1]["sigma"] == pytest.approx(0.01 * 0.9**29)
@@ -252,6 +266,9 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     assert finals["val_loss"] == evals[-1]["val_loss"] and finals["train_loss"] == evals[-1]["train_loss"]
     assert finals["val_bpc"] == pytest.approx(finals["val_loss"] / math.log(2))
     assert finals["steps"] == 30 and finals["test_loss_full"] is None
+    assert finals["train_loss_window"] == trains[-1]["loss"]  # the last window's train-mode mean
+    model_parameters = sum(p.numel() for p in checkpoint.load_trained(run)[0].parameters())
+    assert finals["parameters"] == model_parameters
 
     # The exact pass, recomputed here from the saved model: whole windows, then the tail.
     model, _ = checkpoint.load_trained(run)
@@ -269,6 +286,107 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     assert count == len(val) - 1
     assert finals["val_loss_full"] == pytest.approx(total / count, rel=1e-5)
     assert finals["val_bpc_full"] == pytest.approx(total / count / math.log(2), rel=1e-5)
+
+
+def test_last_batch_loss_is_the_last_steps_own(tmp_path):
+    # With a log window of one step, the last train line's loss is the last step's alone.
+    result = train(small(max_iters=12, log_interval=1), tmp_path / "run", progress=False)
+    trains = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert trains[-1]["step"] == 12
+    assert result["finals"]["train_loss_last_batch"] == trains[-1]["loss"]
+    assert result["finals"]["train_loss_window"] == trains[-1]["loss"]
+    windowed = train(small(max_iters=12, log_interval=4), tmp_path / "windowed", progress=False)
+    assert windowed["finals"]["train_loss_last_batch"] == result["finals"]["train_loss_last_batch"]
+    last_window = [r["loss"] for r in trains[-4:]]
+    assert windowed["finals"]["train_loss_window"] == pytest.approx(sum(last_window) / 4, rel=1e-12)
+
+
+def gradient_lines(cfg: TrainConfig, run_dir: Path) -> list[dict]:
+    train(cfg, run_dir, progress=False)
+    return [r for r in read_log(run_dir) if r["kind"] == "train"]
+
+
+def test_gradient_norms_without_noise_match_the_noises_own_measurement(tmp_path):
+    # σ = 0 adds nothing, so both runs take the same steps; one measures ‖g‖ from
+    # clip_grad_norm_, the other through GradientNoise(track_stats=True).
+    for clip in (0.05, 0.0):
+        plain = gradient_lines(small(grad_clip=clip), tmp_path / f"plain{clip}")
+        zero = gradient_lines(small(grad_clip=clip, noise="const:sigma=0"), tmp_path / f"zero{clip}")
+        assert [r["loss"] for r in plain] == [r["loss"] for r in zero]
+        for a, b in zip(plain, zero, strict=True):
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+            assert (a["noise_norm"], b["noise_norm"]) == (0.0, 0.0)
+            if clip:  # the gradient the optimizer gets is clipped
+                assert a["grad_norm"] <= clip
+        if not clip:  # unclipped, this small model's gradients are larger than 0.05 at first
+            assert plain[0]["grad_norm"] > 0.05
+
+
+def test_noise_norm_is_sigma_times_root_n(tmp_path):
+    sigma = 0.003
+    lines = gradient_lines(small(noise=f"const:sigma={sigma}"), tmp_path / "abs")
+    n = json.loads((tmp_path / "abs" / "result.json").read_text())["finals"]["parameters"]
+    # ‖ε‖² ~ χ²_N: ‖ε‖ = √N (1 ± 1/√(2N)); five standard deviations.
+    tolerance = 5 / math.sqrt(2 * n)
+    for line in lines:
+        assert line["noise_norm"] == pytest.approx(sigma * math.sqrt(n), rel=tolerance)
+        assert line["noise_to_grad"] == pytest.approx(line["noise_norm"] / line["grad_norm"], rel=1e-9)
+    # Relative noise: σ = r · RMS(g), so ‖noise‖ / ‖g‖ = r (up to the same χ spread).
+    for line in gradient_lines(small(noise="relative:const:sigma=0.5"), tmp_path / "rel"):
+        assert line["noise_to_grad"] == pytest.approx(0.5, rel=tolerance)
+        assert line["sigma"] == pytest.approx(0.5 * line["grad_norm"] / math.sqrt(n), rel=1e-5)
+
+
+def test_a_seeds_noise_is_the_same_draw_at_every_level():
+    """Common random numbers: for one seed, every σ level (absolute or relative) adds the
+    same ε, scaled; so the differences between levels are paired."""
+
+    def noise_of(spec: str, seed: int = 0, gradient: float = 0.0, steps: int = 2) -> list[torch.Tensor]:
+        cfg = small(noise=spec, noise_placement="before_clip", seed=seed)  # apply() by hand
+        model = torch.nn.Linear(50, 40)
+        noise = build_noise(torch.optim.AdamW(model.parameters()), cfg)
+        added = []
+        for _ in range(steps):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, gradient)
+            noise.apply()
+            added.append(torch.cat([(p.grad - gradient).flatten() for p in model.parameters()]))
+        return added
+
+    low, high = noise_of("const:sigma=0.001"), noise_of("const:sigma=0.1")
+    for a, b in zip(low, high, strict=True):
+        torch.testing.assert_close(b, 100 * a, rtol=1e-5, atol=0)
+    # Relative: σ = r · RMS(g), here r = 0.1 and RMS(g) = 1: the same ε, scaled by 0.1 again.
+    relative = noise_of("relative:const:sigma=0.1", gradient=1.0)
+    absolute = noise_of("const:sigma=0.1", gradient=1.0)
+    for a, b in zip(absolute, relative, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(low[0], low[1])  # a new draw each step
+    assert not torch.allclose(low[0], noise_of("const:sigma=0.001", seed=1)[0])  # and each seed
+
+
+def test_train_fraction_trains_on_the_first_part_of_the_split(tmp_path):
+    train_tokens = np.asarray(data.load("shakespeare_char").splits["train"], dtype=np.uint8)
+    fraction = 0.01
+    head = train_tokens[: int(len(train_tokens) * fraction)].tobytes()
+
+    def rows(name, **changes):
+        seen = []
+        train(
+            small(max_iters=10, **changes),
+            tmp_path / name,
+            progress=False,
+            on_step=lambda step, x, y: seen.extend(x.numpy().astype(np.uint8)),
+        )
+        return seen
+
+    assert all(row.tobytes() in head for row in rows("part", train_fraction=fraction))
+    assert not all(row.tobytes() in head for row in rows("whole"))
+    config = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert config["train_fraction"] == fraction
+    too_few = r"train split .* \(train_fraction=1e-05\), too few for block_size=32"
+    with pytest.raises(UserError, match=too_few):
+        train(small(train_fraction=1e-5), tmp_path / "tiny", progress=False)
 
 
 def test_same_seed_same_batches_and_init_for_every_method(tmp_path):

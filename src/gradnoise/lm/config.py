@@ -45,6 +45,7 @@ class TrainConfig:
     # data and seed
     dataset: str = "shakespeare_char"
     seed: int = 0
+    train_fraction: float = 1.0  # train on the first fraction of the train split (val, test: whole)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -197,6 +198,7 @@ _RULES = {
         for name in ("beta1", "beta2", "momentum", "dropout", "label_smoothing")
     },
     "char_substitution": (lambda v, cfg: 0 <= v <= 1, "a probability in [0, 1]"),
+    "train_fraction": (lambda v, cfg: 0 < v <= 1, "a fraction in (0, 1]"),
 }
 
 

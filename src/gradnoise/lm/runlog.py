@@ -2,7 +2,8 @@
 
     run_dir/config.json   the resolved TrainConfig
     run_dir/log.jsonl     one JSON object per line: {"kind": "train", "step", "loss", "lr",
-                          "sigma", "time_s", "tokens_per_s"} every log_interval steps and
+                          "sigma", "time_s", "tokens_per_s", "grad_norm", "noise_norm",
+                          "noise_to_grad"} every log_interval steps and
                           {"kind": "eval", "step", "train_loss", "val_loss"[, "test_loss"],
                           "time_s"} at every eval
     run_dir/result.json   {"status", "error", "device", "host", "world_size", "finals"},
@@ -31,7 +32,14 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 RESULT_FILE = "result.json"
 KINDS = ("train", "eval")
-TRAIN_FIELDS = ("loss", "lr", "sigma", "tokens_per_s")
+#: A "train" line's values: loss is the mean training loss (train mode) over the log window;
+#: lr and sigma those of its last step; grad_norm, noise_norm and noise_to_grad measured at
+#: its last step (see GRADIENT_FIELDS).
+TRAIN_FIELDS = ("loss", "lr", "sigma", "tokens_per_s", "grad_norm", "noise_norm", "noise_to_grad")
+#: ‖g‖: the gradient the optimizer (and the noise, placed after clipping) gets, after
+#: clipping; ‖noise‖: the noise added to it (0 without noise); noise_to_grad their ratio.
+#: With noise placed before clipping, both are measured before clipping.
+GRADIENT_FIELDS = ("grad_norm", "noise_norm", "noise_to_grad")
 EVAL_FIELDS = ("train_loss", "val_loss", "test_loss")
 #: Result statuses of a run that ended: it trained to max_iters, or stopped on a non-finite value.
 FINISHED = ("done", "diverged")
@@ -40,6 +48,8 @@ FINISHED = ("done", "diverged")
 FINAL_METRICS = (
     "steps",
     "train_loss",
+    "train_loss_last_batch",
+    "train_loss_window",
     "val_loss",
     "best_val_loss",
     "best_val_step",
@@ -55,23 +65,42 @@ FINAL_METRICS = (
     "step_time_median_s",
     "tokens_per_s",
     "final_sigma",
+    "parameters",
 )
 
 
 LN2 = math.log(2)
 
 
-def final_metrics(progress, clock, tokens_per_step: int, *, final_sigma: float, exact: dict) -> dict:
+def gradient_fields(stats: dict) -> dict:
+    """GRADIENT_FIELDS from a step's measurement (floats, or device tensors read back
+    here): None where missing or not finite (JSON has no inf or NaN)."""
+    values = {}
+    for field in GRADIENT_FIELDS:
+        value = stats.get(field)
+        value = None if value is None else float(value)
+        values[field] = value if value is not None and math.isfinite(value) else None
+    return values
+
+
+def final_metrics(
+    progress, clock, tokens_per_step: int, *, final_sigma: float, exact: dict, parameters: int
+) -> dict:
     """A result's "finals", from the run's progress and clock at its end. Losses in nats
     per character, *_bpc = nats / ln 2.
 
     train_loss, val_loss, test_loss: the last eval (eval mode, eval_iters batches; None
-    for a split the corpus lacks); best_val_loss / best_val_step: the lowest eval val_loss
-    and its step; *_full: the exact pass over the whole split (`exact`: split → nats, from
-    final_eval); train_s: training seconds without evaluation and checkpointing; wall_s:
-    the whole run's seconds; step_time_median_s: median over log windows of the window's
-    mean step time (a window ends with a host sync, so device time is counted);
-    final_sigma: σ used at the last step (0 without noise).
+    for a split the corpus lacks); train_loss_last_batch: the training loss of the last
+    step's minibatch, in train mode (dropout on), as the step computed it;
+    train_loss_window: the mean of those over the last logged window (log_interval
+    steps; None if no window was logged); best_val_loss / best_val_step: the lowest eval
+    val_loss and its step; *_full: the exact pass over the whole split (`exact`: split →
+    nats, from final_eval); train_s: training seconds without evaluation and
+    checkpointing; wall_s: the whole run's seconds; step_time_median_s: median over log
+    windows of the window's mean step time (a window ends with a host sync, so device
+    time is counted); final_sigma: σ used at the last step (0 without noise);
+    parameters: the number of trained parameter elements (‖g‖ sums over them, so the
+    gradient's RMS is grad_norm / √parameters).
     """
 
     def bpc(nats):
@@ -85,6 +114,8 @@ def final_metrics(progress, clock, tokens_per_step: int, *, final_sigma: float, 
     return {
         "steps": progress.step,
         "train_loss": last.get("train_loss"),
+        "train_loss_last_batch": progress.last_loss,
+        "train_loss_window": progress.last_window_loss,
         "val_loss": last.get("val_loss"),
         "test_loss": last.get("test_loss"),
         "best_val_loss": progress.best_val_loss,
@@ -102,6 +133,7 @@ def final_metrics(progress, clock, tokens_per_step: int, *, final_sigma: float, 
         "step_time_median_s": step_time,
         "tokens_per_s": tokens_per_step * progress.step / train_s if train_s > 0 else None,
         "final_sigma": final_sigma,
+        "parameters": parameters,
     }
 
 
@@ -168,7 +200,7 @@ class RunLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        scalars = {k: v for k, v in record.items() if k not in ("kind", "step")}
+        scalars = {k: v for k, v in record.items() if k not in ("kind", "step") and v is not None}
         if self.tensorboard is not None:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])

@@ -92,6 +92,8 @@ class Progress:
     window_steps: int = 0
     window_start_s: float = 0.0  # train_s at the window's start
     step_times: list = dataclasses.field(default_factory=list)  # mean step time of each window
+    last_loss: float | None = None  # the last step's training loss (train mode)
+    last_window_loss: float | None = None  # the mean training loss of the last logged window
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,7 +103,7 @@ class Progress:
         for step, loss in losses:
             if not math.isfinite(loss):
                 return step, loss
-            self.step = step
+            self.step, self.last_loss = step, loss
             self.window_loss_sum += loss
             self.window_steps += 1
         return None
@@ -120,6 +122,7 @@ class Progress:
             "time_s": train_s,
             "tokens_per_s": tokens_per_step * self.window_steps / seconds if seconds > 0 else 0.0,
         }
+        self.last_window_loss = record["loss"]
         self.window_loss_sum, self.window_steps, self.window_start_s = 0.0, 0, train_s
         return record
 

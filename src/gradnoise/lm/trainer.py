@@ -7,6 +7,10 @@ Per optimizer step (`step` counts completed steps, from 0):
     GradScaler.unscale_ (fp16 only) → [noise, if placed before clipping] → clip_grad_norm_
     optimizer.step()   ← GradientNoise's pre-hook adds N(0, σ_t²) here (placement "after_clip")
 
+The last step of every log window also measures ‖g‖ and ‖noise‖ (runlog.GRADIENT_FIELDS):
+GradientNoise's track_stats for that step alone, or, without noise, clip_grad_norm_'s
+norm; kept on the device until the log line's sync reads them back.
+
 Randomness, and why each source has its own stream (the study pairs methods by seed):
     init          torch.manual_seed(seed) right before the model is built
     dropout       the global torch RNG, re-seeded with seed + rank after init
@@ -152,6 +156,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
     tokens_per_step = cfg.batch_size * dist_env.world_size * cfg.grad_accum * cfg.block_size
 
     stop, pending = StopRequest(), PendingLosses()
+    gradient: dict = {}  # the last measured step's ‖g‖ and ‖noise‖ (see gradient_stats)
     status, error = "done", None
     step = start_step = run.progress.step
     evaluated_step = step if latest is not None else None
@@ -174,7 +179,8 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
                     break
                 if log_due:
                     lr = run.optimizer.param_groups[0]["lr"]
-                    log.log(run.progress.log_record(step, lr, _sigma(run), clock.train_s, tokens_per_step))
+                    record = run.progress.log_record(step, lr, _sigma(run), clock.train_s, tokens_per_step)
+                    log.log({**record, **runlog.gradient_fields(gradient)})
                 if eval_due:
                     evaluate(run, model, evaluator, step, log)
                     evaluated_step = step
@@ -185,7 +191,8 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
                     break
                 clock.start()
 
-            loss, batches = train_step(run, train_model, step, cfg, next_batch, autocast)
+            loss, batches, measured = train_step(run, train_model, step, cfg, next_batch, autocast)
+            gradient = measured if measured is not None else gradient
             step += 1
             pending.add(step, loss)
             log.tick()
@@ -204,7 +211,12 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
         "host": socket.gethostname(),
         "world_size": dist_env.world_size,
         "finals": runlog.final_metrics(
-            run.progress, run.clock, tokens_per_step, final_sigma=_sigma(run), exact=exact
+            run.progress,
+            run.clock,
+            tokens_per_step,
+            final_sigma=_sigma(run),
+            exact=exact,
+            parameters=sum(p.numel() for p in run.params),
         ),
     }
     if dist_env.is_main:
@@ -264,12 +276,15 @@ def build_noise(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> gradnoise
 
 
 def _splits(corpus: data.Corpus, cfg: TrainConfig) -> dict:
+    """The corpus's splits; of the train split only its first train_fraction."""
     splits = {name: corpus.splits[name] for name in ("train", "val", "test") if name in corpus.splits}
+    splits["train"] = splits["train"][: int(len(splits["train"]) * cfg.train_fraction)]
     for name, tokens in splits.items():
         if len(tokens) <= cfg.block_size:
+            fraction = f" (train_fraction={cfg.train_fraction})" if name == "train" else ""
             raise UserError(
-                f"the {name} split of {cfg.dataset} has {len(tokens):,} tokens, too few for "
-                f"block_size={cfg.block_size}"
+                f"the {name} split of {cfg.dataset} has {len(tokens):,} tokens{fraction}, too few "
+                f"for block_size={cfg.block_size}"
             )
     return splits
 
@@ -307,9 +322,13 @@ def global_batch(
 def train_step(run: RunState, model, step: int, cfg: TrainConfig, next_batch, autocast):
     """One optimizer step from `step` to step + 1 (see the module docstring).
 
-    Returns the step's loss (mean over micro-batches, on the device: not read back) and
-    the global micro-batches [(inputs, targets)] it drew.
+    Returns the step's loss (mean over micro-batches, on the device: not read back), the
+    global micro-batches [(inputs, targets)] it drew, and, for the last step of a log
+    window, its gradient statistics (see gradient_stats; else None).
     """
+    measure = (step + 1) % cfg.log_interval == 0
+    if run.noise is not None:
+        run.noise.track_stats, run.noise.last_stats = measure, {}
     lr = learning_rate(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -334,12 +353,29 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, next_batch, au
     run.scaler.unscale_(run.optimizer)  # no-op unless fp16: noise and clipping see true gradients
     if run.noise is not None and cfg.noise_placement == "before_clip":
         run.noise.apply()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+    if measure and run.noise is None:
+        norm = clipped_norm(run.params, norm, cfg.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, batches
+    return step_loss, batches, gradient_stats(run, norm) if measure else None
+
+
+def clipped_norm(params, norm: torch.Tensor | None, grad_clip: float) -> torch.Tensor:
+    """‖g‖ after clipping, on the device: clip_grad_norm_ returned `norm` (before it
+    scaled g by min(1, clip / (norm + 1e-6))); without clipping, ‖g‖ itself."""
+    if norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm * torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
+
+
+def gradient_stats(run: RunState, norm: torch.Tensor | None) -> dict:
+    """runlog.GRADIENT_FIELDS of the step just taken: GradientNoise's own measurement
+    (it tracked this step), or without noise ‖g‖ after clipping and no noise."""
+    if run.noise is not None:
+        return dict(run.noise.last_stats)
+    return {"grad_norm": norm, "noise_norm": 0.0, "noise_to_grad": 0.0}
 
 
 # --- events ------------------------------------------------------------------------

@@ -24,13 +24,17 @@
       caption: the seed paper's layout
       metrics: [train_loss, val_loss] # its columns: method × metric (final-metric names)
       labels: {train_loss: train, val_loss: val}
+    dose_response:                    # optional: noise levels as one family (plot, Holm, sentence)
+      methods: [const-1e-4, const-1e-3, rel-0.1, rel-1]   # each at its logged σ (median)
+      metrics: [val_loss_full, best_val_loss]             # default: these two
+      references: [dropout-0.1]       # other methods drawn beside them (not in the family)
 
 A run's config is the preset's, then `overrides`, then `dataset_overrides`,
 then the method's, then `set`, then its dataset and seed. A string value may
 name other config values in braces (`{max_iters}`), filled in from the run's
 resolved config. Everything is validated here, before anything runs.
 
-The report keys (description, caveats, published, table) change what the report
+The report keys (description, caveats, published, table, dose_response) change what the report
 says, not what runs: a study's store accepts a spec that differs from its own
 in them alone, and takes the new values (see `runner.open_study`).
 """
@@ -64,15 +68,22 @@ SPEC_KEYS = (
     "set",
     "published",
     "table",
+    "dose_response",
 )
 # What only the report reads: a spec may change these without changing its runs.
-REPORT_KEYS = ("description", "caveats", "published", "table")
+REPORT_KEYS = ("description", "caveats", "published", "table", "dose_response")
 PUBLISHED_KEYS = ("source", "method", "values", "how")
 TABLE_KEYS = ("title", "caption", "metrics", "labels")
+DOSE_KEYS = ("methods", "metrics", "references")
+DOSE_METRICS = ("val_loss_full", "best_val_loss")
 # The study decides these per run; a spec that set them would fight the expansion.
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
 EXECUTION_KEYS = ("device",)
+# Config keys added after studies were stored, with the value that computes what runs did
+# before the key existed: at that value a key is left out of the run id, so a stored
+# study's runs keep their ids.
+LATER_KEYS = {"train_fraction": 1.0}
 SPECS_DIR = Path(__file__).parent / "specs"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -119,6 +130,18 @@ class TableLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class DoseLayout:
+    """Noise levels compared with the baseline as one family: the report plots each
+    method's difference from the baseline against the σ it used (logged, median over
+    training), adjusts their p-values together (Holm) and says whether any level helps.
+    `references` (e.g. dropout) are drawn beside them, outside the family."""
+
+    methods: tuple[str, ...]
+    metrics: tuple[str, ...]
+    references: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StudySpec:
     """A validated spec and its runs. `data` is the spec as given (what the store keeps)."""
 
@@ -133,12 +156,17 @@ class StudySpec:
     data: dict
     published: Published | None = None
     table: TableLayout | None = None
+    dose_response: DoseLayout | None = None
 
 
 def run_id(config: TrainConfig) -> str:
     """sha256[:12] of the canonical JSON of the resolved config (dataset and seed included,
-    execution keys such as the device left out)."""
-    values = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_KEYS}
+    execution keys such as the device left out, and LATER_KEYS at their former value)."""
+    values = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in EXECUTION_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])
+    }
     return hashlib.sha256(canonical(values).encode()).hexdigest()[:12]
 
 
@@ -260,6 +288,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         raise UserError(f"{where}: caveats={caveats!r} must be a list of strings")
     published = parse_published(data, source)
     table = parse_table(data, source)
+    dose_response = parse_dose_response(data, source)
 
     runs = []
     for dataset in datasets:
@@ -291,6 +320,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         data=data,
         published=published,
         table=table,
+        dose_response=dose_response,
     )
 
 
@@ -374,6 +404,43 @@ def parse_table(data: dict, source: str = "<spec>") -> TableLayout | None:
     return TableLayout(
         title=title.strip(), caption=caption.strip(), metrics=tuple(metrics), labels=dict(labels)
     )
+
+
+def parse_dose_response(data: dict, source: str = "<spec>") -> DoseLayout | None:
+    """The spec's `dose_response:` block, validated against its methods (None if it has none)."""
+    where = f"study spec {source}: dose_response"
+    block = data.get("dose_response")
+    if block is None:
+        return None
+    block = _known_keys(_mapping(block, where), DOSE_KEYS, where)
+    methods = data.get("methods") or {}
+    baseline = data.get("baseline", "baseline")
+
+    def method_list(key: str, required: bool) -> tuple[str, ...]:
+        names = block.get(key, None if required else [])
+        if not isinstance(names, list) or (required and not names):
+            kind = "a non-empty list" if required else "a list"
+            raise UserError(f"{where}.{key}={names!r} must be {kind} of methods")
+        for name in names:
+            if name not in methods or name == baseline:
+                raise UserError(
+                    f"{where}.{key} names {name!r}, which is not one of the methods compared with "
+                    f"{baseline} ({', '.join(m for m in methods if m != baseline)})"
+                )
+        if len(set(names)) != len(names):
+            raise UserError(f"{where}.{key}={names} lists a method twice")
+        return tuple(names)
+
+    family, references = method_list("methods", True), method_list("references", False)
+    both = sorted(set(family) & set(references))
+    if both:
+        raise UserError(f"{where}: {', '.join(both)} is in both methods and references; choose one")
+    metrics = block.get("metrics", list(DOSE_METRICS))
+    if not isinstance(metrics, list) or not metrics:
+        raise UserError(f"{where}.metrics={metrics!r} must be a non-empty list of final metrics")
+    for metric in metrics:
+        _final_metric(metric, f"{where}.metrics")
+    return DoseLayout(methods=family, metrics=tuple(dict.fromkeys(metrics)), references=references)
 
 
 _EXAMPLE = "{shakespeare_char: {val_loss: 1.47}}"

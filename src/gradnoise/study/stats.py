@@ -17,6 +17,10 @@ import scipy.stats
 
 CONFIDENCE = 0.95
 NAN = float("nan")
+#: Differences whose sd is at most this fraction of the values compared are "equal up to
+#: rounding": float64 subtraction leaves ~1e-16 relative error, while two different runs'
+#: losses (float32 arithmetic) differ by 1e-7 relative at least.
+ZERO_SPREAD_RTOL = 1e-12
 
 
 def _measured(value: float | None) -> bool:
@@ -62,7 +66,8 @@ def summarize(values: Iterable[float | None]) -> Summary:
 
 
 def wilcoxon_min_p(n_nonzero: int) -> float:
-    """The smallest two-sided p the Wilcoxon signed-rank test can give with n pairs.
+    """The smallest two-sided p the Wilcoxon signed-rank test can give with n non-zero
+    differences (it drops the zero ones).
 
     Reached when every difference has the same sign; exactly 2 / 2ⁿ for the
     exact null distribution (n = 3 → 0.25, n = 5 → 0.0625), so with few seeds
@@ -90,6 +95,8 @@ class Comparison:
     wilcoxon_min_p: float
     effect_size: float
     note: str = ""
+    #: pairs whose difference is not exactly zero: the Wilcoxon test drops the others
+    n_nonzero: int = 0
 
 
 def paired_comparison(
@@ -104,7 +111,9 @@ def paired_comparison(
         effect size: Cohen's d_z = mean_diff / sd_diff
 
     Negative differences mean the method's loss is lower. Fewer than two pairs,
-    or differences with zero spread, give NaN tests and a `note`.
+    or differences with zero spread (sd_diff ≤ ZERO_SPREAD_RTOL · max |value|: equal
+    up to rounding, where t and d_z would be rounding noise divided by ~0), give NaN
+    tests and a `note`.
     """
     common = sorted(
         seed
@@ -132,16 +141,18 @@ def paired_comparison(
             min_p,
             NAN,
             note,
+            nonzero,
         )
 
     if n < 2:
         return degenerate(f"{n} paired seed(s): at least 2 are needed for a test")
     if nonzero == 0:
         return degenerate("all paired differences are zero: the runs are identical")
-    if summary.sd == 0:
-        return degenerate(f"every paired difference equals {diffs[0]:.6g}: zero spread")
     method = np.array([method_values[s] for s in common], dtype=float)
     baseline = np.array([baseline_values[s] for s in common], dtype=float)
+    scale = float(max(np.abs(method).max(), np.abs(baseline).max()))
+    if summary.sd <= ZERO_SPREAD_RTOL * scale:
+        return degenerate(f"every paired difference equals {summary.mean:.6g} (up to rounding): zero spread")
     t_test = scipy.stats.ttest_rel(method, baseline)
     wilcoxon = scipy.stats.wilcoxon(diffs)
     return Comparison(
@@ -157,6 +168,7 @@ def paired_comparison(
         wilcoxon_p=float(wilcoxon.pvalue),
         wilcoxon_min_p=min_p,
         effect_size=summary.mean / summary.sd,
+        n_nonzero=nonzero,
     )
 
 

@@ -8,6 +8,9 @@ Tables:
     curves  every logged point: PRIMARY KEY (run_id, kind, step)
     finals  one row per finished run: the trainer's result["finals"]
 
+A store written by an older gradnoise gets the curve and finals columns added since
+(ALTER TABLE ... ADD COLUMN) when it is opened; its rows read NULL there.
+
 Only the study's driver process writes. A run's curves and finals are written
 in one transaction together with its status change, so a kill at any moment
 leaves either nothing or everything of that run. WAL mode lets readers
@@ -35,7 +38,12 @@ CURVE_KINDS = runlog.KINDS
 CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS)
 FINAL_METRICS = runlog.FINAL_METRICS
 
-_INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER"}
+_INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER", "parameters": "INTEGER"}
+#: Per table, the value columns that follow from runlog's fields (and may be newer than a store).
+_VALUE_COLUMNS = {
+    "curves": {m: "REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS)},
+    "finals": {m: _INTEGER_FINALS.get(m, "REAL") for m in FINAL_METRICS},
+}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS study (
@@ -63,12 +71,12 @@ CREATE TABLE IF NOT EXISTS curves (
     kind TEXT NOT NULL CHECK (kind IN {CURVE_KINDS}),
     step INTEGER NOT NULL,
     time_s REAL,
-    {", ".join(f"{m} REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS))},
+    {", ".join(f"{m} {t}" for m, t in _VALUE_COLUMNS["curves"].items())},
     PRIMARY KEY (run_id, kind, step)
 );
 CREATE TABLE IF NOT EXISTS finals (
     run_id TEXT PRIMARY KEY REFERENCES runs(id),
-    {", ".join(f"{m} {_INTEGER_FINALS.get(m, 'REAL')}" for m in FINAL_METRICS)},
+    {", ".join(f"{m} {t}" for m, t in _VALUE_COLUMNS["finals"].items())},
     extra TEXT NOT NULL DEFAULT '{{}}'
 );
 """
@@ -102,7 +110,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
         self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        with self._transaction():  # under the write lock: two openers never both migrate
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._add_missing_columns()
 
     def close(self) -> None:
         self._db.close()
@@ -256,6 +268,14 @@ class Store:
             )
 
     # ---- helpers ----------------------------------------------------------
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to runlog's fields since this store was written; NULL in old rows."""
+        for table, columns in _VALUE_COLUMNS.items():
+            present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
     def _transaction(self):
         return _Transaction(self._db)

@@ -8,9 +8,11 @@ reads DIR/study.sqlite through `Store` and writes
     index.html       the same tables with the plots embedded: one self-contained file
     summary.csv      per dataset × method: run counts, n / mean / sd / 95% CI of every final
     comparison.csv   per dataset × metric × method vs the baseline: paired tests, Holm
-    speed_cost.csv   per dataset × method: steps and seconds to the baseline's final val
+    speed_cost.csv   per dataset × method: steps and seconds to the baseline's best val
                      loss, median step time, overhead %
-    curves_*.png, final_val_*.png, sigma_schedules.png, overhead.png
+    runs.csv         per run: its finals, wall time, and its directory and log (relative links)
+    curves_*.png, final_val_*.png, gradients_*.png, dose_response_*.png (a spec with
+    dose_response:), sigma_schedules.png, overhead.png
 
 Only runs with status "done" enter means, tests and plots; failed, diverged and
 unfinished runs are counted and listed. The directory is built aside and
@@ -24,11 +26,12 @@ The pieces, each usable alone:
     tables     the tables and caveats, as text
     render     Markdown, HTML and CSV
 
-What is particular to one paper comes from the study's spec: `table:` (a
-paper-style table) and `published:` (reference values), read from the spec
-the store holds. A study stored before these keys existed gets them by
-running its spec again with them added (`gradnoise study run DIR/spec.yaml
---dir DIR`): the store takes new report keys without running anything.
+What is particular to one study comes from its spec: `table:` (a
+paper-style table), `published:` (reference values) and `dose_response:` (noise
+levels compared as one family), read from the spec the store holds. A study
+stored before these keys existed gets them by running its spec again with them
+added (`gradnoise study run DIR/spec.yaml --dir DIR`): the store takes new report
+keys without running anything.
 """
 
 from __future__ import annotations
@@ -69,14 +72,34 @@ def _build(analysis: Analysis, directory: Path) -> None:
     render.write_csvs(directory, analysis)
 
     sections = []
-    paper_table = tables.paper_table(analysis)
+    paper_table, published = tables.paper_table(analysis), tables.published_table(analysis)
     if paper_table is not None:
-        sections.append(Section(study.table.title, tables=[paper_table]))
-    elif published := tables.published_note(analysis):
-        sections.append(Section("Published values", text=[published]))
+        sections.append(Section(study.table.title, tables=[paper_table, *([published] if published else [])]))
+    elif published is not None:
+        sections.append(Section("Published values", tables=[published]))
+    for dataset in study.datasets:
+        slug = _slug(dataset)
+        dose = [
+            t
+            for key in (study.dose.metrics if study.dose else ())
+            if (t := tables.dose_table(analysis, dataset, key))
+        ]
+        if dose:
+            note = tables.gradient_note(analysis, dataset)
+            sections.append(
+                Section(
+                    f"{dataset}: does any amount of noise help?",
+                    text=[*tables.dose_findings(analysis, dataset), *([note] if note else [])],
+                    tables=dose,
+                    plots=_drawn(
+                        plots.dose_response(analysis, dataset, directory / f"dose_response_{slug}.png")
+                    ),
+                )
+            )
     for dataset in study.datasets:
         slug = _slug(dataset)
         speed = tables.speed_table(analysis, dataset)
+        note = None if study.dose else tables.gradient_note(analysis, dataset)
         sections.append(
             Section(
                 dataset,
@@ -88,7 +111,9 @@ def _build(analysis: Analysis, directory: Path) -> None:
                 plots=_drawn(
                     plots.curves(analysis, dataset, directory / f"curves_{slug}.png"),
                     plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
+                    plots.gradient_norms(analysis, dataset, directory / f"gradients_{slug}.png"),
                 ),
+                text=[note] if note else [],
             )
         )
     sections.append(
@@ -103,7 +128,14 @@ def _build(analysis: Analysis, directory: Path) -> None:
     )
     not_done = tables.not_done_table(study)
     sections.append(
-        Section("Methods and runs", tables=[tables.methods_table(study), *([not_done] if not_done else [])])
+        Section(
+            "Methods and runs",
+            tables=[
+                tables.methods_table(analysis),
+                tables.runs_table(analysis),
+                *([not_done] if not_done else []),
+            ],
+        )
     )
 
     caveats = tables.caveats(analysis)

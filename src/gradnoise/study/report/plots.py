@@ -1,6 +1,6 @@
 """The report's figures, one function per figure: each draws from the analysis, saves a
 PNG to `path` and returns it, or returns None (and writes nothing) when there is nothing
-to draw."""
+to draw. A method has one colour in every figure (`method_colors`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,20 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradnoise.study.report.analysis import HORIZON_FRACTION, LOSS_UNIT, Analysis, ScheduleUse, Study
+from gradnoise.study.report.analysis import (
+    HORIZON_FRACTION,
+    LOSS_UNIT,
+    Analysis,
+    ScheduleUse,
+    Study,
+    headline_metric,
+    metric,
+)
+
+#: The zoomed panels of the loss curves show this last part of the run.
+ZOOM_FRACTION = 0.6
+#: Published train-mode losses: drawn beside the train-mode loss of the runs.
+TRAIN_MODE = ("train_loss_last_batch", "train_loss_window")
 
 
 def palette(n: int) -> list[tuple]:
@@ -26,67 +39,159 @@ def method_colors(study: Study) -> dict[str, tuple]:
     return dict(zip(study.methods, palette(len(study.methods)), strict=True))
 
 
+_LINE_STYLES = ("-", "--", "-.", (0, (1, 1)))
+
+
+def method_lines(study: Study) -> dict[str, object]:
+    """One line style per method, the same in every figure: curves that coincide (two
+    schedules with the same effect) still show both."""
+    return {method: _LINE_STYLES[i % len(_LINE_STYLES)] for i, method in enumerate(study.methods)}
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
 def _save(figure: Figure, path: Path) -> Path:
     # No "Software" metadata: it would put matplotlib's URL into every PNG.
     figure.savefig(path, dpi=110, metadata={"Software": None})
     return path
 
 
+def _legend_below(figure: Figure, axes, columns: int = 3, extra: dict | None = None) -> None:
+    """One figure-wide legend under the panels (it never covers a curve): every label of
+    `axes` once, then `extra` (label → handle)."""
+    handles = {}
+    for ax in np.atleast_1d(axes).flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    for label, handle in (extra or {}).items():
+        handles.setdefault(label, handle)
+    if handles:
+        figure.legend(
+            list(handles.values()), list(handles), loc="outside lower center", ncols=columns, fontsize="small"
+        )
+
+
+def _by_step(points: list[dict], key: str) -> dict[int, list[float]]:
+    by_step = defaultdict(list)
+    for p in points:
+        if p.get(key) is not None:
+            by_step[p["step"]].append(p[key])
+    return by_step
+
+
 def curves(analysis: Analysis, dataset: str, path: Path) -> Path | None:
-    """Train (eval mode) and val loss over steps: mean over seeds, band = min–max."""
+    """Train (eval mode) and val loss over steps, mean over seeds, band = min–max; below,
+    the last ZOOM_FRACTION of the run with the y-axis fitted to it. Published values of
+    the spec are dashed reference lines, and the train-mode loss of the method they
+    belong to is drawn dotted beside its eval-mode train curve."""
     study = analysis.study
-    colors = method_colors(study)
-    figure = Figure(figsize=(12, 4.6), layout="constrained")
-    axes = figure.subplots(1, 2, sharex=True)
-    plotted = False
+    colors, lines = method_colors(study), method_lines(study)
+    figure = _figure(12, 8.4)
+    axes = figure.subplots(2, 2)
+    published = [row for row in analysis.published if row.dataset == dataset]
+    reference_method = study.published.method if study.published else None
+    train_mode = any(row.metric in TRAIN_MODE for row in published)
+    plotted, last_step = False, 0
+    zoom_values: dict[int, list[float]] = {0: [], 1: []}
     for method in study.methods:
         runs = study.done.get((dataset, method), {})
         points = [p for row in runs.values() for p in study.evals.get(row["id"], [])]
-        for ax, metric in zip(axes, ("train_loss", "val_loss"), strict=True):
-            by_step = defaultdict(list)
-            for p in points:
-                if p.get(metric) is not None:
-                    by_step[p["step"]].append(p[metric])
+        for column, key in enumerate(("train_loss", "val_loss")):
+            by_step = _by_step(points, key)
             if not by_step:
                 continue
-            steps = sorted(by_step)
+            steps = np.array(sorted(by_step))
             values = [np.array(by_step[s]) for s in steps]
-            color = colors[method]
-            ax.plot(steps, [v.mean() for v in values], color=color, label=f"{method} (n={len(runs)})")
-            ax.fill_between(
-                steps, [v.min() for v in values], [v.max() for v in values], color=color, alpha=0.2
-            )
+            mean = np.array([v.mean() for v in values])
+            low, high = [v.min() for v in values], [v.max() for v in values]
+            for ax in axes[:, column]:
+                ax.plot(
+                    steps,
+                    mean,
+                    color=colors[method],
+                    linestyle=lines[method],
+                    label=f"{method} (n={len(runs)})",
+                )
+                ax.fill_between(steps, low, high, color=colors[method], alpha=0.18, linewidth=0)
+            last_step = max(last_step, int(steps[-1]))
+            zoom_values[column] += list(mean[steps >= (1 - ZOOM_FRACTION) * steps[-1]])
             plotted = True
+        if method == reference_method and train_mode:
+            trains = [p for row in runs.values() for p in study.trains.get(row["id"], [])]
+            by_step = _by_step(trains, "loss")
+            steps = sorted(by_step)
+            for ax in axes[:, 0]:
+                ax.plot(
+                    steps,
+                    [np.mean(by_step[s]) for s in steps],
+                    color=colors[method],
+                    linestyle=":",
+                    linewidth=1,
+                    label=f"{method}, train mode (log-window mean)",
+                )
     if not plotted:
         return None
-    for ax, what in zip(axes, ("train (eval mode)", "val"), strict=True):
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{what.split()[0]} loss ({LOSS_UNIT})")
-        ax.set_title(f"{dataset}: {what} loss, mean over seeds, band = min–max")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize="small")
+    for row in published:
+        column = (
+            0
+            if row.metric.startswith("train_loss")
+            else 1
+            if row.metric.startswith(("val", "best_val"))
+            else None
+        )
+        if column is None:
+            continue
+        for ax in axes[:, column]:
+            ax.axhline(
+                row.value,
+                color="black",
+                linestyle="--" if column == 0 else "-.",
+                linewidth=1,
+                label=f"published {metric(row.metric).label}: {row.value:.4f}",
+            )
+        zoom_values[column].append(row.value)
+    titles = ("train loss (eval mode)", "val loss")
+    for column, title in enumerate(titles):
+        top, bottom = axes[0, column], axes[1, column]
+        top.set_title(f"{dataset}: {title}; mean over seeds, band = min–max")
+        bottom.set_title(f"the last {ZOOM_FRACTION:.0%} of the run, zoomed")
+        start = (1 - ZOOM_FRACTION) * last_step
+        bottom.set_xlim(start, last_step * 1.01)
+        if zoom_values[column]:
+            low, high = min(zoom_values[column]), max(zoom_values[column])
+            margin = 0.08 * (high - low) or 0.01
+            bottom.set_ylim(low - margin, high + margin)
+        for ax in (top, bottom):
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"loss ({LOSS_UNIT})")
+            ax.grid(alpha=0.3)
+    _legend_below(figure, axes)
     return _save(figure, path)
 
 
 def final_val(analysis: Analysis, dataset: str, path: Path) -> Path | None:
-    """Final val loss per method: each seed, and the mean with its 95% CI."""
+    """The final val loss per method (full pass where the runs made it): each seed, and
+    the mean with its 95% CI."""
     study = analysis.study
+    key = headline_metric(study)
     colors = method_colors(study)
-    rows = [r for r in analysis.summaries if r.dataset == dataset and r.summary("val_loss").n]
+    rows = [r for r in analysis.summaries if r.dataset == dataset and r.summary(key).n]
     if not rows:
         return None
-    figure = Figure(figsize=(max(6, 1.0 * len(rows) + 2), 4.6), layout="constrained")
+    figure = _figure(max(5.0, 0.75 * len(rows) + 2.5), 4.8)
     ax = figure.subplots()
     for x, row in enumerate(rows):
-        values = study.values(dataset, row.method, "val_loss")
+        values = study.values(dataset, row.method, key)
         seeds = sorted(s for s, v in values.items() if v is not None)
-        offsets = np.linspace(-0.12, 0.12, len(seeds)) if len(seeds) > 1 else [0.0]
+        offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else [0.0]
         color = colors[row.method]
-        ax.scatter([x + o for o in offsets], [values[s] for s in seeds], color=color, s=18, alpha=0.7)
-        summary = row.summary("val_loss")
+        ax.scatter([x - 0.1 + o for o in offsets], [values[s] for s in seeds], color=color, s=18, alpha=0.7)
+        summary = row.summary(key)
         if summary.n >= 2:
             ax.errorbar(
-                x + 0.3,
+                x + 0.22,
                 summary.mean,
                 yerr=[[summary.mean - summary.ci_low], [summary.ci_high - summary.mean]],
                 fmt="D",
@@ -94,81 +199,239 @@ def final_val(analysis: Analysis, dataset: str, path: Path) -> Path | None:
                 capsize=4,
             )
         else:
-            ax.plot(x + 0.3, summary.mean, "D", color=color)
+            ax.plot(x + 0.22, summary.mean, "D", color=color)
         if row.method == study.baseline:
-            ax.axhline(summary.mean, color=color, linestyle="--", linewidth=0.8, label="baseline mean")
-    ax.set_xticks(range(len(rows)), [r.method for r in rows], rotation=30, ha="right")
+            ax.axhline(summary.mean, color=color, linestyle="--", linewidth=0.8, label=f"{row.method} mean")
+    ax.set_xticks(range(len(rows)), [r.method for r in rows], rotation=30 if len(rows) > 1 else 0, ha="right")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("method")
-    ax.set_ylabel(f"final val loss ({LOSS_UNIT})")
-    ax.set_title(f"{dataset}: final val loss\nper seed (dots), mean with 95% CI (diamond)")
+    ax.set_ylabel(f"{metric(key).label} ({LOSS_UNIT})")
+    ax.set_title(f"{dataset}: {metric(key).label}\nper seed (dots), mean with 95% CI (diamond)")
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     return _save(figure, path)
 
 
-def _sigma_values(study: Study, use: ScheduleUse) -> tuple[np.ndarray, np.ndarray]:
-    """σ_t over the run: from the formula, or (data-driven σ) the median the runs logged."""
-    if use.data_driven:
-        by_step = defaultdict(list)
-        for run_id in use.run_ids:
-            for step, sigma in study.sigmas.get(run_id, []):
-                by_step[step].append(sigma)
-        steps = np.array(sorted(by_step), dtype=float)
-        return steps, np.array([np.median(by_step[s]) for s in sorted(by_step)])
-    # Linear spacing for the body of the run, geometric for the fast early decays.
+def _logged_sigma(study: Study, run_ids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The σ the runs logged, median over runs per step."""
+    by_step = defaultdict(list)
+    for run_id in run_ids:
+        for p in study.trains.get(run_id, []):
+            if p["sigma"] is not None:
+                by_step[p["step"]].append(p["sigma"])
+    steps = sorted(by_step)
+    return np.array(steps, dtype=float), np.array([np.median(by_step[s]) for s in steps])
+
+
+def _formula_sigma(use: ScheduleUse) -> tuple[np.ndarray, np.ndarray]:
+    """σ_t from the schedule's formula: linear spacing for the body of the run, geometric
+    for the fast early decays."""
     last = max(use.max_iters - 1, 1)
     steps = np.unique(
-        np.concatenate(
-            [
-                np.linspace(0, last, 1000).astype(int),
-                np.geomspace(1, last, 500).astype(int),
-                [0],
-            ]
-        )
+        np.concatenate([np.linspace(0, last, 1000).astype(int), np.geomspace(1, last, 500).astype(int), [0]])
     )
     return steps.astype(float), np.array([use.schedule(int(s)) for s in steps])
 
 
 def sigma_schedules(analysis: Analysis, path: Path) -> Path | None:
-    """σ_t of every schedule the runs used, on a log axis, with each one's horizon."""
-    uses = analysis.schedules
-    if not uses:
-        return None
-    figure = Figure(figsize=(10, 5), layout="constrained")
+    """σ_t of every method with noise, in its method's colour, on a log axis: the
+    schedule's formula for absolute σ, the logged σ (median over runs) where σ depends on
+    the run (relative noise: r · RMS(g); plateau schedules); dotted, each horizon."""
+    study = analysis.study
+    colors, lines = method_colors(study), method_lines(study)
+    figure = _figure(10, 5.6)
     ax = figure.subplots()
-    plotted = False
-    for use, color in zip(uses, palette(len(uses)), strict=True):
-        steps, sigma = _sigma_values(analysis.study, use)
-        positive = sigma > 0  # log axis: σ = 0 cannot be drawn, and means no noise anyway
-        if not positive.any():
-            continue
-        label = f"{use.spec}{' (relative)' if use.relative else ''} — {', '.join(use.methods)}"
-        if use.data_driven:
-            label += " [logged σ, median of runs]"
-        ax.plot(steps[positive], sigma[positive], color=color, label=label)
-        plotted = True
-        horizon = None if use.data_driven else use.horizon
-        if horizon is not None and horizon < use.max_iters:
-            ax.axvline(horizon, color=color, linestyle=":", linewidth=1.2)
-            ax.annotate(
-                f"{horizon}",
-                (horizon, 1),
-                xycoords=("data", "axes fraction"),
-                color=color,
-                fontsize="small",
-                xytext=(3, -12),
-                textcoords="offset points",
+    plotted, horizons = False, []
+    method_of = {run["id"]: run["method"] for run in study.runs}
+    for use in analysis.schedules:
+        logged = use.relative or use.data_driven
+        for method in use.methods:
+            run_ids = tuple(r for r in use.run_ids if method_of[r] == method)
+            steps, sigma = _logged_sigma(study, run_ids) if logged else _formula_sigma(use)
+            positive = sigma > 0  # log axis: σ = 0 cannot be drawn, and means no noise anyway
+            if not positive.any():
+                continue
+            how = "logged σ, median of runs" if logged else "formula"
+            ax.plot(
+                steps[positive],
+                sigma[positive],
+                color=colors[method],
+                linestyle=lines[method],
+                label=f"{method}: {use.spec} [{how}]",
             )
+            plotted = True
+            horizon = None if logged else use.horizon
+            if horizon is not None and horizon < use.max_iters:
+                horizons.append((horizon, method))
     if not plotted:
         return None
+    # Labels stacked downwards in step order, so close horizons (495, 496) never overprint.
+    for index, (horizon, method) in enumerate(sorted(horizons)):
+        ax.axvline(horizon, color=colors[method], linestyle=":", linewidth=1.2)
+        ax.annotate(
+            f"{horizon}",
+            (horizon, 1),
+            xycoords=("data", "axes fraction"),
+            color=colors[method],
+            fontsize="small",
+            xytext=(3, -12 - 11 * index),
+            textcoords="offset points",
+        )
+    for scale in analysis.gradient_scales:
+        ax.axhline(
+            scale.rms,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label=f"RMS(g) of {study.baseline}, {scale.dataset}",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("σ_t (noise std; relative: × gradient RMS)")
-    ax.set_title(f"Noise schedules over the run; dotted: horizon (σ_t < {HORIZON_FRACTION:.0%} of σ0)")
+    ax.set_ylabel("σ_t (noise std per element)")
+    ax.set_title(f"Noise σ over the run; dotted: horizon (σ_t < {HORIZON_FRACTION:.0%} of σ0)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.12))
+    _legend_below(figure, ax, columns=1)
     return _save(figure, path)
+
+
+def gradient_norms(analysis: Analysis, dataset: str, path: Path) -> Path | None:
+    """‖g‖ (after clipping), ‖noise‖ and their ratio over training, per method: the
+    median over its runs at each logged step, log axes."""
+    study = analysis.study
+    colors, lines = method_colors(study), method_lines(study)
+    keys = (
+        ("grad_norm", "‖g‖ (after clipping)"),
+        ("noise_norm", "‖noise‖"),
+        ("noise_to_grad", "‖noise‖ / ‖g‖"),
+    )
+    figure = _figure(13, 4.6)
+    axes = figure.subplots(1, 3)
+    plotted = False
+    for method in study.methods:
+        runs = study.done.get((dataset, method), {})
+        points = [p for row in runs.values() for p in study.trains.get(row["id"], [])]
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            by_step = _by_step(points, key)
+            steps = [s for s in sorted(by_step) if np.median(by_step[s]) > 0]
+            if not steps:
+                continue
+            ax.plot(
+                steps,
+                [np.median(by_step[s]) for s in steps],
+                color=colors[method],
+                linestyle=lines[method],
+                label=method,
+                linewidth=1.2,
+            )
+            plotted = True
+    if not plotted:
+        return None
+    config = study.config(dataset, study.baseline) or {}
+    if config.get("grad_clip"):
+        axes[0].axhline(config["grad_clip"], color="gray", linestyle="--", linewidth=1, label="grad_clip")
+    axes[2].axhline(1.0, color="gray", linestyle="--", linewidth=1, label="noise as large as the gradient")
+    for ax, (_, title) in zip(axes, keys, strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{dataset}: {title}")
+        ax.grid(alpha=0.3, which="both")
+    _legend_below(figure, axes, columns=4)
+    return _save(figure, path)
+
+
+def dose_response(analysis: Analysis, dataset: str, path: Path) -> Path | None:
+    """Δ vs the baseline (mean and 95% CI, paired on seeds) against the σ each noise level
+    used (log axis), absolute (circles) and relative (squares) on one chart per metric;
+    the baseline's gradient RMS marked; the spec's reference methods as horizontal bands.
+    A star marks a level whose Holm-adjusted t-test p is below 0.05."""
+    study = analysis.study
+    layout = study.dose
+    if layout is None:
+        return None
+    metrics = [key for key in layout.metrics if analysis.dose(dataset, key)]
+    if not metrics:
+        return None
+    colors = method_colors(study)
+    figure = _figure(6.2 * len(metrics), 5.4)
+    axes = np.atleast_1d(figure.subplots(1, len(metrics)))
+    scale = analysis.gradient_scale(dataset)
+    for ax, key in zip(axes, metrics, strict=True):
+        rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.sigma) and r.sigma > 0]
+        for relative, marker, line in ((False, "o", "-"), (True, "s", "--")):
+            family = [r for r in rows if r.relative == relative]
+            if not family:
+                continue
+            xs = [r.sigma for r in family]
+            ax.plot(
+                xs,
+                [r.comparison.mean_diff for r in family],
+                color="gray",
+                linestyle=line,
+                linewidth=1,
+                label="relative (σ = r·RMS(g), as logged)" if relative else "absolute σ",
+                marker=marker,
+                markerfacecolor="none",
+            )
+            for r in family:
+                c = r.comparison
+                low = c.mean_diff - c.ci_low if not math.isnan(c.ci_low) else 0
+                high = c.ci_high - c.mean_diff if not math.isnan(c.ci_high) else 0
+                ax.errorbar(
+                    r.sigma,
+                    c.mean_diff,
+                    yerr=[[low], [high]],
+                    fmt=marker,
+                    color=colors[r.method],
+                    capsize=3,
+                    markersize=6,
+                )
+                if r.t_p_holm < 0.05:
+                    ax.annotate(
+                        "*", (r.sigma, c.mean_diff), xytext=(5, 2), textcoords="offset points", fontsize=14
+                    )
+        for method in layout.references:
+            compared = analysis.comparison(dataset, method, key)
+            if compared is None:
+                continue
+            c = compared.comparison
+            ax.axhline(
+                c.mean_diff,
+                color=colors[method],
+                linestyle="-.",
+                linewidth=1.2,
+                label=f"{method} (not a noise level)",
+            )
+            if not math.isnan(c.ci_low):
+                ax.axhspan(c.ci_low, c.ci_high, color=colors[method], alpha=0.12, linewidth=0)
+        ax.axhline(0, color="black", linewidth=0.8)
+        if scale is not None:
+            ax.axvline(
+                scale.rms,
+                color="black",
+                linestyle=":",
+                linewidth=1.2,
+                label=f"RMS(g) of {study.baseline}: {scale.rms:.2g}",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("σ used (median of the logged σ)")
+        ax.set_ylabel(f"Δ {metric(key).label} vs {study.baseline} ({LOSS_UNIT})")
+        ax.set_title(
+            f"{dataset}: {metric(key).label}\nmethod − {study.baseline}, mean and 95% CI; * Holm p < 0.05"
+        )
+        ax.grid(alpha=0.3, which="both")
+    levels = {
+        r.method: _marker_handle(colors[r.method], "s" if r.relative else "o")
+        for r in analysis.dose(dataset, metrics[0])
+    }
+    _legend_below(figure, axes, columns=4, extra=levels)
+    return _save(figure, path)
+
+
+def _marker_handle(color, marker: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=color, marker=marker, linestyle="none")
 
 
 def overhead(analysis: Analysis, path: Path) -> Path | None:
@@ -180,7 +443,7 @@ def overhead(analysis: Analysis, path: Path) -> Path | None:
     methods = [m for m in study.methods if any(r.method == m for r in rows)]
     datasets = [d for d in study.datasets if any(r.dataset == d for r in rows)]
     width = min(0.8 / len(datasets), 0.35)
-    figure = Figure(figsize=(max(6, 0.9 * len(methods) + 2), 4.6), layout="constrained")
+    figure = _figure(max(6, 0.75 * len(methods) + 2), 4.6)
     ax = figure.subplots()
     for i, dataset in enumerate(datasets):
         by_method = {r.method: r.overhead.percent for r in rows if r.dataset == dataset}

@@ -10,15 +10,20 @@ import math
 import re
 from pathlib import Path
 
-from gradnoise.study.report.analysis import SUMMARY_METRICS, Analysis
-from gradnoise.study.report.tables import Section, Table
+from gradnoise.study.report.analysis import RUN_METRICS, SUMMARY_METRICS, Analysis
+from gradnoise.study.report.tables import Link, Section, Table
 
 # ---- Markdown -------------------------------------------------------------------------------
 
 
+def _cell_markdown(cell) -> str:
+    text = str(cell).replace("|", "\\|")
+    return f"[{text}]({cell.href})" if isinstance(cell, Link) else text
+
+
 def table_markdown(table: Table) -> str:
     def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_cell_markdown(c) for c in cells) + " |"
 
     lines = [f"**{table.title}**", "", line(table.columns), line(["---"] * len(table.columns))]
     lines += [line(row) for row in table.rows]
@@ -44,52 +49,108 @@ def markdown(name: str, description: str, stamp: str, caveats: list[str], sectio
 # ---- HTML -----------------------------------------------------------------------------------
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 1em clamp(0.75em, 3vw, 2em); color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; overflow-wrap: anywhere; }
+.wide { overflow-x: auto; -webkit-overflow-scrolling: touch; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 0.88em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f3f3f3; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
+td.num { text-align: right; }
+td.text { white-space: normal; min-width: 14em; max-width: 32em; }
+th { background: #f3f3f3; cursor: pointer; user-select: none; }
+td:first-child { position: sticky; left: 0; background: #fff; }
+th:first-child { position: sticky; left: 0; }
+th[aria-sort="ascending"]::after { content: " ▲"; }
+th[aria-sort="descending"]::after { content: " ▼"; }
+code { overflow-wrap: anywhere; background: #f4f4f4; padding: 0 0.2em; border-radius: 3px; }
 .note { font-size: 0.85em; color: #555; margin: 0.2em 0; }
-.caveats { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1.5em; }
-img { max-width: 100%; display: block; margin: 1em 0; }
+.caveats { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1.2em; }
+.caveats ul { padding-left: 1.2em; }
+img { display: block; max-width: 100%; height: auto; margin: 1em 0; }
+@media (max-width: 700px) {
+  .wide img { max-width: 900px; width: auto; }
+  table { font-size: 0.8em; }
+}
 """
+
+# Click a column's header to sort the table by it (numbers by value, then text); again to reverse.
+_SCRIPT = """
+function sortBy(th) {
+  var body = th.closest("table").tBodies[0], column = th.cellIndex;
+  var ascending = th.getAttribute("aria-sort") !== "ascending";
+  th.closest("tr").querySelectorAll("th").forEach(function (h) { h.removeAttribute("aria-sort"); });
+  th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+  function key(row) {
+    var text = row.cells[column].textContent.trim();
+    var value = parseFloat(text.replace(/^[<=p(]+/, "").replace("\u2212", "-"));
+    return isNaN(value) ? text : value;
+  }
+  var rows = Array.prototype.slice.call(body.rows);
+  rows.sort(function (a, b) {
+    var x = key(a), y = key(b);
+    if (typeof x !== typeof y) { return typeof x === "number" ? -1 : 1; }
+    return (x < y ? -1 : x > y ? 1 : 0) * (ascending ? 1 : -1);
+  });
+  rows.forEach(function (row) { body.appendChild(row); });
+}
+document.querySelectorAll("th").forEach(function (th) {
+  th.addEventListener("click", function () { sortBy(th); });
+});
+"""
+#: A cell longer than this wraps (prose: how a value was measured, a config difference).
+_WRAP_AT = 40
+#: A number, a statistic ("1.23 ± 0.04 [...]"), a p-value ("<0.001") or a missing value.
+_NUMERIC = re.compile(r"^([-+<]?\d|—|n/a$)")
+
+
+def _cell_html(cell) -> str:
+    text = html.escape(str(cell))
+    if isinstance(cell, Link):
+        return f'<td><a href="{html.escape(cell.href)}">{text}</a></td>'
+    if _NUMERIC.match(str(cell)):
+        return f'<td class="num">{text}</td>'
+    if len(text) > _WRAP_AT:
+        return f'<td class="text">{_inline_code(text)}</td>'
+    return f"<td>{_inline_code(text)}</td>"
 
 
 def table_html(table: Table) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in table.rows
-    )
-    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in table.notes)
+    body = "".join("<tr>" + "".join(_cell_html(c) for c in row) + "</tr>" for row in table.rows)
+    notes = "".join(f'<p class="note">{_inline_code(html.escape(n))}</p>' for n in table.notes)
     return (
         f"<h4>{html.escape(table.title)}</h4>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"
+        f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{notes}'
     )
 
 
 def page(name: str, description: str, stamp: str, caveats: list[str], sections: list[Section]) -> str:
-    """One HTML file with everything in it: the plots are embedded as data: URLs."""
+    """One HTML file with everything in it: the plots are embedded as data: URLs, the
+    style and the sorting script inline; it requests nothing from anywhere."""
 
     def image(path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+        return (
+            f'<div class="wide"><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></div>'
+        )
 
     body = [f"<h1>Study {html.escape(name)}: report</h1>"]
     if description:
-        body.append(f"<p>{html.escape(description)}</p>")
+        body.append(f"<p>{_inline_code(html.escape(description))}</p>")
     body.append(f'<p class="note">{html.escape(stamp)}</p>')
     body.append('<div class="caveats"><h2>Caveats</h2><ul>')
     body += [f"<li>{_inline_code(html.escape(line))}</li>" for line in caveats]
     body.append("</ul></div>")
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
-        body += [f"<p>{html.escape(line)}</p>" for line in section.text]
+        body += [f"<p>{_inline_code(html.escape(line))}</p>" for line in section.text]
         body += [table_html(table) for table in section.tables]
         body += [image(plot) for plot in section.plots]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>Study {html.escape(name)}: report</title><style>{_CSS}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
+        f"<body>{''.join(body)}<script>{_SCRIPT}</script></body></html>\n"
     )
 
 
@@ -125,6 +186,18 @@ COMPARISON_COLUMNS = [
     "effect_size_dz",
     "note",
 ]
+RUN_COLUMNS = [
+    "run_id",
+    "dataset",
+    "method",
+    "seed",
+    "status",
+    *RUN_METRICS,
+    "wall_s",
+    "directory",
+    "log",
+    "error",
+]
 SPEED_COLUMNS = [
     "dataset",
     "method",
@@ -142,7 +215,8 @@ SPEED_COLUMNS = [
 
 
 def write_csvs(directory: Path, analysis: Analysis) -> None:
-    """summary.csv, comparison.csv and speed_cost.csv: one line per row of the analysis."""
+    """summary.csv, comparison.csv, speed_cost.csv and runs.csv: one line per row of the
+    analysis (runs.csv: per run, its directory and log relative to the report)."""
     summary = []
     for row in analysis.summaries:
         record = {
@@ -210,6 +284,23 @@ def write_csvs(directory: Path, analysis: Analysis) -> None:
         for r in analysis.speeds
     ]
     _write_csv(directory / "speed_cost.csv", SPEED_COLUMNS, speeds)
+
+    runs = [
+        {
+            "run_id": r.run_id,
+            "dataset": r.dataset,
+            "method": r.method,
+            "seed": r.seed,
+            "status": r.status,
+            **r.finals,
+            "wall_s": r.wall_s,
+            "directory": r.directory,
+            "log": r.log,
+            "error": (r.error or "").strip().splitlines()[-1] if r.error else "",
+        }
+        for r in analysis.runs
+    ]
+    _write_csv(directory / "runs.csv", RUN_COLUMNS, runs)
 
 
 def _csv_value(value) -> str:

@@ -15,22 +15,39 @@ from gradnoise.study.report.analysis import (
     HORIZON_FRACTION,
     LOSS_METRICS,
     LOSS_UNIT,
+    RUN_METRICS,
     Analysis,
+    DoseRow,
+    PublishedRow,
     Study,
     SummaryRow,
     compared_metrics,
+    headline_metric,
     metric,
 )
 from gradnoise.study.stats import Comparison, Summary, wilcoxon_min_p
 
 MISSING = "—"
+#: The significance level of the report's sentences (on Holm-adjusted p).
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Link:
+    """A table cell that links to a file of the study (a path relative to the report)."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
 class Table:
     title: str
     columns: list[str]
-    rows: list[list[str]]
+    rows: list[list[str | Link]]
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,6 +99,19 @@ def difference(c: Comparison) -> str:
     if c.n_pairs < 2 or math.isnan(c.ci_low):
         return signed(c.mean_diff)
     return f"{signed(c.mean_diff)} [{signed(c.ci_low)}, {signed(c.ci_high)}]"
+
+
+def scientific(x: float | None) -> str:
+    if x is None or math.isnan(x):
+        return MISSING
+    return f"{x:.3g}"
+
+
+def value_text(x) -> str:
+    """A config value as the methods table shows it."""
+    if isinstance(x, float):
+        return f"{x:g}"
+    return "none" if x is None else str(x)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -170,7 +200,7 @@ def speed_table(analysis: Analysis, dataset: str) -> Table | None:
         return None
     target = rows[0].target_val_loss
     return Table(
-        title=f"{dataset}: speed to {baseline}'s mean final val loss ({number(target)}) and step-time cost",
+        title=f"{dataset}: speed to {baseline}'s best val loss ({number(target)}) and step-time cost",
         columns=[
             "method",
             "reached",
@@ -191,16 +221,19 @@ def speed_table(analysis: Analysis, dataset: str) -> Table | None:
             for r in rows
         ],
         notes=[
-            "Steps and seconds (training time, evals excluded) to the first eval at or below the "
-            "target, mean ± sd over the runs that reached it. Overhead: median of the runs' "
-            "median step times vs the baseline's.",
+            f"Target: {baseline}'s best val loss, the highest of its runs' best estimates, so "
+            f"every {baseline} run reaches it. Steps and seconds (training time, evals excluded) "
+            "to the first eval at or below it, mean ± sd over the runs that reached it. "
+            "Overhead: median of the runs' median step times vs the baseline's.",
         ],
     )
 
 
 def paper_table(analysis: Analysis) -> Table | None:
     """The spec's `table:`: rows datasets, columns method × metric, cells mean ± sd and the
-    Holm-adjusted p of the paired t-test against the baseline. None if the spec has none."""
+    Holm-adjusted p of the paired t-test against the baseline; under each dataset's row,
+    the published values in the column of the same metric (or its like-for-like
+    stand-in). None if the spec has no table."""
     study = analysis.study
     layout = study.table
     if layout is None:
@@ -221,17 +254,51 @@ def paper_table(analysis: Analysis) -> Table | None:
                     cell += f" (p{p})" if p.startswith("<") else f" (p={p})"
                 row.append(cell)
         rows.append(row)
-    meanings = "; ".join(
-        f"{layout.label(key)}: {_described(key)}" for key in layout.metrics if layout.label(key) != key
-    )
+        if published := _published_row(analysis, dataset, layout.metrics):
+            rows.append(published)
+    meanings = "; ".join(f"{layout.label(key)}: {_described(key)}" for key in layout.metrics)
     notes = [
-        f"Mean ± sd over seeds{'; ' + meanings if meanings else ''}. "
-        "p: paired t-test vs the baseline, Holm-adjusted across methods."
+        f"Mean ± sd over seeds. {meanings}. p: paired t-test vs the baseline, Holm-adjusted across methods."
     ]
-    if published := published_note(analysis):
-        notes.append(published)
-    about = f"{layout.caption}, with ± sd and p" if layout.caption else "with ± sd and p"
-    return Table(f"{layout.title} ({about})", columns, rows, notes)
+    if analysis.published:
+        notes.append(_published_placement(analysis, layout.metrics))
+    about = layout.caption or "the paper's layout"
+    return Table(f"{about}: mean ± sd over seeds, p vs {study.baseline}", columns, rows, notes)
+
+
+def _published_column(row: PublishedRow, metrics: tuple[str, ...]) -> str | None:
+    """The table column a published value goes in: its own metric, else its stand-in."""
+    if row.metric in metrics:
+        return row.metric
+    return row.stand_in if row.stand_in in metrics else None
+
+
+def _published_row(analysis: Analysis, dataset: str, metrics: tuple[str, ...]) -> list[str] | None:
+    published = [r for r in analysis.published if r.dataset == dataset]
+    placed = {column: r for r in published if (column := _published_column(r, metrics))}
+    if not placed:
+        return None
+    row = [f"{dataset}, published"]
+    for method in analysis.study.methods:
+        for key in metrics:
+            entry = placed.get(key) if method == published[0].method else None
+            row.append(f"{entry.value:.4f}" if entry else "")
+    return row
+
+
+def _published_placement(analysis: Analysis, metrics: tuple[str, ...]) -> str:
+    source = analysis.study.published.source
+    parts = []
+    for row in analysis.published:
+        column = _published_column(row, metrics)
+        if column is None:
+            where = "not a column here (see the next table)"
+        elif column == row.metric:
+            where = f"under ours, measured the same way ({metric(column).label})"
+        else:
+            where = f"under ours averaged like for like ({metric(column).label})"
+        parts.append(f"{metric(row.metric).label} ({row.how or 'as ours'}): {where}")
+    return f"Published ({source}): " + "; ".join(dict.fromkeys(parts)) + "."
 
 
 def _described(key: str) -> str:
@@ -240,37 +307,260 @@ def _described(key: str) -> str:
     return f"{m.label} ({details})" if details else m.label
 
 
-def published_note(analysis: Analysis) -> str | None:
-    """The spec's `published:` values of this study's datasets, in one sentence (and how the
-    source measured them)."""
-    rows = analysis.published
+def published_table(analysis: Analysis) -> Table | None:
+    """The spec's published values beside ours: the same metric where this study has it,
+    its like-for-like stand-in, and our own headline measures (not published) below."""
+    if not analysis.published:
+        return None
+    study = analysis.study
+    published = study.published
+    rows = []
+    for dataset in study.datasets:
+        entries = [r for r in analysis.published if r.dataset == dataset]
+        if not entries:
+            continue
+        for entry in entries:
+            rows.append(
+                [
+                    dataset,
+                    metric(entry.metric).label,
+                    f"{entry.value:.4f}",
+                    entry.how or MISSING,
+                    *_ours_and_ci(entry.ours, entry.value),
+                ]
+            )
+            if entry.stand_in is not None:
+                rows.append(
+                    [
+                        dataset,
+                        f"{metric(entry.stand_in).label} (like for like)",
+                        f"{entry.value:.4f}",
+                        f"compared with ours: {metric(entry.stand_in).meaning}",
+                        *_ours_and_ci(entry.stand_in_ours, entry.value),
+                    ]
+                )
+        shown = {r.metric for r in entries} | {r.stand_in for r in entries}
+        summary = analysis.summary(dataset, published.method)
+        for key in (headline_metric(study), "train_loss"):
+            if key not in shown and summary is not None and summary.summary(key).n:
+                rows.append(
+                    [
+                        dataset,
+                        metric(key).label,
+                        MISSING,
+                        "not published",
+                        mean_sd_ci(summary.summary(key)),
+                        "",
+                    ]
+                )
+    return Table(
+        title=f"Published values ({published.source}) beside {published.method}'s, like for like",
+        columns=[
+            "dataset",
+            "metric",
+            "published",
+            "how the source measured it",
+            "ours, mean ± sd [95% CI]",
+            "published in our CI",
+        ],
+        rows=rows,
+        notes=[
+            "Each published number sits beside ours measured the same way, where this study has "
+            "it. The rows marked like for like average the same quantity over more minibatches; "
+            "the rows marked not published are this project's own measures of the end of training.",
+        ],
+    )
+
+
+def _ours_and_ci(summary: Summary | None, value: float) -> list[str]:
+    if summary is None or summary.n == 0:
+        return [MISSING, "not recorded in these runs"]
+    if summary.n < 2:
+        return [mean_sd(summary), MISSING]
+    return [mean_sd_ci(summary), "yes" if summary.ci_low <= value <= summary.ci_high else "no"]
+
+
+def methods_table(analysis: Analysis) -> Table:
+    """Each method's resolved config as a difference from the baseline's."""
+    study = analysis.study
+    rows = []
+    for diff in analysis.config_diffs:
+        if diff.method == study.baseline:
+            changes = "(the baseline)"
+        else:
+            changes = "; ".join(f"{k}: {value_text(a)} → {value_text(b)}" for k, a, b in diff.changes)
+        rows.append([diff.method, changes or "(none)"])
+    return Table(
+        title=f"Methods: each resolved config against {study.baseline}'s (key: {study.baseline} → method)",
+        columns=["method", f"differs from {study.baseline}"],
+        rows=rows,
+        notes=[
+            f"{study.baseline}'s own config is in any of its runs' config.json (linked in the "
+            "per-run table); seeds and devices differ per run and are left out here.",
+        ],
+    )
+
+
+def runs_table(analysis: Analysis) -> Table:
+    """Every run: its finals and wall time, linked to its directory and log."""
+    keys = [k for k in RUN_METRICS if any(r.finals.get(k) is not None for r in analysis.runs)]
+    rows = []
+    for r in analysis.runs:
+        values = [
+            scientific(r.finals.get(k)) if k == "final_sigma" else _run_value(r.finals.get(k), k)
+            for k in keys
+        ]
+        wall = MISSING if r.wall_s is None else f"{r.wall_s:.0f}"
+        rows.append(
+            [
+                Link(r.run_id, r.directory),
+                r.dataset,
+                r.method,
+                str(r.seed),
+                r.status,
+                *values,
+                wall,
+                Link("log", r.log),
+            ]
+        )
+    return Table(
+        title="Runs: one line each, linked to its directory and log",
+        columns=[
+            "run",
+            "dataset",
+            "method",
+            "seed",
+            "status",
+            *(metric(k).label for k in keys),
+            "wall (s)",
+            "log",
+        ],
+        rows=rows,
+        notes=["Also in runs.csv. Losses in nats/char; wall time includes evaluation and set-up."],
+    )
+
+
+def _run_value(value, key: str) -> str:
+    if value is None:
+        return MISSING
+    return str(int(value)) if key == "best_val_step" else number(value)
+
+
+# ---- dose-response and the gradient's scale ---------------------------------------------
+
+
+def dose_table(analysis: Analysis, dataset: str, key: str) -> Table | None:
+    rows = analysis.dose(dataset, key)
     if not rows:
         return None
-    published = analysis.study.published
-    by_dataset = defaultdict(list)
-    for row in rows:
-        by_dataset[row.dataset].append(f"{metric(row.metric).label} {row.value:.4f}")
-    text = (
-        f"Published values for {published.method} ({published.source}): "
-        + "; ".join(f"{dataset}: {', '.join(values)}" for dataset, values in by_dataset.items())
-        + "."
-    )
-    hows = {row.metric: row.how for row in rows if row.how}
-    if hows:
-        measured = "; ".join(f"{metric(key).label}, {how}" for key, how in hows.items())
-        text += f" How the source measured them: {measured}."
-    return text
-
-
-def methods_table(study: Study) -> Table:
-    methods = study.spec.get("methods") or {}
+    study = analysis.study
+    scale = analysis.gradient_scale(dataset)
     return Table(
-        title="Methods (config overrides on top of the preset and the study's overrides)",
-        columns=["method", "overrides"],
-        rows=[
-            [m, ", ".join(f"{k}={v}" for k, v in (methods.get(m) or {}).items()) or "(none)"]
-            for m in study.methods
+        title=f"{dataset}: {metric(key).label} by noise level (method − {study.baseline}, paired on seeds)",
+        columns=[
+            "method",
+            "noise",
+            "σ used",
+            f"σ used / {study.baseline}'s RMS(g)",
+            "pairs",
+            "mean diff [95% CI]",
+            "d_z",
+            "t p",
+            "t p (Holm)",
+            "Wilcoxon p (Holm)",
         ],
+        rows=[
+            [
+                r.method,
+                study.config(dataset, r.method)["noise"],
+                scientific(r.sigma),
+                scientific(r.sigma / scale.rms) if scale else MISSING,
+                str(r.comparison.n_pairs),
+                difference(r.comparison),
+                number(r.comparison.effect_size, 2),
+                p_value(r.comparison.t_p),
+                p_value(r.t_p_holm),
+                p_value(r.wilcoxon_p_holm),
+            ]
+            for r in rows
+        ],
+        notes=[
+            "σ used: the σ each run logged (relative noise: r · RMS of that step's gradient), "
+            "median over the run, median over seeds. Holm: adjusted across the noise levels of "
+            "this table (the dose-response family), not the other methods.",
+        ],
+    )
+
+
+def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
+    """One sentence per dose-response metric, from the numbers: whether any noise level is
+    significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
+    baseline, then the reference methods' differences on the same metric."""
+    study = analysis.study
+    if study.dose is None:
+        return []
+    baseline = study.baseline
+    lines = []
+    for key in study.dose.metrics:
+        rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)]
+        if not rows:
+            continue
+        better = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff < 0]
+        worse = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff > 0]
+        family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
+        if better:
+            text = (
+                f"{metric(key).label}: {_count(len(better), 'noise level')} of {len(rows)} "
+                f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
+                f"({family}): " + "; ".join(_dose_effect(r) for r in better) + "."
+            )
+        else:
+            lowest = min(rows, key=lambda r: r.t_p_holm)
+            text = (
+                f"{metric(key).label}: no noise level is significantly better than {baseline} "
+                f"({family}); the lowest adjusted p is at {_dose_effect(lowest)}."
+            )
+        if worse:
+            text += (
+                f" {_count(len(worse), 'level')} {'is' if len(worse) == 1 else 'are'} significantly "
+                "worse: " + ", ".join(f"{r.method} (σ ≈ {scientific(r.sigma)})" for r in worse) + "."
+            )
+        references = [
+            c
+            for method in study.dose.references
+            if (c := analysis.comparison(dataset, method, key)) is not None
+        ]
+        if references:
+            compared = [
+                f"{c.method}: {difference(c.comparison)}, t p (Holm over all methods) = {p_value(c.t_p_holm)}"
+                for c in references
+            ]
+            text += " For comparison, " + "; ".join(compared) + "."
+        lines.append(text)
+    return lines
+
+
+def _dose_effect(row: DoseRow) -> str:
+    kind = "relative" if row.relative else "absolute"
+    return (
+        f"{row.method} ({kind}, σ ≈ {scientific(row.sigma)}): mean diff "
+        f"{difference(row.comparison)}, t p (Holm) = {p_value(row.t_p_holm)}"
+    )
+
+
+def gradient_note(analysis: Analysis, dataset: str) -> str | None:
+    """The baseline's gradient scale on `dataset`, as the runs logged it."""
+    scale = analysis.gradient_scale(dataset)
+    if scale is None:
+        return None
+    study = analysis.study
+    clip = (study.config(dataset, study.baseline) or {}).get("grad_clip")
+    clipped = f" after clipping at {value_text(clip)}" if clip else ""
+    return (
+        f"{study.baseline}'s gradient on {dataset}: median ‖g‖ = {scale.grad_norm:.3g}{clipped} "
+        f"(over {scale.points} logged steps of its runs), over N = {scale.parameters:,} parameters: "
+        f"RMS(g) = ‖g‖/√N = {scale.rms:.3g}. Absolute noise of σ = {scale.rms:.2g} is as large as the "
+        "gradient (‖noise‖/‖g‖ ≈ 1); relative noise r has ‖noise‖/‖g‖ ≈ r."
     )
 
 
@@ -328,9 +618,11 @@ def caveats(analysis: Analysis) -> list[str]:
         )
     if any(row.summary(key).n == 1 for row in analysis.summaries for key in LOSS_METRICS):
         lines.append(f"Where only one seed finished, sd and CI are undefined (shown as {MISSING}).")
-    for n in sorted({r.comparison.n_pairs for r in analysis.comparisons} - {0, 1}):
+    # Counted over the comparisons that ran a test: the Wilcoxon test drops zero differences.
+    tested = [r.comparison for r in analysis.comparisons if not math.isnan(r.comparison.wilcoxon_p)]
+    for n in sorted({c.n_nonzero for c in tested}):
         min_p = wilcoxon_min_p(n)
-        line = f"With {n} paired seeds the smallest two-sided Wilcoxon p is {min_p:.4g}"
+        line = f"With {n} non-zero paired differences the smallest two-sided Wilcoxon p is {min_p:.4g}"
         if min_p > 0.05:
             line += ", so the Wilcoxon test cannot reach 0.05 here, whatever the effect"
         lines.append(line + ".")
@@ -370,10 +662,18 @@ def _budget(study: Study, preset: str) -> str:
     for dataset in study.datasets:
         iters = sorted({int(r["config"]["max_iters"]) for r in study.runs if r["dataset"] == dataset})
         seeds = sorted({r["seed"] for r in study.runs if r["dataset"] == dataset})
+        fractions = sorted(
+            {r["config"].get("train_fraction", 1.0) for r in study.runs if r["dataset"] == dataset}
+        )
         paper_iters = resolve_config(dataset, "paper").max_iters
-        reduced = reduced or max(iters) < paper_iters
+        reduced = reduced or max(iters) < paper_iters or fractions != [1.0]
+        data = (
+            ""
+            if fractions == [1.0]
+            else f", train_fraction {_choices(fractions)} (the first part of the train split)"
+        )
         parts.append(
-            f"{dataset}: max_iters {_choices(iters)} (the paper's: {paper_iters}), "
+            f"{dataset}: max_iters {_choices(iters)} (the paper's: {paper_iters}){data}, "
             f"{_count(len(seeds), 'seed')}"
         )
     line = f"Budget: preset `{preset}`; " + "; ".join(parts) + "."

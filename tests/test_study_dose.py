@@ -1,0 +1,170 @@
+"""The dose-response family of a study: its rows (each noise level at the σ it logged,
+Holm across the family), the sentence generated from them, and its table and plot,
+on a synthetic study filled through the real Store writer API."""
+
+import math
+import statistics
+
+import pytest
+import scipy.stats
+
+from gradnoise.lm.config import resolve_config
+from gradnoise.study.report import tables, write_report
+from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.store import Store
+
+DATASET = "shakespeare_char"
+PARAMETERS = 10_000
+SEEDS = (0, 1, 2, 3)
+METHODS = {
+    "baseline": {},
+    "abs-1e-4": {"noise": "const:sigma=1e-4"},
+    "rel-0.1": {"noise": "relative:const:sigma=0.1"},
+    "dropout-0.1": {"dropout": 0.1},
+}
+SPEC = {
+    "name": "dose",
+    "preset": "tiny",
+    "datasets": [DATASET],
+    "seeds": len(SEEDS),
+    "baseline": "baseline",
+    "overrides": {"max_iters": 100},
+    "methods": METHODS,
+    "dose_response": {"methods": ["rel-0.1", "abs-1e-4"], "references": ["dropout-0.1"]},
+}
+BASELINE = {"val_loss_full": [2.50, 2.52, 2.48, 2.51], "best_val_loss": [2.40, 2.43, 2.38, 2.41]}
+# method − baseline per seed. abs-1e-4 is clearly better on the final val loss, rel-0.1 is
+# clearly worse on the best val loss; one of rel-0.1's final differences is exactly zero.
+DIFFS = {
+    "abs-1e-4": {
+        "val_loss_full": [-0.050, -0.051, -0.049, -0.0505],
+        "best_val_loss": [0.01, -0.02, 0.015, -0.01],
+    },
+    "rel-0.1": {"val_loss_full": [0.01, -0.01, 0.02, 0.0], "best_val_loss": [0.040, 0.041, 0.039, 0.0405]},
+    "dropout-0.1": {
+        "val_loss_full": [-0.03, -0.02, -0.04, -0.03],
+        "best_val_loss": [-0.01, 0.0, -0.02, -0.01],
+    },
+    "baseline": {"val_loss_full": [0.0] * 4, "best_val_loss": [0.0] * 4},
+}
+# ‖g‖ at the train log lines (steps 10..100) of every run; relative noise logs r·‖g‖/√N.
+GRAD_NORMS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.4, 0.4, 0.3]
+
+
+def grad_norms(seed: int) -> list[float]:
+    return [g * (1 + 0.1 * seed) for g in GRAD_NORMS]
+
+
+def logged_sigma(method: str, seed: int) -> list[float]:
+    if method == "abs-1e-4":
+        return [1e-4] * len(GRAD_NORMS)
+    if method == "rel-0.1":
+        return [0.1 * g / math.sqrt(PARAMETERS) for g in grad_norms(seed)]
+    return [0.0] * len(GRAD_NORMS)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dose")
+    with Store(directory / "study.sqlite") as store:
+        store.create_study(SPEC["name"], SPEC)
+        for method, overrides in METHODS.items():
+            for index, seed in enumerate(SEEDS):
+                config = resolve_config(DATASET, "tiny", {"max_iters": 100, **overrides, "seed": seed})
+                run_id = f"{method}-{seed}"
+                store.add_runs([(run_id, DATASET, method, seed, config.to_dict())])
+                finals = {"steps": 100, "parameters": PARAMETERS, "step_time_median_s": 0.01}
+                for key in BASELINE:
+                    finals[key] = BASELINE[key][index] + DIFFS[method][key][index]
+                curves = [
+                    {"kind": "train", "step": 10 * (i + 1), "loss": 2.0, "sigma": sigma, "grad_norm": norm}
+                    for i, (sigma, norm) in enumerate(
+                        zip(logged_sigma(method, seed), grad_norms(seed), strict=True)
+                    )
+                ]
+                store.record_result(run_id, {"status": "done", "finals": finals}, curves)
+    write_report(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def analysis(study_dir):
+    with Store(study_dir / "study.sqlite") as store:
+        return analyze(load_study(store))
+
+
+def paired_t_p(method: str, key: str) -> float:
+    ours = [b + d for b, d in zip(BASELINE[key], DIFFS[method][key], strict=True)]
+    return scipy.stats.ttest_rel(ours, BASELINE[key]).pvalue
+
+
+def test_dose_rows_are_the_family_at_the_sigma_it_logged(analysis):
+    rows = analysis.dose(DATASET, "val_loss_full")
+    # Ordered by σ used: abs-1e-4's 1e-4 is below rel-0.1's 0.1 · ‖g‖/√N (‖g‖ ≈ 0.5 here).
+    assert [r.method for r in rows] == ["abs-1e-4", "rel-0.1"]
+    absolute, rel = rows
+    assert (rel.relative, rel.level, absolute.relative, absolute.level) == (True, 0.1, False, 1e-4)
+    assert absolute.sigma == pytest.approx(1e-4)
+    per_seed = [statistics.median(logged_sigma("rel-0.1", seed)) for seed in SEEDS]
+    assert rel.sigma == pytest.approx(statistics.median(per_seed))
+    assert {r.metric for r in analysis.doses} == {"val_loss_full", "best_val_loss"}  # the default metrics
+    assert "dropout-0.1" not in {r.method for r in analysis.doses}  # a reference, not a level
+
+
+def test_dose_holm_is_across_the_family_only(analysis):
+    for key in ("val_loss_full", "best_val_loss"):
+        p = {m: paired_t_p(m, key) for m in ("abs-1e-4", "rel-0.1")}
+        low, high = sorted(p, key=p.get)
+        expected = {low: min(1, 2 * p[low])}
+        expected[high] = min(1, max(expected[low], p[high]))
+        for row in analysis.dose(DATASET, key):
+            assert row.comparison.t_p == pytest.approx(p[row.method])
+            assert row.t_p_holm == pytest.approx(expected[row.method])
+    # The study-wide comparison adjusts across all three methods, dropout included: larger.
+    family = analysis.dose(DATASET, "val_loss_full")[0]
+    everyone = analysis.comparison(DATASET, "abs-1e-4", "val_loss_full")
+    assert everyone.t_p_holm > family.t_p_holm
+
+
+def test_the_gradient_rms_is_the_baselines_median_norm_over_root_n(analysis):
+    scale = analysis.gradient_scale(DATASET)
+    norms = [g for seed in SEEDS for g in grad_norms(seed)]
+    assert scale.grad_norm == pytest.approx(statistics.median(norms))
+    assert scale.rms == pytest.approx(statistics.median(norms) / math.sqrt(PARAMETERS))
+
+
+def test_the_sentence_says_what_the_numbers_say(analysis):
+    final, best = tables.dose_findings(analysis, DATASET)
+    p_abs = tables.p_value(min(1, 2 * paired_t_p("abs-1e-4", "val_loss_full")))
+    assert final.startswith(
+        "final val loss, full pass: 1 noise level of 2 is significantly better than baseline"
+    )
+    assert (
+        "abs-1e-4 (absolute, σ ≈ 0.0001): mean diff -0.0501 [" in final and f"t p (Holm) = {p_abs}" in final
+    )
+    assert "rel-0.1 (" not in final  # neither better nor worse on the final val loss
+    dropout = analysis.comparison(DATASET, "dropout-0.1", "val_loss_full")
+    assert f"For comparison, dropout-0.1: {tables.difference(dropout.comparison)}" in final
+
+    assert best.startswith("best val loss: no noise level is significantly better than baseline")
+    assert "the lowest adjusted p is at rel-0.1 (relative" in best
+    assert "1 level is significantly worse: rel-0.1" in best
+
+
+def test_dose_table_and_plot(study_dir, analysis):
+    table = tables.dose_table(analysis, DATASET, "val_loss_full")
+    scale = analysis.gradient_scale(DATASET)
+    rows = {row[0]: row for row in table.rows}
+    assert rows["abs-1e-4"][1] == "const:sigma=0.0001"
+    assert rows["abs-1e-4"][3] == f"{1e-4 / scale.rms:.3g}"
+    assert rows["rel-0.1"][4] == "4"  # pairs; one of them a zero difference
+    assert (study_dir / "report" / "dose_response_shakespeare_char.png").is_file()
+    markdown = (study_dir / "report" / "report.md").read_text()
+    assert "## shakespeare_char: does any amount of noise help?" in markdown
+
+
+def test_wilcoxon_caveat_counts_nonzero_differences(analysis):
+    caveats = "\n".join(tables.caveats(analysis))
+    # rel-0.1 has 4 pairs but 3 non-zero final differences: both floors are stated.
+    assert "With 3 non-zero paired differences the smallest two-sided Wilcoxon p is 0.25" in caveats
+    assert "With 4 non-zero paired differences the smallest two-sided Wilcoxon p is 0.125" in caveats
