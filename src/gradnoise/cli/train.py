@@ -8,6 +8,7 @@ checkpoint: run the same command with --resume to continue. 2: bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -79,16 +80,24 @@ def register(commands) -> None:
         "export",
         help="write a run's model for GPT.from_pretrained",
         description="Write config.json, model.safetensors and vocab.json of a run's latest "
-        "checkpoint to OUT_DIR; gradnoise.lm.GPT.from_pretrained(OUT_DIR) loads it.",
+        "checkpoint to OUT_DIR; gradnoise.lm.GPT.from_pretrained(OUT_DIR) loads it. OUT_DIR "
+        "must be new or empty, and outside the run directory.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in OUT_DIR (a directory holding only "
+        "config.json, model.safetensors and vocab.json; never other files)",
+    )
     export.set_defaults(func=_export)
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.group is not None:
         return _train_group(args)
+    from gradnoise.lm import rundir
     from gradnoise.lm.config import parse_overrides, read_config, resolve_config
     from gradnoise.lm.distributed import DistributedEnv
     from gradnoise.lm.trainer import train
@@ -105,14 +114,17 @@ def _train(args: argparse.Namespace) -> int:
         cfg = resolve_config(args.dataset or "shakespeare_char", args.preset or "tiny", overrides)
 
     dist_env = DistributedEnv.from_environment()
-    run_dir = args.run_dir
-    if run_dir is None:
-        if dist_env.world_size > 1 or args.resume:
-            raise UserError("--run-dir is required with --resume and under torchrun")
+    if args.run_dir is not None:
+        directory = contextlib.nullcontext(args.run_dir)
+    elif dist_env.world_size > 1 or args.resume:
+        raise UserError("--run-dir is required with --resume and under torchrun")
+    else:
+        # A name of its own, created exclusively: two runs started in the same second differ.
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}"
+        directory = rundir.new(Path("runs"), f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}")
 
-    result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    with directory as run_dir:
+        result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     if dist_env.is_main:
         _report(result, run_dir)
     return EXIT_STATUS[result["status"]]
@@ -189,6 +201,6 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gradnoise.lm.checkpoint import export
 
-    out = export(args.run_dir, args.out_dir)
+    out = export(args.run_dir, args.out_dir, force=args.force)
     print(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
     return 0

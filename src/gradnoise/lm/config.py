@@ -25,6 +25,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
+from gradnoise.lm import files
 from gradnoise.lm.data import CORPORA
 from gradnoise.lm.devices import DTYPES, check_device_name
 from gradnoise.lm.model import GPTConfig
@@ -285,11 +286,11 @@ def resolve_config(dataset: str, preset: str = "tiny", overrides: dict | None = 
 def read_config(path: Path) -> TrainConfig:
     """The TrainConfig in a JSON file (a run's config.json); UserError if unreadable or invalid."""
     try:
-        return TrainConfig.from_dict(json.loads(Path(path).read_text()))
-    except OSError as error:
-        raise UserError(f"cannot read the config file {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"the config file {path} is not valid JSON: {error}") from None
+        return TrainConfig.from_dict(files.read_json(path, "config file"))
+    except UserError as error:
+        if str(path) in str(error):
+            raise
+        raise UserError(f"the config file {path}: {error}") from None
 
 
 def parse_overrides(items: list[str]) -> dict:
