@@ -31,6 +31,8 @@ from gradnoise.lm.devices import DTYPES, check_device_name
 from gradnoise.lm.model import GPTConfig
 
 DATASETS = tuple(CORPORA)
+#: The largest seed: torch.manual_seed and SQLite's INTEGER take 64-bit signed values.
+MAX_SEED = 2**63 - 1
 CHOICES = {
     "dataset": DATASETS,
     "optimizer": ("adamw", "sgd"),
@@ -171,6 +173,7 @@ def _unit(value, cfg) -> bool:
 
 # field → (check(value, cfg), what is allowed); types and CHOICES are checked before.
 _RULES = {
+    "seed": (lambda v, cfg: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
     **{
         name: (_at_least(1), "an integer ≥ 1")
         for name in (

@@ -190,8 +190,8 @@ class GPT(nn.Module):
         tokens when top_k is given; temperature 0 picks the argmax. Sampling draws
         from `generator` only, so a seeded generator gives the same text every time.
         """
-        if temperature < 0:
-            raise UserError(f"temperature={temperature} must be >= 0")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise UserError(f"temperature={temperature} is not allowed; it must be a finite number ≥ 0")
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k={top_k} must be a positive integer (or None for no cut)")
         for _ in range(max_new_tokens):
