@@ -5,7 +5,8 @@ Layout inside a run directory:
     checkpoints/step_000500/model.safetensors   weights (safetensors: tensors only)
     checkpoints/step_000500/state.pt            the rest of RunState.state_dict() (optimizer,
                                                 GradScaler, noise, RNG states, progress,
-                                                clock), the config and the vocabulary
+                                                clock), the config, the vocabulary and the
+                                                CPU thread count it was trained on
     checkpoints/LATEST                          the name of the newest complete one
 
 A checkpoint directory is built under a temporary name and renamed into place
@@ -22,6 +23,7 @@ entry missing) is a UserError naming it, never a traceback or a silent cast.
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 import shutil
 import zipfile
@@ -42,6 +44,8 @@ from gradnoise.lm.model import (
     load_weights,
     read_vocab,
 )
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -111,6 +115,19 @@ def _last_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     telling = [line for line in lines if "global" in line.lower() or "operand" in line.lower()]
     return (telling or lines or [type(error).__name__])[0][:300]
+
+
+def warn_if_threads_changed(state: dict, directory: Path) -> None:
+    """A warning when a run resumes on another CPU thread count than it was checkpointed
+    with: CPU kernels then sum in another order, and the continuation differs from an
+    uninterrupted run in the last bits."""
+    saved, now = state.get("threads"), torch.get_num_threads()
+    if saved is not None and saved != now:
+        log.warning(
+            f"resuming {directory} on {now} CPU thread(s); it was checkpointed on {saved}, so the "
+            f"run will not be bit-identical to an uninterrupted one (set OMP_NUM_THREADS={saved} "
+            "to match)"
+        )
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -44,6 +45,8 @@ from tqdm import tqdm
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, files
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -446,7 +449,7 @@ def _download(url: str, name: str, most: int, progress: bool) -> bytes:
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=f"download {name}",
-                disable=not progress,
+                disable=None if progress else True,  # None: no bar where stderr is not a terminal
             ) as bar:
                 while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                     buffer.write(chunk)
@@ -462,6 +465,7 @@ def _download(url: str, name: str, most: int, progress: bool) -> bytes:
         raise UserError(
             f"download of {url} is truncated: got {buffer.tell():,} bytes, the server announced {total:,}"
         )
+    log.info(f"downloaded {buffer.tell():,} bytes from {url}")
     return buffer.getvalue()
 
 

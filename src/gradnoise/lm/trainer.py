@@ -139,6 +139,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
         with checkpoint.restoring(latest):  # a damaged checkpoint is a UserError naming it
             check_resumable(saved["config"], cfg)
             run.load_state_dict({"model": weights, **saved})
+        checkpoint.warn_if_threads_changed(saved, latest)
     log.start(keep_through_step=run.progress.step if latest is not None else None)
     if dist_env.is_main:
         runlog.write_config(run_dir, cfg)
@@ -205,7 +206,11 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
 
     exact = {}
     if status == "done" and cfg.final_eval:
-        exact = {split: evaluator.exact(run.model, split) for split in ("val", "test") if split in splits}
+        exact = {
+            split: evaluator.exact(run.model, split, log.exact_pass(split))
+            for split in ("val", "test")
+            if split in splits
+        }
     result = {
         "status": status,
         "error": error,
@@ -389,7 +394,10 @@ def save_checkpoint(run: RunState, run_dir: Path, step: int, cfg: TrainConfig, v
     state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
     if run.dist_env.is_main:
         weights = state.pop("model")
-        checkpoint.save(run_dir, step, weights, {"config": cfg.to_dict(), "vocab": vocab, **state})
+        threads = torch.get_num_threads()  # a resume on another count is not bit-identical
+        checkpoint.save(
+            run_dir, step, weights, {"config": cfg.to_dict(), "vocab": vocab, "threads": threads, **state}
+        )
 
 
 def _sigma(run: RunState) -> float:
