@@ -173,18 +173,22 @@ def test_text8_like_corpus_is_a_27_char_vocabulary_split_90_5_5(home, tmp_path, 
         corpus.encode("Quick")
 
 
-def test_download_from_a_local_http_server_with_a_progress_bar(home, http_root, capsys):
+def test_download_from_a_local_http_server_says_so_without_a_bar_in_a_log(home, http_root, capsys):
     root, base_url = http_root
     raw = text8_like()
-    (root / "text8.zip").write_bytes(compressed(raw, "zip", member="text8"))
+    archive = compressed(raw, "zip", member="text8")
+    (root / "text8.zip").write_bytes(archive)
 
-    data.prepare("text8", f"{base_url}/text8.zip", sha256(raw), home=home, progress=True)
+    argv = ["data", "prepare", "text8", "--source", f"{base_url}/text8.zip", "--sha256", sha256(raw)]
+    assert main([*argv, "--home", str(home)]) == 0
 
     corpus = data.load("text8", home=home)
     assert corpus.decode(corpus.splits["test"]) == slices_90_5_5(raw)["test"].decode()
     assert corpus.meta["source"] == f"{base_url}/text8.zip"
-    progress_bar = capsys.readouterr().err
-    assert "download text8" in progress_bar and "100%" in progress_bar
+    # stderr is not a terminal here: no carriage-return bar, one line instead.
+    err = capsys.readouterr().err
+    assert f"downloaded {len(archive):,} bytes from {base_url}/text8.zip" in err
+    assert "\r" not in err and "download text8" not in err
 
 
 def test_default_source_is_the_registry_url(home, http_root, monkeypatch):
@@ -426,7 +430,8 @@ def test_cli_prepare_and_list(home, tmp_path, capsys):
     source.write_bytes(compressed(raw, "gz"))
     argv = ["data", "prepare", "text8", "--source", str(source), "--sha256", sha256(raw)]
     assert main([*argv, "--home", str(home)]) == 0
-    assert "text8: vocab 27, train 90,000, val 5,000, test 5,000" in capsys.readouterr().out
+    # A message, not a result: on stderr (through logging), so that -q silences it.
+    assert "text8: vocab 27, train 90,000, val 5,000, test 5,000" in capsys.readouterr().err
     assert json.loads((home / "text8" / "meta.json").read_text())["splits"]["val"] == 5_000
 
     assert main(["data", "list", "--home", str(home)]) == 0
@@ -448,6 +453,16 @@ def test_cli_bad_input_exits_2_and_writes_nothing(home, capsys, args, message):
     assert not home.exists()
 
 
-def test_cli_list_when_nothing_is_prepared(home, capsys):
+def test_cli_list_when_nothing_is_prepared_shows_the_packaged_corpus(home, capsys):
     assert main(["data", "list", "--home", str(home)]) == 0
-    assert "nothing prepared" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("shakespeare_char   ships with gradnoise; not prepared under")
+    assert lines[1:] == [
+        "enwik8             not prepared: gradnoise data prepare enwik8",
+        "text8              not prepared: gradnoise data prepare text8",
+    ]
+    data.load("shakespeare_char", home=home)  # prepared on first use
+    assert main(["data", "list", "--home", str(home)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].startswith("shakespeare_char   vocab 65   train 1,003,854, val 111,540")
+    assert listing[0].endswith("(ships with gradnoise)")

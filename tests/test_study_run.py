@@ -352,7 +352,8 @@ def test_two_studies_run_concurrently_into_separate_stores(tmp_path):
     outputs = [driver.communicate(timeout=300) for driver in drivers]
     for driver, (_, stderr) in zip(drivers, outputs, strict=True):
         assert driver.returncode == 0, stderr
-    assert "2 done" in outputs[0][0] and "1 done" in outputs[1][0]
+    # The summary is a message (logging, stderr), not a result.
+    assert "2 done" in outputs[0][1] and "1 done" in outputs[1][1]
     with Store(tmp_path / "first" / "study.sqlite") as store:
         assert store.study()["name"] == "first"
         assert [r["status"] for r in store.runs()] == ["done", "done"]

@@ -5,7 +5,8 @@ import the heavy layers lazily, so `gradnoise --help` stays fast and works with
 torch alone. The library needs nothing else; the commands need the harness's or
 the study's dependencies (EXTRAS), and when one is missing they say which extra
 installs it. Exit status 2 with one `gradnoise: error: ...` line: bad input, or a
-missing extra.
+missing extra. Every command takes -q (warnings only) and -v (more); see
+gradnoise.cli.common for where messages go.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import argparse
 import importlib.util
 import sys
 
+from gradnoise import __version__
 from gradnoise.cli import bench, data, study, train
+from gradnoise.cli.common import Parser, configure_logging
 from gradnoise.errors import UserError
 
 # The modules each pip extra brings (pyproject.toml's optional-dependencies; "study"
@@ -35,12 +38,13 @@ COMMAND_EXTRAS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gradnoise",
         description="Gradient noise injection for PyTorch, and a small-LM study harness.",
         epilog=_extras_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"gradnoise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data, train, bench, study):
         module.register(commands)
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbosity", None))
     try:
         return args.func(args) or 0
     except UserError as error:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
+
+from gradnoise.cli.common import VERBOSITY, quiet
+
+log = logging.getLogger(__name__)
 
 
 def register(commands) -> None:
@@ -14,6 +18,7 @@ def register(commands) -> None:
 
     noise = actions.add_parser(
         "noise",
+        parents=[VERBOSITY],
         help="time training steps without noise, with the per-parameter loop and with gradnoise",
         description="Times, interleaved in one process, a full training step (forward, backward, "
         "clip, AdamW step) of the paper and/or tiny model with: no noise; the per-parameter "
@@ -36,6 +41,7 @@ def register(commands) -> None:
 
     train = actions.add_parser(
         "train",
+        parents=[VERBOSITY],
         help="time a whole training run of a preset (wall time with evals, ms/step, tokens/s)",
         description="Runs `gradnoise train` for a preset in a temporary directory and reports "
         "the wall time including evaluation, the median ms/step and tokens/s. The default is "
@@ -60,7 +66,7 @@ def register(commands) -> None:
 
 
 def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    log.info(f"[bench] {message}")
 
 
 def _noise(args: argparse.Namespace) -> int:
@@ -83,6 +89,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["max_iters"] = args.max_iters
     if args.device is not None:
         overrides["device"] = args.device
-    result = bench.bench_train(args.dataset, args.preset, overrides, progress=not args.no_progress)
+    result = bench.bench_train(
+        args.dataset, args.preset, overrides, progress=not args.no_progress and not quiet(args)
+    )
     print(json.dumps(result, indent=2) if args.json else bench.format_train_report(result))
     return 0

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+from gradnoise.cli.common import VERBOSITY, quiet
+
+log = logging.getLogger(__name__)
 
 
 def register(commands) -> None:
@@ -13,6 +18,7 @@ def register(commands) -> None:
 
     prepare = actions.add_parser(
         "prepare",
+        parents=[VERBOSITY],
         help="download or read, verify, tokenize and split a corpus",
         description="Verify a raw corpus (pinned sha256, or size and alphabet for text8), "
         "tokenize it and write train/val/test token files under $GRADNOISE_HOME.",
@@ -31,7 +37,7 @@ def register(commands) -> None:
     prepare.add_argument("--home", type=Path, metavar="DIR", help="default: $GRADNOISE_HOME")
     prepare.set_defaults(func=_prepare)
 
-    listing = actions.add_parser("list", help="show the prepared corpora")
+    listing = actions.add_parser("list", parents=[VERBOSITY], help="the corpora: prepared, shipped, missing")
     listing.add_argument("--home", type=Path, metavar="DIR", help="default: $GRADNOISE_HOME")
     listing.set_defaults(func=_list)
 
@@ -39,22 +45,27 @@ def register(commands) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from gradnoise.lm import data
 
-    directory = data.prepare(args.name, args.source, args.sha256, home=args.home)
+    directory = data.prepare(args.name, args.source, args.sha256, home=args.home, progress=not quiet(args))
     corpus = data.load(args.name, home=args.home)
     sizes = ", ".join(f"{split} {len(tokens):,}" for split, tokens in corpus.splits.items())
-    print(f"{args.name}: vocab {corpus.vocab_size}, {sizes} tokens -> {directory}")
+    log.info(f"{args.name}: vocab {corpus.vocab_size}, {sizes} tokens -> {directory}")
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
     from gradnoise.lm import data
 
-    rows = data.prepared(home=args.home)
-    if not rows:
-        print(f"nothing prepared under {args.home or data.gradnoise_home()}")
-        return 0
-    for row in rows:
-        sizes = ", ".join(f"{split} {count:,}" for split, count in row["splits"].items())
-        print(f"{row['name']:<18} vocab {row['vocab_size']:<4} {sizes}")
-        print(f"{'':<18} {row['path']}  sha256 {row['source_sha256']}")
+    home = args.home or data.gradnoise_home()
+    rows = {row["name"]: row for row in data.prepared(home=home)}
+    for name, spec in data.CORPORA.items():
+        row = rows.pop(name, None)
+        shipped = " (ships with gradnoise)" if spec.packaged else ""
+        if row is not None:
+            sizes = ", ".join(f"{split} {count:,}" for split, count in row["splits"].items())
+            print(f"{name:<18} vocab {row['vocab_size']:<4} {sizes}{shipped}")
+            print(f"{'':<18} {row['path']}  sha256 {row['source_sha256']}")
+        elif spec.packaged:
+            print(f"{name:<18} ships with gradnoise; not prepared under {home} yet (done on first use)")
+        else:
+            print(f"{name:<18} not prepared: gradnoise data prepare {name}")
     return 0

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+from gradnoise.cli.common import VERBOSITY, quiet
+
+log = logging.getLogger(__name__)
 
 
 def register(commands) -> None:
@@ -16,11 +21,12 @@ def register(commands) -> None:
     )
     actions = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
 
-    listing = actions.add_parser("list", help="the packaged study specs")
+    listing = actions.add_parser("list", parents=[VERBOSITY], help="the packaged study specs")
     listing.set_defaults(func=list_specs)
 
     run = actions.add_parser(
         "run",
+        parents=[VERBOSITY],
         help="run a study (skips finished runs, resumes interrupted ones)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run every run of a study spec not finished yet.\n\n"
@@ -51,12 +57,17 @@ def register(commands) -> None:
     run.add_argument("--no-progress", action="store_true", help="no live status display")
     run.set_defaults(func=run_spec)
 
-    status = actions.add_parser("status", help="progress of a study (from another terminal)")
-    status.add_argument("dir", type=Path, metavar="DIR")
+    where = "a study directory, or a packaged spec's name for its default directory (studies/NAME)"
+    status = actions.add_parser(
+        "status", parents=[VERBOSITY], help="progress of a study (from another terminal)"
+    )
+    status.add_argument("dir", metavar="DIR_OR_NAME", help=where)
     status.set_defaults(func=show_status)
 
-    report = actions.add_parser("report", help="write DIR/report: tables, plots, index.html")
-    report.add_argument("dir", type=Path, metavar="DIR")
+    report = actions.add_parser(
+        "report", parents=[VERBOSITY], help="write DIR/report: tables, plots, index.html"
+    )
+    report.add_argument("dir", metavar="DIR_OR_NAME", help=where)
     report.set_defaults(func=write_report)
 
 
@@ -76,7 +87,7 @@ def run_spec(args) -> int:
     from gradnoise.study.spec import load_spec
 
     spec = load_spec(args.spec, parse_overrides(args.set_values))
-    study_dir = args.dir or Path("studies") / spec.name
+    study_dir = args.dir or default_dir(spec.name)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     summary = run_study(
         spec,
@@ -86,9 +97,9 @@ def run_spec(args) -> int:
         devices=devices,
         per_device=args.per_device,
         address=args.address,
-        progress=not args.no_progress,
+        progress=not args.no_progress and not quiet(args),
     )
-    print(
+    log.info(
         f"study {summary['name']} in {summary['study_dir']}: {summary['done']} done, "
         f"{summary['diverged']} diverged, {summary['failed']} failed of {summary['total']} runs "
         f"({summary['ran']} run now, {summary['skipped']} already finished) "
@@ -97,22 +108,39 @@ def run_spec(args) -> int:
     if args.report:
         from gradnoise.study.report import write_report as write
 
-        print(f"report: {write(study_dir) / 'index.html'}")
+        log.info(f"report: {write(study_dir) / 'index.html'}")
     if summary["failed"]:
-        print(f"see the errors with: gradnoise study status {study_dir}")
+        log.warning(
+            f"{summary['failed']} run(s) failed; see the errors with: gradnoise study status {study_dir}"
+        )
         return 1
     return 0
+
+
+def default_dir(name: str) -> Path:
+    """Where `gradnoise study run NAME` puts a study without --dir."""
+    return Path("studies") / name
+
+
+def study_dir(given: str) -> Path:
+    """A study directory as given, or, for a packaged spec's name that is not a directory
+    here, the directory `study run NAME` uses."""
+    from gradnoise.study.spec import packaged_specs
+
+    if not Path(given).exists() and given in packaged_specs():
+        return default_dir(given)
+    return Path(given)
 
 
 def show_status(args) -> int:
     from gradnoise.study.runner import study_status
 
-    print(study_status(args.dir))
+    print(study_status(study_dir(args.dir)))
     return 0
 
 
 def write_report(args) -> int:
     from gradnoise.study.report import write_report as write
 
-    print(f"report: {write(args.dir) / 'index.html'}")
+    log.info(f"report: {write(study_dir(args.dir)) / 'index.html'}")
     return 0

@@ -8,27 +8,35 @@ checkpoint: run the same command with --resume to continue. 2: bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
 
+from gradnoise.cli.common import VERBOSITY, quiet
 from gradnoise.errors import UserError
 
 EXIT_STATUS = {"done": 0, "diverged": 3, "interrupted": 143}
+log = logging.getLogger(__name__)
 
 
 def register(commands) -> None:
     """Add `train`, `sample` and `export` to the `gradnoise` parser."""
     train = commands.add_parser(
         "train",
+        parents=[VERBOSITY],
         help="train a small GPT (tiny or paper preset, any value overridable)",
-        description="Train a character-level GPT. Values come from a preset for the dataset "
-        "(or a whole config file), then key=value overrides, e.g. "
-        "`gradnoise train --preset paper noise=exp:sigma0=0.1,gamma=0.99 seed=3`. "
-        "Exit status: 0 done, 3 diverged, 143 stopped by SIGTERM (checkpoint written; rerun "
-        "with --resume), 2 bad input. Under torchrun every rank trains its slice of the batch "
-        "(DDP); --run-dir is then required.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a character-level GPT. Values come from a preset for the dataset\n"
+        "(or a whole config file), then KEY=VALUE overrides (listed below), e.g.\n\n"
+        "  gradnoise train --preset paper noise=exp:sigma0=0.1,gamma=0.99 seed=3\n\n"
+        "Exit status: 0 done, 3 diverged (a non-finite loss, weight or optimizer state),\n"
+        "143 stopped by SIGTERM (checkpoint written; rerun with --resume), 2 bad input.\n"
+        "Under torchrun every rank trains its slice of the batch (DDP); --run-dir is then\n"
+        "required. A run directory is locked while a process trains in it.",
     )
+    train.epilog_factory = _config_keys
     train.add_argument("--dataset", help="shakespeare_char (default), enwik8 or text8")
     train.add_argument("--preset", help="tiny (default) or paper")
     train.add_argument(
@@ -42,7 +50,7 @@ def register(commands) -> None:
         type=Path,
         metavar="DIR",
         help="where config.json, log.jsonl, checkpoints/ and result.json go "
-        "(default: runs/DATASET-PRESET-seedS-TIME)",
+        "(default: a new runs/DATASET-PRESET-seedS-TIME[-N])",
     )
     train.add_argument(
         "--resume",
@@ -56,12 +64,17 @@ def register(commands) -> None:
         help="train the runs listed in GROUP_DIR/group.json together (the study runner's "
         "--batch-models); exit 0 when every run ended (done or diverged: see each result.json)",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none where stderr is not a terminal; evals are still printed)",
+    )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(func=_train)
 
     sample = commands.add_parser(
         "sample",
+        parents=[VERBOSITY],
         help="generate text from a run or an export",
         description="Generate text from a run directory (its latest checkpoint) or an export "
         "directory. The same --seed gives the same text.",
@@ -77,18 +90,35 @@ def register(commands) -> None:
 
     export = commands.add_parser(
         "export",
+        parents=[VERBOSITY],
         help="write a run's model for GPT.from_pretrained",
         description="Write config.json, model.safetensors and vocab.json of a run's latest "
-        "checkpoint to OUT_DIR; gradnoise.lm.GPT.from_pretrained(OUT_DIR) loads it.",
+        "checkpoint to OUT_DIR; gradnoise.lm.GPT.from_pretrained(OUT_DIR) loads it. OUT_DIR "
+        "must be new or empty, and outside the run directory.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("out_dir", type=Path, metavar="OUT_DIR")
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in OUT_DIR (a directory holding only "
+        "config.json, model.safetensors and vocab.json; never other files)",
+    )
     export.set_defaults(func=_export)
+
+
+def _config_keys() -> str:
+    try:
+        from gradnoise.lm.config import describe_keys
+    except ModuleNotFoundError as error:
+        return f"(the config keys are listed once the 'lm' extra is installed: {error.name} is missing)"
+    return "config keys (KEY=VALUE), with the tiny preset's value and their meaning:\n" + describe_keys()
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.group is not None:
         return _train_group(args)
+    from gradnoise.lm import rundir
     from gradnoise.lm.config import parse_overrides, read_config, resolve_config
     from gradnoise.lm.distributed import DistributedEnv
     from gradnoise.lm.trainer import train
@@ -105,14 +135,17 @@ def _train(args: argparse.Namespace) -> int:
         cfg = resolve_config(args.dataset or "shakespeare_char", args.preset or "tiny", overrides)
 
     dist_env = DistributedEnv.from_environment()
-    run_dir = args.run_dir
-    if run_dir is None:
-        if dist_env.world_size > 1 or args.resume:
-            raise UserError("--run-dir is required with --resume and under torchrun")
+    if args.run_dir is not None:
+        directory = contextlib.nullcontext(args.run_dir)
+    elif dist_env.world_size > 1 or args.resume:
+        raise UserError("--run-dir is required with --resume and under torchrun")
+    else:
+        # A name of its own, created exclusively: two runs started in the same second differ.
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}"
+        directory = rundir.new(Path("runs"), f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}")
 
-    result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    with directory as run_dir:
+        result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress and not quiet(args))
     if dist_env.is_main:
         _report(result, run_dir)
     return EXIT_STATUS[result["status"]]
@@ -134,7 +167,7 @@ def _train_group(args: argparse.Namespace) -> int:
         [m.run_dir for m in members],
         args.group,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress and not quiet(args),
     )
     for member, result in zip(members, results, strict=True):
         _report(result, member.run_dir)
@@ -161,8 +194,8 @@ def _report(result: dict, run_dir: Path) -> None:
             if finals.get(f"{split}_loss_full") is not None:
                 line += f", full {split} {finals[f'{split}_loss_full']:.4f} nats"
                 line += f" = {finals[f'{split}_bpc_full']:.4f} bpc"
-        print(line)
-    print(f"results in {run_dir}")
+        log.info(line)
+    log.info(f"results in {run_dir}")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -189,6 +222,6 @@ def _sample(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from gradnoise.lm.checkpoint import export
 
-    out = export(args.run_dir, args.out_dir)
-    print(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
+    out = export(args.run_dir, args.out_dir, force=args.force)
+    log.info(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")
     return 0

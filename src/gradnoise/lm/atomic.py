@@ -26,6 +26,11 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the user's umask (0o644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file so that readers see the old content or the new, never a part."""
     path = Path(path)
@@ -36,7 +41,7 @@ def write_text(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

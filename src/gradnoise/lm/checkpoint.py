@@ -5,7 +5,8 @@ Layout inside a run directory:
     checkpoints/step_000500/model.safetensors   weights (safetensors: tensors only)
     checkpoints/step_000500/state.pt            the rest of RunState.state_dict() (optimizer,
                                                 GradScaler, noise, RNG states, progress,
-                                                clock), the config and the vocabulary
+                                                clock), the config, the vocabulary and the
+                                                CPU thread count it was trained on
     checkpoints/LATEST                          the name of the newest complete one
 
 A checkpoint directory is built under a temporary name and renamed into place
@@ -14,21 +15,37 @@ it, and older checkpoints are removed. A crash at any moment leaves LATEST
 pointing at a complete, consistent pair.
 
 state.pt is read with `torch.load(weights_only=True)`, which only rebuilds
-tensors and plain containers: a file that would run code on load is refused.
+tensors and plain containers: a file that would run code on load is refused. A
+damaged file (truncated, random bytes, a tensor of the wrong shape or dtype, an
+entry missing) is a UserError naming it, never a traceback or a silent cast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, runlog
+from gradnoise.lm import atomic, files, runlog
 from gradnoise.lm.config import read_config
-from gradnoise.lm.model import GPT, SAVED_FILES, WEIGHTS_FILE, is_saved_model, load_weights, read_vocab
+from gradnoise.lm.data import vocabulary_size
+from gradnoise.lm.model import (
+    GPT,
+    SAVED_FILES,
+    WEIGHTS_FILE,
+    holds_only_saved_model,
+    is_saved_model,
+    load_weights,
+    read_vocab,
+)
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -38,14 +55,11 @@ STATE = "state.pt"
 
 def save(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict) -> Path:
     """Write checkpoint `step` of a run (weights + state) and make it the latest."""
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / CHECKPOINTS
     name = f"step_{step:07d}"
 
     def write(tmp: Path) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
-        save_file(tensors, str(tmp / WEIGHTS))
+        files.write_weights({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
 
     atomic.build_directory(root / name, write, replace=True)
@@ -67,24 +81,77 @@ def latest(run_dir: Path) -> Path | None:
 
 def load(directory: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, state) of one checkpoint directory, loaded without executing code."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
-    weights = load_file(str(directory / WEIGHTS), device=str(map_location))
-    return weights, load_state(directory / STATE)
+    return files.read_weights(directory / WEIGHTS, map_location), load_state(directory / STATE)
 
 
 def load_state(path: Path) -> dict:
-    """torch.load(weights_only=True): a pickle that would run code is refused with a UserError."""
+    """torch.load(weights_only=True): a pickle that would run code is refused, and a file
+    that is not a checkpoint state (truncated, random bytes) is reported as damaged."""
+    damaged = f"checkpoint state {path} is damaged"
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint state {path} is missing")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise UserError(f"{damaged}: it is not a torch.save archive")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # The weights-only unpickler refuses every GLOBAL: a reference to code to call.
+        if "global" not in str(error).lower():
+            raise UserError(f"{damaged}: {_last_line(error)}") from None
         raise UserError(
             f"refusing to load {path}: it is not a plain-tensor checkpoint "
-            f"(loading it would run code: {str(error).splitlines()[0]})"
+            f"(loading it would run code: {_last_line(error)})"
         ) from None
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UserError(f"cannot read checkpoint state {path}: {error}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise UserError(f"{damaged}: {_last_line(error)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{damaged}: it holds a {type(state).__name__}, not a dict of entries")
+    return state
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (long, multi-line) torch error that says what was wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "global" in line.lower() or "operand" in line.lower()]
+    return (telling or lines or [type(error).__name__])[0][:300]
+
+
+def warn_if_threads_changed(state: dict, directory: Path) -> None:
+    """A warning when a run resumes on another CPU thread count than it was checkpointed
+    with: CPU kernels then sum in another order, and the continuation differs from an
+    uninterrupted run in the last bits."""
+    saved, now = state.get("threads"), torch.get_num_threads()
+    if saved is not None and saved != now:
+        log.warning(
+            f"resuming {directory} on {now} CPU thread(s); it was checkpointed on {saved}, so the "
+            f"run will not be bit-identical to an uninterrupted one (set OMP_NUM_THREADS={saved} "
+            "to match)"
+        )
+
+
+@contextlib.contextmanager
+def restoring(directory: Path):
+    """Around restoring a run from checkpoint `directory`: whatever a damaged or foreign
+    checkpoint raises there (an entry missing, a state of the wrong shape) becomes a
+    UserError naming it."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except UserError as error:
+        if str(directory) in str(error):
+            raise
+        raise UserError(f"{error} (checkpoint {directory})") from None
+    except KeyError as error:
+        raise UserError(
+            f"checkpoint {directory} is damaged or from another version: its state has no "
+            f"entry {error.args[0]!r}"
+        ) from None
+    except (ValueError, RuntimeError, TypeError, IndexError, AttributeError) as error:
+        raise UserError(
+            f"checkpoint {directory} is damaged or from another version: {_last_line(error)}"
+        ) from None
 
 
 def load_trained(path: Path, map_location="cpu"):
@@ -100,15 +167,57 @@ def load_trained(path: Path, map_location="cpu"):
         )
     cfg = read_config(path / runlog.CONFIG_FILE)
     weights, state = load(directory)
-    model = GPT(cfg.model_config(vocab_size=weights["transformer.wte.weight"].shape[0]))
-    load_weights(model, weights)
+    with restoring(directory):
+        model = GPT(cfg.model_config(vocab_size=vocabulary_size(state["vocab"])))
+        load_weights(model, weights, f"the weights in {directory / WEIGHTS}")
     return model.to(map_location), state["vocab"]
 
 
-def export(run_dir: Path, out_dir: Path) -> Path:
-    """Write the run's latest weights, model config and vocabulary for GPT.from_pretrained."""
+def export(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
+    """Write the run's latest weights, model config and vocabulary for GPT.from_pretrained.
+
+    out_dir must be new or empty; with force it may also be an earlier export, which is
+    replaced. Anything else (a file, other data, the run itself or a directory around or
+    inside it) is a UserError, checked before anything is written.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
     if is_saved_model(run_dir):
         raise UserError(f"{run_dir} is already an export, not a run directory")
+    check_export_destination(run_dir, out_dir, force=force)
     model, vocab = load_trained(run_dir)
     model.save_pretrained(out_dir, vocab)
-    return Path(out_dir)
+    return out_dir
+
+
+def check_export_destination(run_dir: Path, out_dir: Path, *, force: bool) -> None:
+    """UserError unless `export` may write out_dir (see there)."""
+    run, out = run_dir.resolve(), out_dir.resolve()
+    relation = (
+        "is the run directory itself"
+        if out == run
+        else f"contains the run directory {run_dir}"
+        if out in run.parents
+        else f"is inside the run directory {run_dir}"
+        if run in out.parents
+        else None
+    )
+    if relation is not None:
+        raise UserError(f"cannot export to {out_dir}: it {relation}; export to a directory outside the run")
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"cannot export to {out_dir}: it exists and is not a directory")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise UserError(
+            f"cannot export to {out_dir}: it is not empty; give a new or empty directory, or "
+            "--force to replace an earlier export there"
+        )
+    if not holds_only_saved_model(out_dir):
+        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        raise UserError(
+            f"cannot export to {out_dir}: it holds {shown}, not an earlier export "
+            f"({', '.join(SAVED_FILES)} and nothing else); --force replaces only an export"
+        )

@@ -25,11 +25,14 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
+from gradnoise.lm import files
 from gradnoise.lm.data import CORPORA
 from gradnoise.lm.devices import DTYPES, check_device_name
 from gradnoise.lm.model import GPTConfig
 
 DATASETS = tuple(CORPORA)
+#: The largest seed: torch.manual_seed and SQLite's INTEGER take 64-bit signed values.
+MAX_SEED = 2**63 - 1
 CHOICES = {
     "dataset": DATASETS,
     "optimizer": ("adamw", "sgd"),
@@ -40,51 +43,58 @@ CHOICES = {
 }
 
 
+def _key(default, meaning: str):
+    """A TrainConfig field and its one-line meaning (what `gradnoise train --help` lists)."""
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class TrainConfig:
     # data and seed
-    dataset: str = "shakespeare_char"
-    seed: int = 0
-    train_fraction: float = 1.0  # train on the first fraction of the train split (val, test: whole)
+    dataset: str = _key("shakespeare_char", "the corpus: shakespeare_char, enwik8 or text8")
+    seed: int = _key(0, "seed of the init, batches, dropout and noise, in [0, 2**63 - 1]")
+    train_fraction: float = _key(1.0, "train on this first fraction of the train split (val, test: whole)")
     # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False
+    n_layer: int = _key(4, "transformer blocks")
+    n_head: int = _key(4, "attention heads per block")
+    n_embd: int = _key(128, "width of the residual stream (divisible by n_head)")
+    block_size: int = _key(64, "context length in tokens")
+    dropout: float = _key(0.0, "dropout probability, in [0, 1)")
+    bias: bool = _key(False, "biases in the Linear layers and LayerNorms")
     # optimization; the global batch is batch_size · grad_accum · world_size sequences
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_iters: int = 1000
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 50
-    lr_decay_iters: int | None = None  # None: decay over the whole run (= max_iters)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    momentum: float = 0.9  # SGD only
-    grad_clip: float = 1.0  # 0 turns clipping off
+    batch_size: int = _key(12, "sequences per micro-batch and process")
+    grad_accum: int = _key(1, "micro-batches per optimizer step")
+    max_iters: int = _key(1000, "optimizer steps")
+    optimizer: str = _key("adamw", "adamw or sgd")
+    lr: float = _key(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = _key(1e-4, "learning rate at the end of the cosine decay, in [0, lr]")
+    warmup_iters: int = _key(50, "steps of linear warmup")
+    lr_decay_iters: int | None = _key(None, "step at which the cosine decay ends (none: max_iters)")
+    weight_decay: float = _key(0.1, "AdamW/SGD weight decay of the matrices and embeddings")
+    beta1: float = _key(0.9, "AdamW β1")
+    beta2: float = _key(0.99, "AdamW β2")
+    momentum: float = _key(0.9, "SGD momentum")
+    grad_clip: float = _key(1.0, "clip the global gradient norm to this (0: no clipping)")
     # gradient noise (a gradnoise.schedules spec) and the other regularizers
-    noise: str = "none"
-    noise_mode: str = "absolute"
-    noise_placement: str = "after_clip"
-    label_smoothing: float = 0.0
-    char_substitution: float = 0.0  # P(an input character is replaced by a uniform random token)
+    noise: str = _key("none", "gradient noise schedule, e.g. exp:sigma0=0.1,gamma=0.99 (gradnoise.schedules)")
+    noise_mode: str = _key("absolute", "absolute: σ_t is the noise's std; relative: σ_t · RMS(g)")
+    noise_placement: str = _key("after_clip", "add the noise after gradient clipping, or before_clip")
+    label_smoothing: float = _key(0.0, "label smoothing ε of the training loss, in [0, 1)")
+    char_substitution: float = _key(0.0, "P(an input character is replaced by a uniform random token)")
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 50
-    log_interval: int = 10
-    final_eval: bool = True  # exact pass over the whole val (and test) split at the end
-    checkpoint_interval: int = 500  # 0: only at the end and on SIGTERM
-    tensorboard: bool = False
-    wandb: bool = False
+    eval_interval: int = _key(250, "steps between evaluations")
+    eval_iters: int = _key(50, "batches per split in each evaluation")
+    log_interval: int = _key(10, "steps between training log lines")
+    final_eval: bool = _key(True, "exact loss over the whole val (and test) split at the end")
+    checkpoint_interval: int = _key(500, "steps between checkpoints (0: only at the end and on SIGTERM)")
+    tensorboard: bool = _key(False, "also log to TensorBoard (RUN_DIR/tensorboard)")
+    wandb: bool = _key(False, "also log to Weights & Biases")
     # hardware
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, float32 on CPU
-    compile: str | bool = "auto"  # auto: on for CUDA
+    device: str = _key("auto", "auto, cpu, cuda or cuda:N (auto: cuda if there is one)")
+    dtype: str = _key(
+        "auto", "auto (bfloat16 on CUDA when supported, else float32), float32, bfloat16, float16"
+    )
+    compile: str | bool = _key("auto", "torch.compile the model: auto (on CUDA), true or false")
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
@@ -170,6 +180,7 @@ def _unit(value, cfg) -> bool:
 
 # field → (check(value, cfg), what is allowed); types and CHOICES are checked before.
 _RULES = {
+    "seed": (lambda v, cfg: 0 <= v <= MAX_SEED, "an integer in [0, 2**63 - 1]"),
     **{
         name: (_at_least(1), "an integer ≥ 1")
         for name in (
@@ -285,11 +296,23 @@ def resolve_config(dataset: str, preset: str = "tiny", overrides: dict | None = 
 def read_config(path: Path) -> TrainConfig:
     """The TrainConfig in a JSON file (a run's config.json); UserError if unreadable or invalid."""
     try:
-        return TrainConfig.from_dict(json.loads(Path(path).read_text()))
-    except OSError as error:
-        raise UserError(f"cannot read the config file {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise UserError(f"the config file {path} is not valid JSON: {error}") from None
+        return TrainConfig.from_dict(files.read_json(path, "config file"))
+    except UserError as error:
+        if str(path) in str(error):
+            raise
+        raise UserError(f"the config file {path}: {error}") from None
+
+
+def describe_keys(preset: str = "tiny", dataset: str = "shakespeare_char") -> str:
+    """Every config key, its value in `preset` for `dataset`, and its meaning: one per line."""
+    values = resolve_config(dataset, preset).to_dict()
+    shown = {name: _listing([value]) if value is not None else "none" for name, value in values.items()}
+    width = max(map(len, shown)) + 2
+    value_width = max(map(len, shown.values())) + 2
+    return "\n".join(
+        f"  {field.name:<{width}}{shown[field.name]:<{value_width}}{field.metadata['help']}"
+        for field in dataclasses.fields(TrainConfig)
+    )
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -15,7 +15,9 @@ batches for every method; `substitute_characters` is the input augmentation.
 The pipeline holds the raw corpus in memory (10^8 bytes at most) and writes
 nothing until it is verified and tokenized; the output is built in a temporary
 directory beside its destination and moved into place with `os.replace`, so a
-failure or an interrupt leaves either the old directory or nothing.
+failure or an interrupt leaves either the old directory or nothing. Reading and
+decompressing stream and stop at the size the corpus may have (`size_limit`), so
+a small archive that unpacks to gigabytes is refused after reading that much.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import http.client
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -41,11 +44,26 @@ import torch
 from tqdm import tqdm
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm import atomic, files
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 DOWNLOAD_CHUNK_BYTES = 1 << 20
+# A checksum given on the command line may select another corpus than the canonical
+# one: it may be this much larger (a fraction of the canonical size).
+USER_CHECKSUM_MARGIN = 0.1
+# What an archive may add to the size of what it holds (headers; incompressible data
+# grows slightly under deflate and xz).
+ARCHIVE_OVERHEAD = 0.01
+# The compression methods Python's zipfile reads.
+ZIP_METHODS = {
+    zipfile.ZIP_STORED: "stored",
+    zipfile.ZIP_DEFLATED: "deflate",
+    zipfile.ZIP_BZIP2: "bzip2",
+    zipfile.ZIP_LZMA: "lzma",
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,8 @@ class CorpusSpec:
     alphabet: the bytes the raw corpus may contain (None: any byte).
     sha256: pinned checksum of the uncompressed corpus, or None.
     size: the canonical size of the uncompressed corpus in bytes; checked only
-        when no sha256 is in effect (a checksum already fixes the size).
+        when no sha256 is in effect (a checksum already fixes the size), and the
+        most `prepare` unpacks (see size_limit).
     splits: (split, percent) in corpus order; boundaries are
         n·(cumulative percent) // 100, so 90/5/5 of 10^8 is exactly 90M/5M/5M.
     packaged: file under gradnoise/lm/corpora used when no source is given.
@@ -90,7 +109,7 @@ CORPORA: dict[str, CorpusSpec] = {
     ),
     "enwik8": CorpusSpec(
         name="enwik8",
-        url="http://mattmahoney.net/dc/enwik8.zip",
+        url="https://mattmahoney.net/dc/enwik8.zip",
         sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
         size=100_000_000,
         tokenization="bytes",
@@ -101,7 +120,7 @@ CORPORA: dict[str, CorpusSpec] = {
     ),
     "text8": CorpusSpec(
         name="text8",
-        url="http://mattmahoney.net/dc/text8.zip",
+        url="https://mattmahoney.net/dc/text8.zip",
         sha256=None,  # no published checksum: size and alphabet are verified instead
         size=100_000_000,
         tokenization="chars",
@@ -143,7 +162,8 @@ class Corpus:
     def of_vocabulary(cls, vocab: list[str] | str) -> Corpus:
         """A corpus without splits, to encode and decode text in a saved model's vocabulary."""
         size = vocabulary_size(vocab)
-        meta = {"name": "model vocabulary", "vocab": vocab, "vocab_size": size, "dtype": "uint8"}
+        # Named so that messages read "not in the model's vocabulary".
+        meta = {"name": "model's", "vocab": vocab, "vocab_size": size, "dtype": "uint8"}
         return cls(meta, splits={})
 
     def has_split(self, name: str) -> bool:
@@ -210,12 +230,7 @@ def load(name: str, *, home: Path | None = None) -> Corpus:
                 f"`gradnoise data prepare {name} --source FILE`"
             )
         _prepare(spec, None, None, home=home, progress=False, overwrite=False)
-    meta = json.loads((directory / META_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"{directory} was prepared in format {meta.get('format_version')}, this version "
-            f"reads format {FORMAT_VERSION}; run `gradnoise data prepare {name}` again"
-        )
+    meta = read_meta(directory)
     dtype = np.dtype(meta["dtype"])
     splits = {}
     for split, count in meta["splits"].items():
@@ -236,10 +251,9 @@ def prepared(*, home: Path | None = None) -> list[dict]:
         return []
     rows = []
     for directory in sorted(home.iterdir()):
-        meta_path = directory / META_FILE
-        if directory.name.startswith(".") or not meta_path.is_file():
+        if directory.name.startswith(".") or not (directory / META_FILE).is_file():
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(directory)
         rows.append(
             {
                 "name": meta["name"],
@@ -250,6 +264,42 @@ def prepared(*, home: Path | None = None) -> list[dict]:
             }
         )
     return rows
+
+
+# meta.json's entries and their types (the dtype is a numpy name: uint8 here).
+_META_TYPES = {
+    "name": str,
+    "vocab": (list, str),
+    "vocab_size": int,
+    "dtype": str,
+    "splits": dict,
+    "source_sha256": str,
+}
+
+
+def read_meta(directory: Path) -> dict:
+    """A prepared corpus's meta.json, checked; UserError naming it if it is damaged or old."""
+    path = Path(directory) / META_FILE
+    again = f"run `gradnoise data prepare {Path(directory).name}` again"
+    try:
+        meta = files.read_json(path, "corpus metadata")
+    except UserError as error:
+        raise UserError(f"{error}; {again}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"the corpus metadata {path} is damaged: not a JSON object; {again}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{directory} was prepared in format {meta.get('format_version')!r:.40}, this version "
+            f"reads format {FORMAT_VERSION}; {again}"
+        )
+    wrong = [key for key, kind in _META_TYPES.items() if not isinstance(meta.get(key), kind)]
+    if not wrong and meta["dtype"] not in ("uint8", "uint16"):
+        wrong = ["dtype"]
+    if not wrong and not all(isinstance(n, int) and n >= 0 for n in meta["splits"].values()):
+        wrong = ["splits"]
+    if wrong:
+        raise UserError(f"the corpus metadata {path} is damaged ({', '.join(wrong)}); {again}")
+    return meta
 
 
 def get_batch(
@@ -313,8 +363,9 @@ def _prepare(
     overwrite: bool,
 ) -> Path:
     expected_sha256 = _checked_sha256(sha256) if sha256 is not None else spec.sha256
-    data, origin = _read_source(spec, source, progress)
-    corpus = _unpack(data, origin)
+    limit = size_limit(spec, sha256)
+    data, origin = _read_source(spec, source, limit, progress)
+    corpus = _unpack(data, origin, spec, limit)
     actual_sha256 = hashlib.sha256(corpus).hexdigest()
     _verify(spec, corpus, actual_sha256, expected_sha256, origin)
     vocab, tokens = _tokenize(spec, corpus)
@@ -354,68 +405,125 @@ def _checked_sha256(value: str) -> str:
     return value.lower()
 
 
-def _read_source(spec: CorpusSpec, source: str | None, progress: bool) -> tuple[bytes, str]:
-    """The bytes of the (possibly compressed) corpus and a description of where they came from."""
+def size_limit(spec: CorpusSpec, user_sha256: str | None) -> int:
+    """The most bytes the uncompressed corpus may have: its canonical size (a pinned
+    checksum or the size check fixes it), or USER_CHECKSUM_MARGIN more when a checksum
+    given by the user may select another corpus."""
+    if user_sha256 is None:
+        return spec.size
+    return spec.size + int(spec.size * USER_CHECKSUM_MARGIN)
+
+
+def _read_source(spec: CorpusSpec, source: str | None, limit: int, progress: bool) -> tuple[bytes, str]:
+    """The bytes of the (possibly compressed) corpus and a description of where they came from;
+    no more than an archive of a corpus of `limit` bytes can be."""
     if source is None and spec.packaged is not None:
         packaged = resources.files("gradnoise.lm").joinpath("corpora", spec.packaged)
         return packaged.read_bytes(), f"packaged copy of {spec.url}"
     url = source or spec.url
+    most = limit + int(limit * ARCHIVE_OVERHEAD) + (1 << 16)
     if url.startswith(("http://", "https://")):
-        return _download(url, spec.name, progress), url
+        return _download(url, spec.name, most, progress), url
     path = Path(url).expanduser()
     try:
-        return path.read_bytes(), str(path.resolve())
+        with open(path, "rb") as file:
+            data = file.read(most + 1)
     except OSError as error:
         raise UserError(f"cannot read source {url!r}: {error.strerror or error}") from error
+    if len(data) > most:
+        raise _too_large(spec, str(path.resolve()), most, "is")
+    return data, str(path.resolve())
 
 
-def _download(url: str, name: str, progress: bool) -> bytes:
+def _download(url: str, name: str, most: int, progress: bool) -> bytes:
     buffer = io.BytesIO()
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
+            if total is not None and total > most:
+                raise _too_large(CORPORA[name], url, most, "is")
             with tqdm(
                 total=total,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=f"download {name}",
-                disable=not progress,
+                disable=None if progress else True,  # None: no bar where stderr is not a terminal
             ) as bar:
                 while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
                     buffer.write(chunk)
                     bar.update(len(chunk))
+                    if buffer.tell() > most:
+                        raise _too_large(CORPORA[name], url, most, "is")
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
         reason = getattr(error, "reason", None) or error
         raise UserError(f"cannot download {url}: {reason}") from error
     if total is not None and buffer.tell() != total:
         raise UserError(
             f"download of {url} is truncated: got {buffer.tell():,} bytes, the server announced {total:,}"
         )
+    log.info(f"downloaded {buffer.tell():,} bytes from {url}")
     return buffer.getvalue()
 
 
-def _unpack(data: bytes, origin: str) -> bytes:
-    """The uncompressed corpus: zip (exactly one member), gzip, xz, or plain bytes."""
+def _unpack(data: bytes, origin: str, spec: CorpusSpec, limit: int) -> bytes:
+    """The uncompressed corpus: zip (exactly one member), gzip, xz, or plain bytes. Archives
+    are read as streams and refused as soon as they give more than `limit` bytes."""
     try:
         if data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                members = [info for info in archive.infolist() if not info.is_dir()]
-                if len(members) != 1:
-                    names = ", ".join(info.filename for info in members) or "none"
-                    raise UserError(
-                        f"zip archive {origin} must hold exactly one file (the corpus); "
-                        f"found {len(members)}: {names}"
-                    )
-                return archive.read(members[0])
+                member = _zip_member(archive, origin)
+                with archive.open(member) as stream:
+                    return _read_at_most(stream, limit, spec, origin)
         if data.startswith(b"\x1f\x8b"):
-            return gzip.decompress(data)
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+                return _read_at_most(stream, limit, spec, origin)
         if data.startswith(b"\xfd7zXZ\x00"):
-            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+            with lzma.LZMAFile(io.BytesIO(data), format=lzma.FORMAT_XZ) as stream:
+                return _read_at_most(stream, limit, spec, origin)
     except (zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, lzma.LZMAError, EOFError) as error:
         raise UserError(f"{origin} is a truncated or corrupt archive: {error}") from error
+    except (RuntimeError, NotImplementedError) as error:  # zipfile's "encrypted", "unsupported"
+        raise UserError(f"zip archive {origin} cannot be read: {error}") from error
+    if len(data) > limit:
+        raise _too_large(spec, origin, limit, "is")
     return data
+
+
+def _zip_member(archive: zipfile.ZipFile, origin: str) -> zipfile.ZipInfo:
+    """The one file of a corpus zip, if zipfile can read it."""
+    members = [info for info in archive.infolist() if not info.is_dir()]
+    if len(members) != 1:
+        names = ", ".join(info.filename for info in members) or "none"
+        raise UserError(
+            f"zip archive {origin} must hold exactly one file (the corpus); found {len(members)}: {names}"
+        )
+    member = members[0]
+    if member.flag_bits & 0x1:
+        raise UserError(f"zip archive {origin} is encrypted ({member.filename}); give the corpus unencrypted")
+    if member.compress_type not in ZIP_METHODS:
+        raise UserError(
+            f"zip archive {origin} compresses {member.filename} with method {member.compress_type}, "
+            f"which cannot be read here; allowed: {', '.join(ZIP_METHODS.values())}"
+        )
+    return member
+
+
+def _read_at_most(stream, limit: int, spec: CorpusSpec, origin: str) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(spec, origin, limit, "unpacks to")
+    return data
+
+
+def _too_large(spec: CorpusSpec, origin: str, limit: int, verb: str) -> UserError:
+    return UserError(
+        f"{origin} {verb} more than {limit:,} bytes, more than {spec.name} can be "
+        f"({spec.size:,} bytes); refusing it"
+    )
 
 
 def _verify(

@@ -16,6 +16,8 @@ same mean.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -65,11 +67,13 @@ class Evaluator:
         return losses
 
     @torch.no_grad()
-    def exact(self, model, split: str) -> float:
+    def exact(self, model, split: str, report: Callable[[int, int], None] | None = None) -> float:
         """Mean loss over a whole split: non-overlapping windows of block_size, every token
         but the first predicted once. Windows are dealt round-robin to the ranks.
 
             loss = Σ_windows Σ_t −log p(x_{t+1} | window up to t) / (len(split) − 1)
+
+        report(done, total): called with this rank's windows done so far, from 0 to total.
         """
         tokens, block, device = self.splits[split], self.cfg.block_size, self.device
         model.eval()
@@ -77,6 +81,8 @@ class Evaluator:
         starts = np.arange(0, predicted, block)[self.dist_env.rank :: self.dist_env.world_size]
         total = torch.zeros((), dtype=torch.float64, device=device)
         batch_windows = 4 * self.cfg.batch_size
+        if report is not None:
+            report(0, len(starts))
         for begin in range(0, len(starts), batch_windows):
             chunk = starts[begin : begin + batch_windows]
             full = chunk[chunk + block <= predicted]
@@ -89,5 +95,7 @@ class Evaluator:
                 with self.autocast:
                     _, loss = model(x, y)
                 total += loss.double() * y.numel()
+            if report is not None:
+                report(begin + len(chunk), len(starts))
         model.train()
         return (self.dist_env.sum(total) / predicted).item()

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm import atomic, files
 
 # A saved model (save_pretrained): its GPTConfig, its weights and its vocabulary.
 CONFIG_FILE = "config.json"
@@ -190,8 +190,8 @@ class GPT(nn.Module):
         tokens when top_k is given; temperature 0 picks the argmax. Sampling draws
         from `generator` only, so a seeded generator gives the same text every time.
         """
-        if temperature < 0:
-            raise UserError(f"temperature={temperature} must be >= 0")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise UserError(f"temperature={temperature} is not allowed; it must be a finite number ≥ 0")
         if top_k is not None and top_k < 1:
             raise UserError(f"top_k={top_k} must be a positive integer (or None for no cut)")
         for _ in range(max_new_tokens):
@@ -216,23 +216,23 @@ class GPT(nn.Module):
     def save_pretrained(self, directory, vocab: list[str] | str) -> None:
         """Write SAVED_FILES (config.json, model.safetensors, vocab.json) to `directory` atomically.
 
-        `vocab` is the corpus's vocabulary as its metadata records it (a list of
-        characters, or "bytes"); from_pretrained hands it back unchanged.
+        `directory` is new, empty, or an earlier save_pretrained output (which is replaced);
+        anything else is left untouched and is a UserError. `vocab` is the corpus's
+        vocabulary as its metadata records it (a list of characters, or "bytes");
+        from_pretrained hands it back unchanged.
         """
-        from safetensors.torch import save_file
 
         def write(tmp: Path) -> None:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             (tmp / VOCAB_FILE).write_text(json.dumps(vocab) + "\n")
-            save_file(weights_for_saving(self), str(tmp / WEIGHTS_FILE))
+            files.write_weights(weights_for_saving(self), tmp / WEIGHTS_FILE)
 
-        atomic.build_directory(Path(directory), write, replace=True)
+        if not atomic.build_directory(Path(directory), write, replace=holds_only_saved_model(directory)):
+            raise UserError(f"{directory} exists and is not an earlier export; not replacing it")
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> GPT:
         """Load a model written by save_pretrained (its vocabulary: `read_vocab`)."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         missing = [name for name in SAVED_FILES if not (directory / name).is_file()]
         if missing:
@@ -240,8 +240,8 @@ class GPT(nn.Module):
                 f"{directory} is not a saved model: missing {', '.join(missing)} "
                 f"(expected {', '.join(SAVED_FILES)})"
             )
-        model = cls(gpt_config_from_dict(json.loads((directory / CONFIG_FILE).read_text())))
-        load_weights(model, load_file(str(directory / WEIGHTS_FILE)))
+        model = cls(gpt_config_from_dict(files.read_json(directory / CONFIG_FILE, "model config")))
+        load_weights(model, files.read_weights(directory / WEIGHTS_FILE), f"the weights in {directory}")
         return model.to(map_location)
 
 
@@ -250,16 +250,33 @@ def is_saved_model(directory) -> bool:
     return all((Path(directory) / name).is_file() for name in SAVED_FILES)
 
 
+def holds_only_saved_model(directory) -> bool:
+    """Whether `directory` holds what save_pretrained writes and nothing else."""
+    directory = Path(directory)
+    return (
+        directory.is_dir()
+        and sorted(p.name for p in directory.iterdir()) == sorted(SAVED_FILES)
+        and is_saved_model(directory)
+    )
+
+
 def read_vocab(directory) -> list[str] | str:
     """The vocabulary save_pretrained stored beside the weights."""
-    return json.loads((Path(directory) / VOCAB_FILE).read_text())
+    return files.read_json(Path(directory) / VOCAB_FILE, "vocabulary")
 
 
 def gpt_config_from_dict(values: dict) -> GPTConfig:
+    if not isinstance(values, dict):
+        raise UserError(f"a model config must be a JSON object, got {values!r:.80}")
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+    for name, value in values.items():
+        kind = type(getattr(GPTConfig, name))  # the default's type: int, float or bool
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            allowed = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+            raise UserError(f"model config {name}={value!r} is not allowed; it must be {allowed}")
     return GPTConfig(**values)
 
 
@@ -270,16 +287,10 @@ def weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def load_weights(model: GPT, state: dict[str, torch.Tensor]) -> None:
-    state = dict(state)
-    state["lm_head.weight"] = state.get("transformer.wte.weight")
-    expected, given = set(model.state_dict()), {k for k, v in state.items() if v is not None}
-    if expected != given:
-        raise UserError(
-            f"weights do not match the model: missing {sorted(expected - given)}, "
-            f"unexpected {sorted(given - expected)}"
-        )
-    model.load_state_dict(state)
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str = "the weights") -> None:
+    """Load what weights_for_saving gives into `model`; UserError if a name, shape or dtype differs."""
+    files.check_tensors(state, weights_for_saving(model), source)
+    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
 
 
 def sample_text(

@@ -9,8 +9,13 @@
     run_dir/result.json   {"status", "error", "device", "host", "world_size", "finals"},
                           written last and atomically
 
-`RunLog` writes log.jsonl (and mirrors it to TensorBoard / W&B and a progress bar
-when asked); `write_config` and `write_result` write the two JSON files;
+`RunLog` writes log.jsonl (and mirrors it to TensorBoard / W&B when asked), and
+tells the person watching: one line per eval (step, losses, σ, tokens/s) through
+`logging` at INFO (every train line at DEBUG), and, where stderr is a terminal, a
+progress bar of the steps with those lines printed above it, then one of the final
+exact pass (`exact_pass`). Where stderr is not a terminal (a log file) there is no
+bar, whose carriage-return updates would pile up on one line, only the lines.
+`write_config` and `write_result` write the two JSON files;
 `read_curves`, `read_log_tail`, `last_step` and `read_result` are how anything
 else (the study runner, its live display) reads a run. A resumed run logs the
 steps after its checkpoint again; readers keep the later line.
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import statistics
+import sys
 from pathlib import Path
 
 from gradnoise.errors import UserError
@@ -70,6 +77,7 @@ FINAL_METRICS = (
 
 
 LN2 = math.log(2)
+log = logging.getLogger(__name__)
 
 
 def gradient_fields(stats: dict) -> dict:
@@ -138,12 +146,15 @@ def final_metrics(
 
 
 class RunLog:
-    """log.jsonl (always), TensorBoard and Weights & Biases (when the config asks), a tqdm
-    bar of the steps with the last "train" line (progress_bar); rank 0 only."""
+    """log.jsonl (always), TensorBoard and Weights & Biases (when the config asks), a line
+    per eval (logging), and a tqdm bar of the steps with the last "train" line when
+    progress_bar and stderr is a terminal; rank 0 only."""
 
     def __init__(self, run_dir: Path, cfg, enabled: bool, progress_bar: bool = False):
-        self.run_dir, self.cfg, self.enabled, self.progress_bar = run_dir, cfg, enabled, progress_bar
+        self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
+        self.progress_bar = progress_bar and sys.stderr.isatty()
         self.file = self.tensorboard = self.wandb = self.bar = None
+        self.last_train: dict = {}
         if not enabled:
             return
         if cfg.tensorboard:
@@ -206,7 +217,15 @@ class RunLog:
                 self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
         if self.wandb is not None:
             self.wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
-        if self.bar is not None and record["kind"] == "train":
+        if record["kind"] == "eval":
+            log.info(eval_line(record, self.last_train, self.cfg.max_iters))
+            return
+        self.last_train = record
+        log.debug(
+            f"step {record['step']}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+            f"σ {record['sigma']:.3g}, {record['tokens_per_s']:,.0f} tok/s"
+        )
+        if self.bar is not None:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record['lr']:.2e}",
@@ -219,6 +238,30 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
 
+    def exact_pass(self, split: str):
+        """A report(done, total) for Evaluator.exact: says that the pass over the whole split
+        runs, and on a terminal shows its windows on a bar of its own. None on other ranks."""
+        if not self.enabled:
+            return None
+        bar = None
+
+        def report(done: int, total: int) -> None:
+            nonlocal bar
+            if done == 0:
+                log.info(f"final evaluation: exact {split} loss over the whole split ({total:,} windows)")
+                if self.bar is not None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(
+                        total=total, desc=f"exact {split}", unit="window", leave=False, dynamic_ncols=True
+                    )
+            elif bar is not None:
+                bar.update(done - bar.n)
+            if done == total and bar is not None:
+                bar.close()
+
+        return report
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -228,6 +271,19 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def eval_line(record: dict, last_train: dict, max_iters: int) -> str:
+    """`step 250/1000: train loss 2.0417, val loss 2.0941, σ 0.01, 41,234 tok/s` (σ and
+    tokens/s from the last train line, where there is one)."""
+    parts = [
+        f"{split} loss {record[f'{split}_loss']:.4f}"
+        for split in ("train", "val", "test")
+        if record.get(f"{split}_loss") is not None
+    ]
+    if last_train:
+        parts += [f"σ {last_train['sigma']:.3g}", f"{last_train['tokens_per_s']:,.0f} tok/s"]
+    return f"step {record['step']}/{max_iters}: " + ", ".join(parts)
 
 
 def write_config(run_dir: Path, cfg) -> None:

@@ -48,7 +48,7 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, runlog
+from gradnoise.lm import checkpoint, data, finite, rundir, runlog
 from gradnoise.lm.config import TrainConfig
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.distributed import DistributedEnv, StopRequest
@@ -88,7 +88,8 @@ def train(
     dist_env = DistributedEnv.from_environment()
     finished = False
     try:
-        result = _train(cfg, run_dir, dist_env, resume=resume, progress=progress, on_step=on_step)
+        with rundir.claim(run_dir, enabled=dist_env.is_main):  # locked: one process trains in it
+            result = _train(cfg, run_dir, dist_env, resume=resume, progress=progress, on_step=on_step)
         finished = True
         return result
     finally:
@@ -135,8 +136,10 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
     latest = checkpoint.latest(run_dir) if resume else None
     if latest is not None:
         weights, saved = checkpoint.load(latest)
-        check_resumable(saved["config"], cfg)
-        run.load_state_dict({"model": weights, **saved})
+        with checkpoint.restoring(latest):  # a damaged checkpoint is a UserError naming it
+            check_resumable(saved["config"], cfg)
+            run.load_state_dict({"model": weights, **saved})
+        checkpoint.warn_if_threads_changed(saved, latest)
     log.start(keep_through_step=run.progress.step if latest is not None else None)
     if dist_env.is_main:
         runlog.write_config(run_dir, cfg)
@@ -173,7 +176,7 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
                 # One host sync per event: read back the losses kept on the device.
                 sync(device)
                 clock.stop()
-                error = divergence(run, pending.read_back(dist_env), step, eval_due or checkpoint_due)
+                error = divergence(run, pending.read_back(dist_env), step)
                 if error is not None:
                     status = "diverged"
                     break
@@ -203,7 +206,11 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
 
     exact = {}
     if status == "done" and cfg.final_eval:
-        exact = {split: evaluator.exact(run.model, split) for split in ("val", "test") if split in splits}
+        exact = {
+            split: evaluator.exact(run.model, split, log.exact_pass(split))
+            for split in ("val", "test")
+            if split in splits
+        }
     result = {
         "status": status,
         "error": error,
@@ -387,7 +394,10 @@ def save_checkpoint(run: RunState, run_dir: Path, step: int, cfg: TrainConfig, v
     state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
     if run.dist_env.is_main:
         weights = state.pop("model")
-        checkpoint.save(run_dir, step, weights, {"config": cfg.to_dict(), "vocab": vocab, **state})
+        threads = torch.get_num_threads()  # a resume on another count is not bit-identical
+        checkpoint.save(
+            run_dir, step, weights, {"config": cfg.to_dict(), "vocab": vocab, "threads": threads, **state}
+        )
 
 
 def _sigma(run: RunState) -> float:
@@ -403,13 +413,14 @@ def evaluate(run: RunState, model, evaluator: Evaluator, step: int, log: runlog.
         run.noise.schedule.observe(losses["val_loss"])
 
 
-def divergence(run: RunState, losses: list[tuple[int, float]], step: int, check_weights: bool) -> str | None:
+def divergence(run: RunState, losses: list[tuple[int, float]], step: int) -> str | None:
     """Add the read-back step losses to the run's progress; the error message if one is not
-    finite, or (check_weights) if a weight is not: the last update can break the weights
-    while its loss was still finite, and they must not be evaluated or checkpointed."""
+    finite, or if a weight or the optimizer's state is not (gradnoise.lm.finite): an update
+    can break them while its loss is still finite, and they must not be evaluated,
+    checkpointed or reported as done."""
     bad = run.progress.absorb(losses)
-    if bad is None and check_weights and not _all_finite(run.params):
-        bad = (step, "non-finite weights")
+    if bad is None and (broken := finite.nonfinite(run.optimizer, run.params)) is not None:
+        bad = (step, broken)
     if bad is None:
         return None
     step, what = bad
@@ -426,7 +437,3 @@ def divergence(run: RunState, losses: list[tuple[int, float]], step: int, check_
     else:
         kept = f"the last good checkpoint is step {run.progress.checkpoint_step}"
     return f"training diverged: {what} at step {step} ({sigma}); {kept}"
-
-
-def _all_finite(params: list[torch.Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())

@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm.config import DATASETS, PRESETS, TrainConfig, resolve_config
+from gradnoise.lm.config import DATASETS, MAX_SEED, PRESETS, TrainConfig, resolve_config
 from gradnoise.lm.runlog import FINAL_METRICS
 
 SPEC_KEYS = (
@@ -85,6 +85,8 @@ EXECUTION_KEYS = ("device",)
 # study's runs keep their ids.
 LATER_KEYS = {"train_fraction": 1.0}
 SPECS_DIR = Path(__file__).parent / "specs"
+# A count n means seeds 0 … n-1; more than this is a typo, not a study.
+MAX_SEED_COUNT = 10_000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -521,15 +523,17 @@ def _config_mapping(value, where: str) -> dict:
 
 def _seeds(value, where: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise UserError(f"{where}={value!r}: a count of seeds must be ≥ 1")
+        if not 1 <= value <= MAX_SEED_COUNT:
+            raise UserError(f"{where}={value!r}: a count of seeds must be ≥ 1 and ≤ {MAX_SEED_COUNT:,}")
         return tuple(range(value))
     if (
         isinstance(value, list)
         and value
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value)
     ):
         if len(set(value)) != len(value):
             raise UserError(f"{where}={value!r} lists a seed twice")
         return tuple(value)
-    raise UserError(f"{where}={value!r}: give a count n (seeds 0..n-1) or a list of seeds ≥ 0")
+    raise UserError(
+        f"{where}={value!r:.200}: give a count n (seeds 0..n-1) or a list of seeds in [0, 2**63 - 1]"
+    )

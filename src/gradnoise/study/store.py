@@ -105,16 +105,20 @@ class Store:
         self.path = Path(path)
         # isolation_level=None: no implicit transactions; writers say BEGIN themselves.
         self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 60000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
-        self._db.execute("PRAGMA foreign_keys = ON")
-        with self._transaction():  # under the write lock: two openers never both migrate
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._add_missing_columns()
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self._transaction():  # under the write lock: two openers never both migrate
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._add_missing_columns()
+        except sqlite3.DatabaseError as error:  # "file is not a database", a damaged one
+            self._db.close()
+            raise UserError(f"cannot open the study store {self.path}: {error}") from None
 
     def close(self) -> None:
         self._db.close()
