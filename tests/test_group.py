@@ -50,3 +50,10 @@ def test_cli_trains_every_member_of_a_group_into_its_own_run_dir(tmp_path):
     results = [runlog.read_result(m.run_dir) for m in members]
     assert [r["status"] for r in results] == ["done", "done"]
     assert results[0]["finals"]["val_loss"] != results[1]["finals"]["val_loss"]  # different seeds
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b'{"runs": [{"run_id": "a"}]}', b"[1, 2]"])
+def test_a_damaged_group_file_is_a_user_error(tmp_path, content):
+    (tmp_path / group.GROUP_FILE).write_bytes(content)
+    with pytest.raises(UserError, match="group file"):
+        group.read_group(tmp_path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm import atomic, files
 from gradnoise.lm.config import TrainConfig, group_key
 
 GROUP_FILE = "group.json"
@@ -67,15 +67,13 @@ def write_group(group_dir: Path, members: list[Member]) -> None:
 def read_group(group_dir: Path) -> list[Member]:
     """The members recorded in group_dir/group.json; UserError if it is missing or malformed."""
     path = Path(group_dir) / GROUP_FILE
+    document = files.read_json(path, "group file")
     try:
-        runs = json.loads(path.read_text())["runs"]
         members = [
             Member(str(r["run_id"]), Path(group_dir) / r["run_dir"], TrainConfig.from_dict(r["config"]))
-            for r in runs
+            for r in document["runs"]
         ]
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (KeyError, TypeError) as error:
         raise UserError(
             f"{path} is not a group file ({{'runs': [{{run_id, run_dir, config}}]}}): {error}"
         ) from None
