@@ -308,3 +308,32 @@ def test_two_stores_written_concurrently(tmp_path):
         )
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     assert [check_consistent(path, 60) for path in paths] == [60, 60]
+
+
+def test_readers_write_nothing_not_even_a_schema(tmp_path):
+    empty = tmp_path / "study.sqlite"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="holds no study"):
+        Store(empty, readonly=True)
+    assert empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.sqlite"]
+
+
+def test_a_reader_sees_columns_an_older_store_lacks_as_none(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with Store(path) as store:
+        store.create_study("s", {"name": "s"})
+        store.add_runs([("r1", "shakespeare_char", "baseline", 0, {})])
+        store.record_result(
+            "r1",
+            {"status": "done", "finals": {"val_loss": 1.5}},
+            [{"kind": "eval", "step": 0, "val_loss": 2.0}],
+        )
+        store._db.execute("ALTER TABLE finals DROP COLUMN final_sigma")
+        store._db.execute("ALTER TABLE curves DROP COLUMN val_loss")
+    before = path.read_bytes()
+    with Store(path, readonly=True) as reader:
+        assert reader.finals()[0]["val_loss"] == 1.5
+        assert reader.finals()[0]["final_sigma"] is None
+        assert reader.curves()[0]["val_loss"] is None
+    assert path.read_bytes() == before

@@ -204,7 +204,7 @@ def study_status(study_dir: Path) -> str:
     study_dir = Path(study_dir)
     if not (study_dir / STORE_FILE).exists():
         raise UserError(f"{study_dir} holds no study (no {STORE_FILE})")
-    with Store(study_dir / STORE_FILE) as store:
+    with Store(study_dir / STORE_FILE, readonly=True) as store:
         study, runs, counts = store.study(), store.runs(), store.counts()
     driver_alive = _driver_running(study_dir)
     lines = [

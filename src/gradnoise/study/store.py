@@ -101,24 +101,48 @@ class Store:
     """The SQLite file of one study. Readers use `study`, `runs`, `finals`, `curves`;
     the driver alone uses the writer methods below them."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, readonly: bool = False):
+        """Open (and, for the driver, create or migrate) a study's store.
+
+        readonly: for readers (`study status`, the report): nothing is written, not
+            even the schema; columns an older store lacks read as NULL.
+        """
         self.path = Path(path)
-        # isolation_level=None: no implicit transactions; writers say BEGIN themselves.
-        self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            if readonly:
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0)
+            else:
+                # isolation_level=None: no implicit transactions; writers say BEGIN themselves.
+                self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.Error as error:
+            raise UserError(f"cannot open the study store {self.path}: {error}") from None
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
-            self._db.execute("PRAGMA foreign_keys = ON")
-            with self._transaction():  # under the write lock: two openers never both migrate
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._add_missing_columns()
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = NORMAL")  # durable at each WAL checkpoint
+                self._db.execute("PRAGMA foreign_keys = ON")
+                with self._transaction():  # under the write lock: two openers never both migrate
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._add_missing_columns()
+            self._columns = {
+                table: {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                for table in ("study", "runs", "curves", "finals")
+            }
         except sqlite3.DatabaseError as error:  # "file is not a database", a damaged one
             self._db.close()
             raise UserError(f"cannot open the study store {self.path}: {error}") from None
+        if not self._columns["study"]:
+            self._db.close()
+            raise UserError(f"{self.path} holds no study (no study table)")
+
+    def _select(self, table: str, alias: str, columns) -> str:
+        """`alias.column` for each column, NULL for one this (older, read-only) store lacks."""
+        present = self._columns[table]
+        return ", ".join(f"{alias}.{c}" if c in present else f"NULL AS {c}" for c in columns)
 
     def close(self) -> None:
         self._db.close()
@@ -156,7 +180,7 @@ class Store:
         """One dict per run with finals: id, dataset, method, seed, status + every final metric."""
         rows = self._db.execute(
             f"SELECT r.id, r.dataset, r.method, r.seed, r.status, "
-            f"{', '.join('f.' + m for m in FINAL_METRICS)}, f.extra "
+            f"{self._select('finals', 'f', FINAL_METRICS)}, f.extra "
             "FROM finals f JOIN runs r ON r.id = f.run_id ORDER BY r.rowid"
         )
         out = []
@@ -168,7 +192,7 @@ class Store:
 
     def curves(self, run_ids: list[str] | None = None) -> list[dict]:
         """Logged points ordered by run, kind, step; all runs unless `run_ids` is given."""
-        query = f"SELECT {', '.join(CURVE_COLUMNS)} FROM curves"
+        query = f"SELECT {self._select('curves', 'c', CURVE_COLUMNS)} FROM curves c"
         params: tuple = ()
         if run_ids is not None:
             query += f" WHERE run_id IN ({', '.join('?' * len(run_ids))})"

@@ -60,7 +60,7 @@ def write_report(study_dir: Path) -> Path:
             f"no study in {study_dir}: {database} does not exist; "
             "run `gradnoise study run SPEC --dir DIR` first"
         )
-    with Store(database) as store:
+    with Store(database, readonly=True) as store:
         analysis = analyze(load_study(store))
     report_dir = study_dir / "report"
     atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
