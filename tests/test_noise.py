@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -631,3 +632,117 @@ def test_step_keys_are_distinct_across_seeds_and_steps():
     keys = {noise._mix(seed, step) for seed in range(50) for step in range(2000)}
     assert len(keys) == 50 * 2000
     assert all(0 <= key < 1 << 64 for key in keys)
+
+
+# --- replicas: M models trained as one, each parameter's leading dimension the replica ---
+
+REPLICA_SIZES = ((3, 300, 200), (3, 200), (3, 50, 40))
+
+
+def _replica_noise(schedules_, seeds, modes, gradient: float = 0.0, steps: int = 2, sizes=REPLICA_SIZES):
+    """The noise a replicated GradientNoise adds over `steps` steps, per step: a list of the
+    parameters' added noise (M, …)."""
+    params = [torch.nn.Parameter(torch.zeros(size)) for size in sizes]
+    optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.0)
+    gn = GradientNoise(optimizer, schedules_, seed=seeds, mode=modes, replicas=sizes[0][0])
+    added = []
+    for _ in range(steps):
+        for m, p in enumerate(params):
+            p.grad = torch.full_like(p, gradient) * (1 + torch.arange(len(p)).view(-1, *[1] * (p.dim() - 1)))
+        before = [p.grad.clone() for p in params]
+        optimizer.step()
+        added.append([p.grad - b for p, b in zip(params, before, strict=True)])
+    return gn, added
+
+
+def _alone_noise(schedule, seed, mode, replica: int, gradient: float = 0.0, steps: int = 2):
+    """The noise GradientNoise(schedule, seed) adds to replica `replica`'s slices alone."""
+    params = [torch.nn.Parameter(torch.zeros(size[1:])) for size in REPLICA_SIZES]
+    optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.0)
+    gn = GradientNoise(optimizer, schedule, seed=seed, mode=mode)
+    added = []
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.full_like(p, gradient * (1 + replica))
+        before = [p.grad.clone() for p in params]
+        optimizer.step()
+        added.append([p.grad - b for p, b in zip(params, before, strict=True)])
+    return gn, added
+
+
+def test_each_replica_gets_exactly_the_noise_of_its_run_alone():
+    specs = ["const:sigma=0.1", "exp:sigma0=0.3,gamma=0.5", "const:sigma=0.02"]
+    modes = ["absolute", "relative", "absolute"]
+    seeds = [11, 12, 11]
+    gn, added = _replica_noise(specs, seeds, modes, gradient=1.0)
+    assert gn.mode == modes and gn.seed == seeds and len(gn.sigma) == 3
+    for m in range(3):
+        alone, alone_added = _alone_noise(specs[m], seeds[m], modes[m], m, gradient=1.0)
+        for step_added, step_alone in zip(added, alone_added, strict=True):
+            for batched, single in zip(step_added, step_alone, strict=True):
+                assert torch.equal(batched[m], single), m  # bit for bit
+        assert gn.sigma[m] == alone.sigma
+    # Relative: σ = r · RMS(g) of the replica's own gradient, (1 + m) for replica m.
+    assert gn.sigma[1] == pytest.approx(0.3 * 0.5 * 2)
+    # Replicas 0 and 2 share a seed: the same ε, scaled by their own σ (up to the rounding
+    # of g + noise at g = 3, half an ulp of 3 = 1.2e-7, times 5).
+    torch.testing.assert_close(added[0][0][2] * 5, added[0][0][0], rtol=0, atol=1e-6)
+
+
+def test_replicated_noise_skips_a_step_grad_scaler_skips():
+    model = torch.nn.Linear(4, 4)
+    params = [torch.nn.Parameter(torch.stack([p.detach()] * 2)) for p in model.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    gn = GradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", seed=[0, 1], replicas=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    for overflow in (False, True, False):
+        optimizer.zero_grad()
+        for p in params:
+            p.grad = scaler.scale(torch.ones_like(p))
+        if overflow:
+            params[0].grad[1, 0, 0] = float("inf")
+        before = [p.detach().clone() for p in params]
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        assert any(not torch.equal(b, p) for b, p in zip(before, params, strict=True)) != overflow
+    assert gn.step == 2
+    assert gn.sigma == [pytest.approx(0.05)] * 2
+
+
+def test_replicated_state_dict_round_trip_continues_every_stream():
+    specs = ["plateau:sigma0=0.1,patience=0", "const:sigma=0.2"]
+    gn, _ = _replica_noise(specs, [3, 4], "absolute", steps=1, sizes=((2, 10, 10), (2, 10), (2, 5)))
+    gn.observe([1.0, 1.0])
+    gn.observe([2.0, 2.0])  # replica 0's plateau decays σ
+    state = gn.state_dict()
+    assert [lane["seed"] for lane in state["replicas"]] == [3, 4]
+    params = [torch.nn.Parameter(torch.zeros(size)) for size in ((2, 10, 10), (2, 10), (2, 5))]
+    optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.0)
+    restored = GradientNoise(optimizer, specs, seed=[0, 0], replicas=2)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert restored.schedule[0](restored.step) < 0.1  # the plateau's memory came back
+    with pytest.raises(UserError, match="for 2 replicas"):
+        GradientNoise(
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.0),
+            "const:sigma=0.1",
+            seed=[0, 1, 2],
+            replicas=3,
+        ).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"replicas": 0, "seed": []}, "replicas=0"),
+        ({"replicas": 2, "seed": 5}, "one seed per replica"),
+        ({"replicas": 2, "seed": [1, 2, 3]}, "seed=[1, 2, 3]"),
+        ({"replicas": 2, "seed": [1, 2], "mode": ["absolute"]}, "mode=['absolute']"),
+        ({"replicas": 3, "seed": [1, 2, 3]}, "replica dimension of replicas=3"),
+    ],
+)
+def test_bad_replica_arguments_raise_user_errors(kwargs, words):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 4))], lr=0.1)
+    with pytest.raises(UserError, match=re.escape(words)):
+        GradientNoise(optimizer, "const:sigma=0.1", **kwargs)

@@ -36,6 +36,7 @@ per (device, dtype) and one `torch._foreach_add_`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -436,6 +437,29 @@ def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
     return float(scale)
 
 
+def _replica_lists(replicas: int, schedule, seed, mode) -> tuple[list, list, list]:
+    """(schedules, seeds, modes), `replicas` of each; a single schedule
+    or mode is every replica's (a schedule object copied, since schedules keep state)."""
+    if isinstance(schedule, (str, schedules.Schedule)):
+        schedule = [schedule if isinstance(schedule, str) else copy.deepcopy(schedule) for _ in range(replicas)]
+    if isinstance(mode, str):
+        mode = [mode] * replicas
+    if isinstance(seed, int):
+        raise UserError(f"seed={seed!r}: with replicas={replicas} give one seed per replica (a list)")
+    for name, values in (("schedule", schedule), ("seed", seed), ("mode", mode)):
+        if not isinstance(values, Sequence) or len(values) != replicas:
+            raise UserError(f"{name}={values!r} is not allowed: with replicas={replicas} give {replicas} of them")
+    return list(schedule), list(seed), list(mode)
+
+
+def _replica_slices(gradients, replica: int):
+    """_gradients()'s structure with every gradient g replaced by its replica's slice g[replica]."""
+    return [
+        (scale, index, [(device, dtype, [g[replica] for g in grads]) for device, dtype, grads in groups])
+        for scale, index, groups in gradients
+    ]
+
+
 class GradientNoise:
     """Adds N(0, σ_t²) noise to the gradients of `optimizer` at every `optimizer.step()`.
 
@@ -466,21 +490,57 @@ class GradientNoise:
             it; eager, it costs a few more small kernels per step.
         attach: register the step pre-hook (default). With False, call `apply()`
             yourself, e.g. before gradient clipping for that ablation.
+        replicas: M > 1 models trained as one, every parameter's leading dimension
+            being the replica (gradnoise.lm's batched GPT). `schedule`, `seed` and
+            `mode` are then lists of M (a single schedule or mode is used by every
+            replica; the seeds must be given one per replica), and replica m's slices
+            p[m] get exactly the noise `GradientNoise(schedule[m], seed=seed[m])` would
+            add over those slices alone: the same keys, streams and chunks (and, relative,
+            σ from its own RMS). `sigma`, `seed`, `mode`, `schedule` and `last_stats` are
+            then per-replica lists. One add per replica (on CUDA one launch each).
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        schedule: schedules.Schedule | str,
+        schedule: schedules.Schedule | str | Sequence[schedules.Schedule | str],
         *,
-        seed: int = 0,
-        mode: str = "absolute",
+        seed: int | Sequence[int] = 0,
+        mode: str | Sequence[str] = "absolute",
         track_stats: bool = False,
         capturable: bool = False,
         attach: bool = True,
+        replicas: int = 1,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise UserError(f"replicas={replicas!r} is not allowed: it must be an integer ≥ 1")
+        self.replicas = replicas
+        if replicas > 1:
+            lanes = [
+                self._check_lane(*lane, capturable)
+                for lane in zip(*_replica_lists(replicas, schedule, seed, mode), strict=True)
+            ]
+            schedule, seed = [lane[0] for lane in lanes], [lane[1] for lane in lanes]
+        else:
+            schedule, seed = self._check_lane(schedule, seed, mode, capturable)
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.seed = seed
+        self.track_stats = track_stats
+        self.capturable = capturable
+        self.last_stats: dict[str, float] | list[dict[str, float]] = {}
+        self._step: int | torch.Tensor = 0
+        self._sigma: float | torch.Tensor | list = 0.0 if replicas == 1 else [0.0] * replicas
+        self._workspace: dict = {}
+        self._plan: list | None = None
+        self._groups()  # validates the param groups' noise scales (and replica dimensions) now
+        self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
+
+    @staticmethod
+    def _check_lane(schedule, seed, mode, capturable) -> tuple[schedules.Schedule, int]:
+        """One replica's (schedule, seed), checked (a single model has one)."""
         if isinstance(schedule, str):
             schedule = schedules.parse(schedule)
         if not isinstance(schedule, schedules.Schedule):
@@ -496,22 +556,14 @@ class GradientNoise:
                 f"capturable=True cannot follow a metric: schedule {schedule.spec!r} changes σ on the host "
                 "at each observe(); use a schedule of the step alone"
             )
-        self.optimizer = optimizer
-        self.schedule = schedule
-        self.seed = seed
-        self.track_stats = track_stats
-        self.capturable = capturable
-        self.last_stats: dict[str, float] = {}
-        self._step: int | torch.Tensor = 0
-        self._sigma: float | torch.Tensor = 0.0
-        self._workspace: dict = {}
-        self._plan: list | None = None
-        self._groups()  # validates the param groups' noise scales now
-        self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
+        return schedule, seed
 
     @property
-    def mode(self) -> str:
-        return "relative" if isinstance(self.schedule, schedules.Relative) else "absolute"
+    def mode(self) -> str | list[str]:
+        def mode(schedule) -> str:
+            return "relative" if isinstance(schedule, schedules.Relative) else "absolute"
+
+        return mode(self.schedule) if self.replicas == 1 else [mode(s) for s in self.schedule]
 
     @property
     def step(self) -> int:
@@ -526,17 +578,22 @@ class GradientNoise:
             self._step = int(value)
 
     @property
-    def sigma(self) -> float:
-        """σ used at the last step (relative mode: after scaling by RMS(g)); 0 before the first."""
-        return float(self._sigma)
+    def sigma(self) -> float | list[float]:
+        """σ used at the last step (relative mode: after scaling by RMS(g)); 0 before the first.
+        With replicas, one per replica."""
+        return float(self._sigma) if self.replicas == 1 else [float(s) for s in self._sigma]
 
     def observe(self, metric: float) -> None:
         """Feed the schedule a validation metric (lower is better); see `schedules.Plateau`.
 
         Call it after each evaluation: schedules that follow a metric decay σ
-        when it stops improving; the others ignore it.
+        when it stops improving; the others ignore it. With replicas, one metric per replica.
         """
-        self.schedule.observe(metric)
+        if self.replicas == 1:
+            self.schedule.observe(metric)
+        else:
+            for schedule, value in zip(self.schedule, metric, strict=True):
+                schedule.observe(value)
 
     def _pre_step(self, optimizer, args, kwargs):
         """Add the noise once the step's gradients are final.
@@ -586,6 +643,11 @@ class GradientNoise:
         if self._plan is None or len(self._plan) != len(groups):
             for index, group in enumerate(groups):
                 _noise_scale(group, index, warn=True)
+                if self.replicas > 1 and any(p.dim() == 0 or len(p) != self.replicas for p in group["params"]):
+                    raise UserError(
+                        f"param group {index} has a parameter whose leading dimension is not the "
+                        f"replica dimension of replicas={self.replicas}"
+                    )
             self._plan = [(group, _group_by_device_dtype(group["params"])) for group in groups]
         return self._plan
 
@@ -609,27 +671,39 @@ class GradientNoise:
     @torch.no_grad()
     def _apply(self, found_inf: torch.Tensor | None) -> None:
         gradients = self._gradients()
-        noised = [(scale, index, groups) for scale, index, groups in gradients if scale > 0]
         step = self._step_counter(gradients)
-        sigma = self.schedule(step.double() if isinstance(step, torch.Tensor) else step)
-        if noised and isinstance(self.schedule, schedules.Relative):
-            rms = _global_rms(_flat(noised))
-            # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
-            sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
-        before = self._snapshot(noised) if self.track_stats else None
-        if isinstance(sigma, torch.Tensor) or sigma > 0:
-            key = _mix(self.seed, step)
-            for scale, index, groups in noised:
-                # Param group i's (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
-                _add_noise_to_groups(groups, sigma * scale, key, index << 16, self._workspace)
-        if before is not None:
-            self.last_stats = self._stats(gradients, noised, before)
-        self._sigma = sigma
+        if self.replicas == 1:
+            self._sigma, stats = self._add(gradients, self.schedule, self.seed, step)
+        else:
+            # Replica m alone: its slices g[m] (contiguous views), its schedule and seed.
+            added = [
+                self._add(_replica_slices(gradients, m), self.schedule[m], self.seed[m], step)
+                for m in range(self.replicas)
+            ]
+            self._sigma, stats = [sigma for sigma, _ in added], [stats for _, stats in added]
+        if self.track_stats:
+            self.last_stats = stats
         if isinstance(self._step, torch.Tensor):
             # A step a fused optimizer skips (GradScaler found inf) is not counted, without a sync.
             self._step += 1 if found_inf is None else (found_inf == 0).to(torch.int64)
         else:
             self._step += 1
+
+    def _add(self, gradients, schedule, seed: int, step) -> tuple:
+        """Add step t's noise of (schedule, seed) to `gradients`; (σ, stats or None)."""
+        noised = [(scale, index, groups) for scale, index, groups in gradients if scale > 0]
+        sigma = schedule(step.double() if isinstance(step, torch.Tensor) else step)
+        if noised and isinstance(schedule, schedules.Relative):
+            rms = _global_rms(_flat(noised))
+            # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
+            sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
+        before = self._snapshot(noised) if self.track_stats else None
+        if isinstance(sigma, torch.Tensor) or sigma > 0:
+            key = _mix(seed, step)
+            for scale, index, groups in noised:
+                # Param group i's (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
+                _add_noise_to_groups(groups, sigma * scale, key, index << 16, self._workspace)
+        return sigma, None if before is None else self._stats(gradients, noised, before)
 
     def _step_counter(self, gradients) -> int | torch.Tensor:
         """t, moved to the gradients' device on the first capturable step."""
@@ -664,25 +738,42 @@ class GradientNoise:
         }
 
     def state_dict(self) -> dict:
-        """What continuing exactly needs: (seed, step), the last step's σ and the schedule's state."""
+        """What continuing exactly needs: (seed, step), the last step's σ and the schedule's
+        state. With replicas: {"replicas": [each replica's, as its own GradientNoise's]}."""
+        if self.replicas > 1:
+            return {"replicas": [self._lane_state(m) for m in range(self.replicas)]}
+        return self._lane_state(None)
+
+    def _lane_state(self, replica: int | None) -> dict:
+        def lane(values):
+            return values if replica is None else values[replica]
+
         return {
             "step": self.step,
-            "seed": self.seed,
-            "sigma": self.sigma,
-            "schedule_spec": self.schedule.spec,
-            "schedule_state": self.schedule.state_dict(),
+            "seed": lane(self.seed),
+            "sigma": float(lane(self._sigma)),
+            "schedule_spec": lane(self.schedule).spec,
+            "schedule_state": lane(self.schedule).state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["schedule_spec"] != self.schedule.spec:
-            raise UserError(
-                f"GradientNoise state is for schedule {state['schedule_spec']!r}, "
-                f"but this one has {self.schedule.spec!r}"
-            )
-        self.step = int(state["step"])
-        self.seed = int(state["seed"])
-        self._sigma = float(state.get("sigma", 0.0))  # states saved before σ was kept have none
-        self.schedule.load_state_dict(state["schedule_state"])
+        lanes = state["replicas"] if self.replicas > 1 else [state]
+        if self.replicas > 1 and len(lanes) != self.replicas:
+            raise UserError(f"GradientNoise state is for {len(lanes)} replicas, but this one has {self.replicas}")
+        schedules_ = self.schedule if self.replicas > 1 else [self.schedule]
+        for lane, schedule in zip(lanes, schedules_, strict=True):
+            if lane["schedule_spec"] != schedule.spec:
+                raise UserError(
+                    f"GradientNoise state is for schedule {lane['schedule_spec']!r}, "
+                    f"but this one has {schedule.spec!r}"
+                )
+        self.step = int(lanes[0]["step"])
+        seeds = [int(lane["seed"]) for lane in lanes]
+        # States saved before σ was kept have none.
+        sigmas = [float(lane.get("sigma", 0.0)) for lane in lanes]
+        self.seed, self._sigma = (seeds, sigmas) if self.replicas > 1 else (seeds[0], sigmas[0])
+        for lane, schedule in zip(lanes, schedules_, strict=True):
+            schedule.load_state_dict(lane["schedule_state"])
 
     def remove(self) -> None:
         """Detach from the optimizer: later steps get no noise."""
@@ -691,4 +782,5 @@ class GradientNoise:
             self._handle = None
 
     def __repr__(self) -> str:
-        return f"GradientNoise({self.schedule.spec!r}, seed={self.seed}, step={self.step})"
+        specs = self.schedule.spec if self.replicas == 1 else [s.spec for s in self.schedule]
+        return f"GradientNoise({specs!r}, seed={self.seed}, step={self.step})"
