@@ -205,8 +205,11 @@ def test_weight_decay_only_on_matrices():
     model = GPT(cfg.model_config(vocab_size=20))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     decayed, plain = optimizer.param_groups
-    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    # The decay itself is each replica's own (gradnoise.lm.replicas.WeightDecay), not the optimizer's.
+    assert decayed["decay"] and not plain["decay"]
+    assert decayed["weight_decay"] == plain["weight_decay"] == 0.0
+    # Parameters are (replicas, …): matrices (and embeddings) have three dimensions.
+    assert all(p.dim() == 3 for p in decayed["params"]) and all(p.dim() == 2 for p in plain["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
     sgd = build_optimizer(model, small(optimizer="sgd", momentum=0.8), torch.device("cpu"))
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8

@@ -35,6 +35,7 @@ from gradnoise.errors import UserError
 from gradnoise.lm import atomic, files, runlog
 from gradnoise.lm.config import read_config
 from gradnoise.lm.data import vocabulary_size
+from gradnoise.lm.group import read_replica_link
 from gradnoise.lm.model import (
     GPT,
     SAVED_FILES,
@@ -43,6 +44,7 @@ from gradnoise.lm.model import (
     is_saved_model,
     load_weights,
     read_vocab,
+    replica_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,11 @@ def latest(run_dir: Path) -> Path | None:
         return None
     directory = pointer.parent / pointer.read_text().strip()
     return directory if (directory / WEIGHTS).is_file() and (directory / STATE).is_file() else None
+
+
+def step_of(directory: Path) -> int:
+    """The step a checkpoint directory (step_0000500) holds."""
+    return int(Path(directory).name.removeprefix("step_"))
 
 
 def load(directory: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict]:
@@ -155,22 +162,36 @@ def restoring(directory: Path):
 
 
 def load_trained(path: Path, map_location="cpu"):
-    """(GPT, vocab) from a run directory (its latest checkpoint) or an export directory."""
+    """(GPT, vocab) from a run directory (its latest checkpoint; a member of a batched group:
+    its replica of the group's latest checkpoint) or an export directory."""
     path = Path(path)
     if is_saved_model(path):
         return GPT.from_pretrained(path, map_location), read_vocab(path)
-    directory = latest(path)
+    link = read_replica_link(path)
+    directory = latest(path if link is None else link[0])
     if directory is None or not (path / runlog.CONFIG_FILE).is_file():
+        where = "" if link is None else f" (its group {link[0]} has none)"
         raise UserError(
             f"{path} is neither a run directory with a checkpoint ({runlog.CONFIG_FILE}, "
-            f"{CHECKPOINTS}/{LATEST}) nor an export ({', '.join(SAVED_FILES)})"
+            f"{CHECKPOINTS}/{LATEST}){where} nor an export ({', '.join(SAVED_FILES)})"
         )
     cfg = read_config(path / runlog.CONFIG_FILE)
     weights, state = load(directory)
     with restoring(directory):
+        if link is not None:
+            weights = _member_weights(path, directory, weights, state, link[1])
         model = GPT(cfg.model_config(vocab_size=vocabulary_size(state["vocab"])))
         load_weights(model, weights, f"the weights in {directory / WEIGHTS}")
     return model.to(map_location), state["vocab"]
+
+
+def _member_weights(run_dir: Path, directory: Path, weights: dict, state: dict, index: int) -> dict:
+    """Replica `index` of a group checkpoint's weights; UserError unless it is run_dir's."""
+    run_dirs = state["run_dirs"]
+    group_dir = directory.parent.parent
+    if not 0 <= index < len(run_dirs) or (group_dir / run_dirs[index]).resolve() != run_dir.resolve():
+        raise UserError(f"the group checkpoint {directory} does not hold {run_dir} as replica {index}")
+    return replica_weights(weights, index)
 
 
 def export(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:

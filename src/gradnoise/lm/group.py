@@ -1,11 +1,14 @@
 """A group: runs of one architecture trained together, in one process, as one batched model.
 
-    group_dir/group.json   {"runs": [{"run_id", "run_dir", "config"}, ...]}
+    group_dir/group.json          {"runs": [{"run_id", "run_dir", "config"}, ...]}
+    group_dir/checkpoints/        the group's checkpoints: every member's state in one
+    run_dir/replica.json          {"group_dir", "index"}: where a member's weights are
 
-`run_dir` is relative to the group directory (so a study directory can move); each member keeps its own
-run directory (config.json, log.jsonl, result.json), so everything that reads a run
-reads a member the same way. The members' configs differ only in
-`config.PER_REPLICA_KEYS`. A group of one is an ordinary run.
+`run_dir` is relative to the group directory and `group_dir` to the run directory (so a
+study directory can move); each member keeps its own run directory (config.json,
+log.jsonl, result.json), so everything that reads a run reads a member the same way.
+The members' configs differ only in `config.PER_REPLICA_KEYS`. A group of one is an
+ordinary run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gradnoise.lm import atomic, files
 from gradnoise.lm.config import TrainConfig, group_key
 
 GROUP_FILE = "group.json"
+REPLICA_FILE = "replica.json"
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,7 @@ def write_group(group_dir: Path, members: list[Member]) -> None:
     group_dir = Path(group_dir)
 
     runs = [
-        {
-            "run_id": m.run_id,
-            "run_dir": os.path.relpath(Path(m.run_dir).resolve(), group_dir.resolve()),
-            "config": m.config.to_dict(),
-        }
+        {"run_id": m.run_id, "run_dir": relative(m.run_dir, group_dir), "config": m.config.to_dict()}
         for m in members
     ]
     atomic.write_text(group_dir / GROUP_FILE, json.dumps({"runs": runs}, indent=2) + "\n")
@@ -79,3 +79,30 @@ def read_group(group_dir: Path) -> list[Member]:
         ) from None
     check_members(members)
     return members
+
+
+def relative(path: Path, start: Path) -> str:
+    """`path` relative to the directory `start` (both resolved)."""
+    return os.path.relpath(Path(path).resolve(), Path(start).resolve())
+
+
+def write_replica_link(run_dir: Path, group_dir: Path, index: int) -> None:
+    """Record in a member's run directory that its weights are replica `index` of the group's checkpoints."""
+    link = {"group_dir": relative(group_dir, run_dir), "index": index}
+    atomic.write_text(Path(run_dir) / REPLICA_FILE, json.dumps(link, indent=2) + "\n")
+
+
+def read_replica_link(run_dir: Path) -> tuple[Path, int] | None:
+    """(group directory, replica index) of a member's run directory; None for a plain run."""
+    path = Path(run_dir) / REPLICA_FILE
+    if not path.is_file():
+        return None
+    link = files.read_json(path, "replica file")
+    if not (
+        isinstance(link, dict)
+        and isinstance(link.get("group_dir"), str)
+        and isinstance(link.get("index"), int)
+        and not isinstance(link["index"], bool)
+    ):
+        raise UserError(f"{path} is not a replica file ({{'group_dir': str, 'index': int}})")
+    return Path(run_dir) / link["group_dir"], link["index"]

@@ -68,7 +68,7 @@ def check_dropout(rate: float) -> None:
         raise UserError(f"dropout={rate} must lie in [0, 1)")
 
 
-def _per_replica(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_replica(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values (M, …) reshaped to broadcast over like (M, …, C) from the left: (M, 1, …, 1, …)."""
     return values.view(values.shape[0], *([1] * (like.dim() - values.dim())), *values.shape[1:])
 
@@ -107,7 +107,7 @@ class Embedding(nn.Module):
     def forward(self, idx):
         replicas, rows, width = self.weight.shape
         offsets = torch.arange(replicas, device=idx.device) * rows
-        return F.embedding(idx + _per_replica(offsets, idx), self.weight.reshape(replicas * rows, width))
+        return F.embedding(idx + per_replica(offsets, idx), self.weight.reshape(replicas * rows, width))
 
 
 class LayerNorm(nn.Module):
@@ -120,8 +120,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(replicas, ndim)) if bias else None
 
     def forward(self, x):
-        y = F.layer_norm(x, x.shape[-1:], None, None, 1e-5) * _per_replica(self.weight, x)
-        return y if self.bias is None else y + _per_replica(self.bias, x)
+        y = F.layer_norm(x, x.shape[-1:], None, None, 1e-5) * per_replica(self.weight, x)
+        return y if self.bias is None else y + per_replica(self.bias, x)
 
 
 class Dropout(nn.Module):
@@ -141,7 +141,7 @@ class Dropout(nn.Module):
         if len(set(self.rates)) == 1:
             return F.dropout(x, self.rates[0], training=True)
         keep = torch.tensor([1.0 - rate for rate in self.rates], device=x.device, dtype=x.dtype)
-        keep = _per_replica(keep, x)
+        keep = per_replica(keep, x)
         return x * torch.bernoulli(keep.expand(x.shape)) / keep
 
 

@@ -1,19 +1,23 @@
-"""What a run is between two steps, and the rules for resuming it.
+"""What a run (or a group of runs trained as one batched model) is between two steps, and
+the rules for resuming it.
 
 `RunState` holds everything a resume needs, with torch's state_dict protocol:
 
-    model, optimizer, scaler     weights, AdamW/SGD moments, GradScaler's scale
-    noise                        GradientNoise (seed, step; a plateau schedule's memory)
-    batch_generator              the training batches' stream
-    augment_generator            character substitution's stream
+    model, optimizer, scaler     weights, AdamW/SGD moments, GradScaler's scale (every replica's)
+    noise                        GradientNoise (seeds, step; a plateau schedule's memory)
     rng_per_rank                 each rank's global RNG: its dropout masks
-    progress                     steps done, best val so far, the log window
     clock                        training and wall seconds so far
+    replicas                     per run of the group (`Replica`):
+      batch_generator              the training batches' stream
+      augment_generator            character substitution's stream
+      progress                     steps done, best val so far, the log window, divergence
 
 A checkpoint is `RunState.state_dict()` (its "model" entry goes to
-model.safetensors, the rest to state.pt) plus the config it was trained with;
+model.safetensors, the rest to state.pt) plus the config(s) it was trained with;
 `load_state_dict` puts every piece back, and the run continues bit for bit as
-if it had not stopped (on CPU; CUDA kernels may not be deterministic).
+if it had not stopped (on CPU; CUDA kernels may not be deterministic). A plain
+run's (one replica) holds its replica's entries at the top level, as checkpoints
+did before batching; a group's holds them in a list, "replicas".
 
 A run may be resumed only with the same config, except the RESUMABLE_CHANGES,
 which do not alter the computation.
@@ -34,6 +38,7 @@ from gradnoise.lm import checkpoint, runlog
 from gradnoise.lm.config import TrainConfig, read_config
 from gradnoise.lm.distributed import DistributedEnv, gather_rng_states, restore_rng_state
 from gradnoise.lm.model import load_weights, weights_for_saving
+from gradnoise.lm.replicas import Freezer
 from gradnoise.noise import GradientNoise
 
 # Settings a resumed run may change: they do not alter the computation.
@@ -94,6 +99,7 @@ class Progress:
     step_times: list = dataclasses.field(default_factory=list)  # mean step time of each window
     last_loss: float | None = None  # the last step's training loss (train mode)
     last_window_loss: float | None = None  # the mean training loss of the last logged window
+    diverged: str | None = None  # why the run diverged (a group's other runs go on); None: it did not
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,14 +151,35 @@ class PendingLosses:
         self.steps.append(step)
         self.losses.append(loss)
 
-    def read_back(self, dist_env: DistributedEnv) -> list[tuple[int, float]]:
-        """[(step, loss)] since the last read, averaged over ranks."""
+    def read_back(self, dist_env: DistributedEnv) -> list[tuple[int, list[float]]]:
+        """[(step, [each replica's loss])] since the last read, averaged over ranks."""
         if not self.steps:
             return []
         losses = dist_env.mean(torch.stack(self.losses).float()).tolist()
         read = list(zip(self.steps, losses, strict=True))
         self.steps, self.losses = [], []
         return read
+
+
+@dataclasses.dataclass
+class Replica:
+    """One run of a (batched) group: its data streams and its progress."""
+
+    batch_generator: torch.Generator
+    augment_generator: torch.Generator
+    progress: Progress = dataclasses.field(default_factory=Progress)
+
+    def state_dict(self) -> dict:
+        return {
+            "batch_generator": self.batch_generator.get_state(),
+            "augment_generator": self.augment_generator.get_state(),
+            "progress": self.progress.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_generator.set_state(state["batch_generator"])
+        self.augment_generator.set_state(state["augment_generator"])
+        self.progress = Progress(**state["progress"])
 
 
 @dataclasses.dataclass
@@ -163,11 +190,9 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     noise: GradientNoise | None
-    batch_generator: torch.Generator
-    augment_generator: torch.Generator
+    replicas: list[Replica]
     dist_env: DistributedEnv
     device: torch.device
-    progress: Progress = dataclasses.field(default_factory=Progress)
     clock: Clock = dataclasses.field(default_factory=Clock)
 
     @functools.cached_property
@@ -175,34 +200,71 @@ class RunState:
         """The trained parameters: clipped, and checked for non-finite values."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @functools.cached_property
+    def freezer(self) -> Freezer:
+        return Freezer(self.params, self.optimizer)
+
+    @functools.cached_property
+    def nonfinite_norms(self) -> torch.Tensor:
+        """(M,) bool on the device: whether a replica's gradient norm was not finite at a step
+        since it was last checked (it is clipped with it: the update is broken)."""
+        return torch.zeros(len(self.replicas), dtype=torch.bool, device=self.device)
+
     def state_dict(self) -> dict:
         """The whole state. Under DDP every rank must call it: it gathers the RNG states."""
-        return {
+        state = {
             "model": weights_for_saving(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "noise": self.noise.state_dict() if self.noise is not None else None,
-            "batch_generator": self.batch_generator.get_state(),
-            "augment_generator": self.augment_generator.get_state(),
             "rng_per_rank": gather_rng_states(self.dist_env, self.device),
-            "progress": self.progress.state_dict(),
             "clock": self.clock.state_dict(),
+            "replica_dim": True,  # the optimizer's state has the replica dimension
         }
+        replicas = [replica.state_dict() for replica in self.replicas]
+        if len(replicas) == 1:
+            return {**state, **replicas[0]}
+        return {**state, "replicas": replicas}
 
     def load_state_dict(self, state: dict) -> None:
         if "book" in state:  # written before RunState existed: progress and clock in one entry
             book = dict(state["book"])
             state = {**state, "clock": {k: book.pop(k) for k in ("train_s", "wall_s")}, "progress": book}
+        if "replica_dim" not in state:
+            state = _with_replica_dim(state)
+        replicas = state.get("replicas", [state])
+        if len(replicas) != len(self.replicas):
+            raise UserError(f"the checkpoint holds {len(replicas)} runs, this group {len(self.replicas)}")
         load_weights(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.noise is not None:
             self.noise.load_state_dict(state["noise"])
-        self.batch_generator.set_state(state["batch_generator"])
-        self.augment_generator.set_state(state["augment_generator"])
         restore_rng_state(state["rng_per_rank"], self.dist_env.rank, self.device)
-        self.progress = Progress(**state["progress"])
         self.clock.load_state_dict(state["clock"])
+        for replica, saved in zip(self.replicas, replicas, strict=True):
+            replica.load_state_dict(saved)
+        for index, replica in enumerate(self.replicas):
+            if replica.progress.diverged is not None:
+                self.freezer.freeze(index)
+
+
+def _with_replica_dim(state: dict) -> dict:
+    """A plain run's checkpoint from before the replica dimension: its optimizer's state
+    gains it, and its weight decay moves from the optimizer to WeightDecay (param group 0,
+    the matrices, is the decayed one)."""
+    optimizer = state["optimizer"]
+    per_param = {
+        key: {
+            name: value.unsqueeze(0) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+            for name, value in entry.items()
+        }
+        for key, entry in optimizer["state"].items()
+    }
+    groups = [
+        {**group, "weight_decay": 0.0, "decay": index == 0} for index, group in enumerate(optimizer["param_groups"])
+    ]
+    return {**state, "optimizer": {"state": per_param, "param_groups": groups}}
 
 
 # --- resuming ----------------------------------------------------------------------

@@ -1,11 +1,22 @@
 """The training loop, nanoGPT style: `train(cfg, run_dir)` reads top to bottom.
 
-Per optimizer step (`step` counts completed steps, from 0):
+One loop trains M ≥ 1 runs at once (`train_group`): a group's runs differ only in
+config.PER_REPLICA_KEYS, and train as one GPT whose weights have a leading replica
+dimension (gradnoise.lm.model), with one optimizer step for all. A plain run is the
+group of one. Per optimizer step (`step` counts completed steps, from 0):
 
     lr_t = warmup / cosine schedule (learning_rate)
-    for each of grad_accum micro-batches: x, y = next batch; loss(x, y) / grad_accum → backward
-    GradScaler.unscale_ (fp16 only) → [noise, if placed before clipping] → clip_grad_norm_
-    optimizer.step()   ← GradientNoise's pre-hook adds N(0, σ_t²) here (placement "after_clip")
+    for each of grad_accum micro-batches: x, y = next batch, (M, B, T): each run's own;
+        Σ_m loss_m(x[m], y[m]) / grad_accum → backward    (replica m's gradient is its run's)
+    GradScaler.unscale_ (fp16 only) → [noise, if placed before clipping]
+    → clip each replica's gradient to its own grad_clip (replicas.clip_grad_norms_)
+    optimizer.step()   ← pre-hooks: GradientNoise adds N(0, σ_t²) to each replica (its own
+                         schedule and seed; placement "after_clip"), then each replica's own
+                         weight decay (replicas.WeightDecay)
+
+A run whose loss, weights or optimizer state goes non-finite (checked at each sync point)
+is diverged: its replica is frozen (replicas.Freezer) and the others go on; the loop ends
+when every run has diverged or max_iters is reached.
 
 The last step of every log window also measures ‖g‖ and ‖noise‖ (runlog.GRADIENT_FIELDS):
 GradientNoise's track_stats for that step alone, or, without noise, clip_grad_norm_'s
@@ -19,7 +30,11 @@ Randomness, and why each source has its own stream (the study pairs methods by s
                   substitution on does not shift the batch stream
     noise         GradientNoise's own generator, seeded from (seed, "noise")
     eval batches  fixed for every method and seed (see gradnoise.lm.evaluation)
-So for a seed, every method sees the same init, batches and dropout masks.
+So for a seed, every method sees the same init, batches and dropout masks. In a group each
+run has its own init, batch, augmentation and noise streams, seeded as above from its own
+seed; replica m therefore starts from its run alone's weights, sees its batches and gets
+its noise. The dropout masks come from the one global RNG, seeded from the first run's
+seed: they are independent across replicas but not the masks of the runs alone.
 
 Data parallel (torchrun sets RANK / WORLD_SIZE): every rank draws the *global* batch of
 batch_size · world_size sequences from the shared batch generator and takes its own slice
@@ -34,21 +49,27 @@ gradnoise.lm.distributed, the outputs (config.json, log.jsonl, result.json) are
 gradnoise.lm.runlog's and checkpoints/ gradnoise.lm.checkpoint's. Timings (`time_s`,
 train_s) count training only, not evaluation or checkpointing, so time-to-target is
 comparable across methods.
+
+Outputs: every run writes its own run directory (config.json, log.jsonl, result.json)
+exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
+and each member's run directory gets a replica.json pointing there (gradnoise.lm.group),
+through which export and sample find its weights.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, finite, rundir, runlog
+from gradnoise.lm import checkpoint, data, finite, group, replicas, rundir, runlog
 from gradnoise.lm.config import TrainConfig
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.distributed import DistributedEnv, StopRequest
@@ -57,6 +78,7 @@ from gradnoise.lm.model import GPT
 from gradnoise.lm.state import (
     Clock,
     PendingLosses,
+    Replica,
     RunState,
     check_resumable,
     finished_result,
@@ -84,16 +106,12 @@ def train(
     Result: {"status": "done" | "diverged" | "interrupted", "error", "device", "host",
     "world_size", "finals": {...}} (finals: see gradnoise.lm.runlog.final_metrics).
     """
-    run_dir = Path(run_dir)
-    dist_env = DistributedEnv.from_environment()
-    finished = False
-    try:
-        with rundir.claim(run_dir, enabled=dist_env.is_main):  # locked: one process trains in it
-            result = _train(cfg, run_dir, dist_env, resume=resume, progress=progress, on_step=on_step)
-        finished = True
-        return result
-    finally:
-        dist_env.close(wait_for_peers=finished)
+
+    def one_run(step, inputs, targets):
+        return on_step(step, inputs[0], targets[0])
+
+    results = _run([cfg], [Path(run_dir)], None, resume, progress, one_run if on_step else None)
+    return results[0]
 
 
 def train_group(
@@ -103,46 +121,91 @@ def train_group(
     *,
     resume: bool = False,
     progress: bool = True,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
 ) -> list[dict]:
-    """Train a group of runs (see gradnoise.lm.group): their configs differ only in
-    config.PER_REPLICA_KEYS. Each run writes its own run directory exactly as `train`
-    does; returns their results in order.
+    """Train a group of runs (see gradnoise.lm.group) as one batched model: their configs
+    differ only in config.PER_REPLICA_KEYS. Each run writes its own run directory exactly
+    as `train` does (its result as its run alone's, up to floating-point reassociation);
+    the group's checkpoints go to group_dir. Returns their results in order.
 
-    Today the members train one after the other; the batched trainer (one model with a
-    replica dimension, one optimizer step for all) replaces this body.
+    on_step(step, inputs, targets) as for `train`, with every run's batch: (M, N, T).
     """
-    from gradnoise.lm.group import Member, check_members
-
-    check_members([Member(str(d), Path(d), c) for c, d in zip(configs, run_dirs, strict=True)])
-    del group_dir  # the members' own run directories hold their checkpoints for now
-    return [
-        train(c, Path(d), resume=resume, progress=progress) for c, d in zip(configs, run_dirs, strict=True)
-    ]
+    group.check_members([group.Member(str(d), Path(d), c) for c, d in zip(configs, run_dirs, strict=True)])
+    return _run(list(configs), [Path(d) for d in run_dirs], Path(group_dir), resume, progress, on_step)
 
 
-def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
+def _run(cfgs, run_dirs, group_dir, resume, progress, on_step) -> list[dict]:
+    """Claim the directories (locked: one process trains in them), train, leave the process group."""
+    dist_env = DistributedEnv.from_environment()
+    finished = False
+    try:
+        with contextlib.ExitStack() as claims:
+            for directory in ([group_dir] if group_dir is not None else []) + run_dirs:
+                claims.enter_context(rundir.claim(directory, enabled=dist_env.is_main))
+            results = _train(cfgs, run_dirs, group_dir, dist_env, resume=resume, progress=progress, on_step=on_step)
+        finished = True
+        return results
+    finally:
+        dist_env.close(wait_for_peers=finished)
+
+
+@dataclass
+class Hyper:
+    """The per-replica settings the step needs, as (M,) tensors on the device."""
+
+    label_smoothing: torch.Tensor | float  # 0.0 when no replica smooths: no extra work
+    grad_clip: torch.Tensor  # 0: that replica is not clipped
+    clipping: bool  # any replica clips
+
+    @classmethod
+    def of(cls, cfgs: list[TrainConfig], device: torch.device) -> Hyper:
+        smoothing = [c.label_smoothing for c in cfgs]
+        return cls(
+            label_smoothing=torch.tensor(smoothing, device=device) if any(smoothing) else 0.0,
+            grad_clip=torch.tensor([c.grad_clip for c in cfgs], device=device),
+            clipping=any(c.grad_clip > 0 for c in cfgs),
+        )
+
+
+def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) -> list[dict]:
     clock = Clock()
+    cfg = cfgs[0]  # the settings the group shares (config.group_key)
+    checkpoint_dir = group_dir if group_dir is not None else run_dirs[0]
     device = dist_env.resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if resume and (finished := finished_result(run_dir, cfg)) is not None:
-        return finished
-    if not resume:
-        refuse_existing_run(run_dir)
+    if resume:
+        results = [finished_result(d, c) for c, d in zip(cfgs, run_dirs, strict=True)]
+        # A group ends together: every run done, or diverged while another finished.
+        statuses = [r["status"] if r is not None else None for r in results]
+        if "done" in statuses and set(statuses) <= {"done", "diverged"}:
+            return results
+    else:
+        for directory in run_dirs + ([group_dir] if group_dir is not None else []):
+            refuse_existing_run(directory)
     corpus = data.load(cfg.dataset)
     splits = _splits(corpus, cfg)
-    log = runlog.RunLog(run_dir, cfg, enabled=dist_env.is_main, progress_bar=progress)
+    logs = [
+        runlog.RunLog(d, c, enabled=dist_env.is_main, progress_bar=progress and m == 0)
+        for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
+    ]
 
-    run = new_run(cfg, corpus.vocab_size, device, dtype, dist_env, clock)
-    latest = checkpoint.latest(run_dir) if resume else None
+    run = new_run(cfgs, corpus.vocab_size, device, dtype, dist_env, clock)
+    latest = checkpoint.latest(checkpoint_dir) if resume else None
     if latest is not None:
         weights, saved = checkpoint.load(latest)
         with checkpoint.restoring(latest):  # a damaged checkpoint is a UserError naming it
-            check_resumable(saved["config"], cfg)
+            for saved_config, c in zip(saved.get("configs", [saved.get("config")]), cfgs, strict=True):
+                check_resumable(saved_config, c)
             run.load_state_dict({"model": weights, **saved})
         checkpoint.warn_if_threads_changed(saved, latest)
-    log.start(keep_through_step=run.progress.step if latest is not None else None)
+    start_step = checkpoint.step_of(latest) if latest is not None else 0
+    for log in logs:
+        log.start(keep_through_step=start_step if latest is not None else None)
     if dist_env.is_main:
-        runlog.write_config(run_dir, cfg)
+        for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True)):
+            runlog.write_config(d, c)
+            if group_dir is not None:
+                group.write_replica_link(d, group_dir, m)
 
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
     model = torch.compile(run.model) if use_compile else run.model
@@ -154,14 +217,18 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    evaluator = Evaluator(splits, cfg, dist_env, device, autocast)
-    next_batch = functools.partial(global_batch, run, splits["train"], cfg, corpus.vocab_size)
+    evaluator = Evaluator(splits, cfg, dist_env, device, autocast, replicas=len(cfgs))
+    hyper = Hyper.of(cfgs, device)
+
+    def next_batch():
+        return global_batch(run, splits["train"], cfgs, corpus.vocab_size)
+
     tokens_per_step = cfg.batch_size * dist_env.world_size * cfg.grad_accum * cfg.block_size
 
     stop, pending = StopRequest(), PendingLosses()
-    gradient: dict = {}  # the last measured step's ‖g‖ and ‖noise‖ (see gradient_stats)
-    status, error = "done", None
-    step = start_step = run.progress.step
+    gradients: list[dict] = [{} for _ in cfgs]  # the last measured step's ‖g‖ and ‖noise‖ per run
+    status = "done"
+    step = start_step
     evaluated_step = step if latest is not None else None
     with stop.on_sigterm():
         clock.start()
@@ -176,79 +243,108 @@ def _train(cfg, run_dir, dist_env, *, resume, progress, on_step) -> dict:
                 # One host sync per event: read back the losses kept on the device.
                 sync(device)
                 clock.stop()
-                error = divergence(run, pending.read_back(dist_env), step)
-                if error is not None:
+                check_divergence(run, cfgs, pending.read_back(dist_env), step)
+                if not active(run):
                     status = "diverged"
                     break
                 if log_due:
                     lr = run.optimizer.param_groups[0]["lr"]
-                    record = run.progress.log_record(step, lr, _sigma(run), clock.train_s, tokens_per_step)
-                    log.log({**record, **runlog.gradient_fields(gradient)})
+                    for m, replica in active(run):
+                        record = replica.progress.log_record(
+                            step, lr, sigmas(run)[m], clock.train_s, tokens_per_step
+                        )
+                        logs[m].log({**record, **runlog.gradient_fields(gradients[m])})
                 if eval_due:
-                    evaluate(run, model, evaluator, step, log)
+                    evaluate(run, model, evaluator, step, logs)
                     evaluated_step = step
                 if checkpoint_due:
-                    save_checkpoint(run, run_dir, step, cfg, corpus.meta["vocab"])
+                    save_checkpoint(run, checkpoint_dir, step, cfgs, run_dirs, group_dir, corpus.meta["vocab"])
                 if stopping:
                     status = "done" if step == cfg.max_iters else "interrupted"
                     break
                 clock.start()
 
-            loss, batches, measured = train_step(run, train_model, step, cfg, next_batch, autocast)
-            gradient = measured if measured is not None else gradient
+            losses, batches, measured = train_step(run, train_model, step, cfg, hyper, next_batch, autocast)
+            gradients = measured if measured is not None else gradients
             step += 1
-            pending.add(step, loss)
-            log.tick()
+            pending.add(step, losses)
+            for log in logs:
+                log.tick()
             if on_step is not None and on_step(
-                step, *(torch.cat(part) for part in zip(*batches, strict=True))
+                step, *(torch.cat(part, dim=1) for part in zip(*batches, strict=True))
             ):
                 stop.request()
 
-    exact = {}
+    exact = [{} for _ in cfgs]
     if status == "done" and cfg.final_eval:
-        exact = {
-            split: evaluator.exact(run.model, split, log.exact_pass(split))
-            for split in ("val", "test")
-            if split in splits
+        report_to = next(m for m, _ in active(run))
+        for split in ("val", "test"):
+            if split in splits:
+                losses = evaluator.exact(run.model, split, logs[report_to].exact_pass(split))
+                for m, loss in enumerate(losses):
+                    exact[m][split] = loss
+    parameters = sum(p.numel() for p in run.params) // len(cfgs)
+    results = []
+    for m, (replica, log, run_dir) in enumerate(zip(run.replicas, logs, run_dirs, strict=True)):
+        diverged = replica.progress.diverged
+        result = {
+            "status": "diverged" if diverged is not None else status,
+            "error": diverged,
+            "device": describe_device(device),
+            "host": socket.gethostname(),
+            "world_size": dist_env.world_size,
+            "finals": runlog.final_metrics(
+                replica.progress,
+                run.clock,
+                tokens_per_step,
+                final_sigma=sigmas(run)[m],
+                exact=exact[m] if diverged is None else {},
+                parameters=parameters,
+            ),
         }
-    result = {
-        "status": status,
-        "error": error,
-        "device": describe_device(device),
-        "host": socket.gethostname(),
-        "world_size": dist_env.world_size,
-        "finals": runlog.final_metrics(
-            run.progress,
-            run.clock,
-            tokens_per_step,
-            final_sigma=_sigma(run),
-            exact=exact,
-            parameters=sum(p.numel() for p in run.params),
-        ),
-    }
-    if dist_env.is_main:
-        runlog.write_result(run_dir, result)
-    log.close()
-    return result
+        if dist_env.is_main:
+            runlog.write_result(run_dir, result)
+        log.close()
+        results.append(result)
+    return results
+
+
+def active(run: RunState) -> list[tuple[int, Replica]]:
+    """(index, replica) of the runs that have not diverged."""
+    return [(m, r) for m, r in enumerate(run.replicas) if r.progress.diverged is None]
 
 
 # --- set-up ------------------------------------------------------------------------
 
 
-def new_run(cfg: TrainConfig, vocab_size: int, device, dtype, dist_env, clock: Clock) -> RunState:
-    """A run at step 0: the model initialized from the seed alone (dropout then draws from
-    seed + rank), its optimizer, noise and GradScaler, and the run's data streams."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model_config(vocab_size)).to(device)
+def new_run(cfgs: list[TrainConfig], vocab_size: int, device, dtype, dist_env, clock: Clock) -> RunState:
+    """A group of runs at step 0: replica m's weights initialized from its seed alone
+    (dropout then draws from the first run's seed + rank), the optimizer, each run's weight
+    decay and noise, the GradScaler, and each run's data streams."""
+    cfg = cfgs[0]
+    model = GPT(
+        cfg.model_config(vocab_size),
+        replicas=len(cfgs),
+        seeds=[c.seed for c in cfgs],
+        dropout=[c.dropout for c in cfgs],
+    ).to(device)
     torch.manual_seed(cfg.seed + dist_env.rank)
     optimizer = build_optimizer(model, cfg, device)
+    noise = build_noise(optimizer, *cfgs)
+    if any(c.weight_decay > 0 for c in cfgs):  # after the noise's hook: SGD decays after the noise
+        replicas.WeightDecay(optimizer, [c.weight_decay for c in cfgs], decoupled=cfg.optimizer == "adamw")
     return RunState(
         model=model,
         optimizer=optimizer,
-        noise=build_noise(optimizer, cfg),
+        noise=noise,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        batch_generator=torch.Generator().manual_seed(data.derive_seed(cfg.seed, "batches")),
-        augment_generator=torch.Generator().manual_seed(data.derive_seed(cfg.seed, "augmentation")),
+        replicas=[
+            Replica(
+                batch_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "batches")),
+                augment_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "augmentation")),
+            )
+            for c in cfgs
+        ],
         dist_env=dist_env,
         device=device,
         clock=clock,
@@ -256,29 +352,36 @@ def new_run(cfg: TrainConfig, vocab_size: int, device, dtype, dist_env, clock: C
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum; weight decay on the 2-D weights (matmuls, embeddings) only."""
+    """AdamW or SGD with momentum. Weight decay goes to the matrices and embeddings (param
+    group 0, marked "decay"), not to LayerNorm weights or biases; it is applied per replica by
+    replicas.WeightDecay, so the optimizer's own weight_decay is 0."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    groups = [  # a parameter is (replicas, …): a matrix has three dimensions
+        {"params": [p for p in params if p.dim() >= 3], "weight_decay": 0.0, "decay": True},
+        {"params": [p for p in params if p.dim() < 3], "weight_decay": 0.0, "decay": False},
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def build_noise(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> gradnoise.GradientNoise | None:
-    """The config's gradient noise on `optimizer` (None for noise=none). Placed "after_clip"
+def build_noise(optimizer: torch.optim.Optimizer, *cfgs: TrainConfig) -> gradnoise.GradientNoise | None:
+    """The configs' gradient noise on `optimizer` (None when every run has noise=none): one
+    config, or one per replica (a run with noise=none gets σ = 0 there). Placed "after_clip"
     it hooks optimizer.step(); "before_clip" the loop calls apply() itself."""
-    schedule = gradnoise.schedules.parse(cfg.noise)
-    if schedule is None:
+    parsed = [gradnoise.schedules.parse(c.noise) for c in cfgs]
+    if all(schedule is None for schedule in parsed):
         return None
+    lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
+    seeds = [data.derive_seed(c.seed, "noise") for c in cfgs]
+    modes = [c.noise_mode for c in cfgs]
     return gradnoise.GradientNoise(
         optimizer,
-        schedule,
-        seed=data.derive_seed(cfg.seed, "noise"),
-        mode=cfg.noise_mode,
-        attach=cfg.noise_placement == "after_clip",
+        lanes[0] if len(cfgs) == 1 else lanes,
+        seed=seeds[0] if len(cfgs) == 1 else seeds,
+        mode=modes[0] if len(cfgs) == 1 else modes,
+        attach=cfgs[0].noise_placement == "after_clip",
+        replicas=len(cfgs),
     )
 
 
@@ -315,31 +418,36 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def global_batch(
-    run: RunState, tokens, cfg: TrainConfig, vocab_size: int
+    run: RunState, tokens, cfgs: list[TrainConfig], vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next global batch (batch_size · world_size sequences, CPU), inputs augmented."""
-    x, y = data.get_batch(
-        tokens, cfg.batch_size * run.dist_env.world_size, cfg.block_size, run.batch_generator
-    )
-    if cfg.char_substitution > 0:
-        x = data.substitute_characters(x, cfg.char_substitution, vocab_size, run.augment_generator)
-    return x, y
+    """The next global batch of every run, (M, batch_size · world_size, T) on the CPU: each
+    from its own generators, inputs augmented with its own char_substitution."""
+    xs, ys = [], []
+    for replica, cfg in zip(run.replicas, cfgs, strict=True):
+        x, y = data.get_batch(
+            tokens, cfg.batch_size * run.dist_env.world_size, cfg.block_size, replica.batch_generator
+        )
+        if cfg.char_substitution > 0:
+            x = data.substitute_characters(x, cfg.char_substitution, vocab_size, replica.augment_generator)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
 
 
-def train_step(run: RunState, model, step: int, cfg: TrainConfig, next_batch, autocast):
+def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: Hyper, next_batch, autocast):
     """One optimizer step from `step` to step + 1 (see the module docstring).
 
-    Returns the step's loss (mean over micro-batches, on the device: not read back), the
-    global micro-batches [(inputs, targets)] it drew, and, for the last step of a log
-    window, its gradient statistics (see gradient_stats; else None).
+    Returns each run's loss, (M,) (mean over micro-batches, on the device: not read back),
+    the global micro-batches [(inputs, targets)] it drew, (M, N, T) each, and, for the
+    last step of a log window, each run's gradient statistics (see gradient_stats; else None).
     """
     measure = (step + 1) % cfg.log_interval == 0
     if run.noise is not None:
         run.noise.track_stats, run.noise.last_stats = measure, {}
     lr = learning_rate(step, cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    step_loss = torch.zeros((), device=run.device)
+    for group_ in run.optimizer.param_groups:
+        group_["lr"] = lr
+    step_loss = torch.zeros(len(run.replicas), device=run.device)
     rows = run.dist_env.rows(cfg.batch_size)
     batches = []
     for micro_step in range(cfg.grad_accum):
@@ -349,91 +457,111 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, next_batch, au
             # Average gradients across ranks only once, after the last micro-batch.
             model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
         with autocast:
-            _, loss = model(
-                to_device(x[rows], run.device),
-                to_device(y[rows], run.device),
-                label_smoothing=cfg.label_smoothing,
+            _, losses = model(
+                to_device(x[:, rows], run.device),
+                to_device(y[:, rows], run.device),
+                label_smoothing=hyper.label_smoothing,
             )
-            loss = loss / cfg.grad_accum
-        run.scaler.scale(loss).backward()
-        step_loss += loss.detach()
+            losses = losses / cfg.grad_accum
+        # The sum's gradient in replica m's weights is loss_m's alone.
+        run.scaler.scale(losses.sum()).backward()
+        step_loss += losses.detach()
     run.scaler.unscale_(run.optimizer)  # no-op unless fp16: noise and clipping see true gradients
     if run.noise is not None and cfg.noise_placement == "before_clip":
         run.noise.apply()
-    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-    if measure and run.noise is None:
-        norm = clipped_norm(run.params, norm, cfg.grad_clip)
+    norms = None
+    if hyper.clipping or (measure and run.noise is None):
+        norms = replicas.replica_norms([p.grad for p in run.params if p.grad is not None])
+        run.nonfinite_norms |= ~torch.isfinite(norms) & (hyper.grad_clip > 0)
+    if hyper.clipping:
+        replicas.clip_grad_norms_(run.params, hyper.grad_clip, norms)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    return step_loss, batches, gradient_stats(run, norm) if measure else None
+    run.freezer.restore()
+    return step_loss, batches, gradient_stats(run, norms, hyper) if measure else None
 
 
-def clipped_norm(params, norm: torch.Tensor | None, grad_clip: float) -> torch.Tensor:
-    """‖g‖ after clipping, on the device: clip_grad_norm_ returned `norm` (before it
-    scaled g by min(1, clip / (norm + 1e-6))); without clipping, ‖g‖ itself."""
-    if norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    return norm * torch.clamp(grad_clip / (norm + 1e-6), max=1.0)
-
-
-def gradient_stats(run: RunState, norm: torch.Tensor | None) -> dict:
-    """runlog.GRADIENT_FIELDS of the step just taken: GradientNoise's own measurement
-    (it tracked this step), or without noise ‖g‖ after clipping and no noise."""
+def gradient_stats(run: RunState, norms: torch.Tensor | None, hyper: Hyper) -> list[dict]:
+    """runlog.GRADIENT_FIELDS of the step just taken, per run: GradientNoise's own
+    measurement (it tracked this step), or without noise ‖g‖ after clipping and no noise."""
     if run.noise is not None:
-        return dict(run.noise.last_stats)
-    return {"grad_norm": norm, "noise_norm": 0.0, "noise_to_grad": 0.0}
+        stats = run.noise.last_stats
+        return [dict(s) for s in stats] if isinstance(stats, list) else [dict(stats)]
+    clipped = replicas.clipped_norms(norms, hyper.grad_clip)
+    return [{"grad_norm": norm, "noise_norm": 0.0, "noise_to_grad": 0.0} for norm in clipped]
+
+
+def sigmas(run: RunState) -> list[float]:
+    """σ of each run's last step (0 without noise)."""
+    if run.noise is None:
+        return [0.0] * len(run.replicas)
+    sigma = run.noise.sigma
+    return sigma if isinstance(sigma, list) else [sigma]
 
 
 # --- events ------------------------------------------------------------------------
 
 
-def save_checkpoint(run: RunState, run_dir: Path, step: int, cfg: TrainConfig, vocab) -> None:
-    """Checkpoint `step`: the run state, its config and the vocabulary (for sampling)."""
-    run.progress.checkpoint_step = step
+def save_checkpoint(run: RunState, directory: Path, step: int, cfgs, run_dirs, group_dir, vocab) -> None:
+    """Checkpoint `step` in `directory`: the run state, the config(s) and the vocabulary (for
+    sampling); a group's also lists its runs' directories (relative to the group's)."""
+    for _, replica in active(run):
+        replica.progress.checkpoint_step = step
     state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
     if run.dist_env.is_main:
         weights = state.pop("model")
         threads = torch.get_num_threads()  # a resume on another count is not bit-identical
-        checkpoint.save(
-            run_dir, step, weights, {"config": cfg.to_dict(), "vocab": vocab, "threads": threads, **state}
-        )
+        if group_dir is None:
+            configs = {"config": cfgs[0].to_dict()}
+        else:
+            configs = {
+                "configs": [c.to_dict() for c in cfgs],
+                "run_dirs": [group.relative(d, group_dir) for d in run_dirs],
+            }
+        checkpoint.save(directory, step, weights, {**configs, "vocab": vocab, "threads": threads, **state})
 
 
-def _sigma(run: RunState) -> float:
-    return run.noise.sigma if run.noise is not None else 0.0
-
-
-def evaluate(run: RunState, model, evaluator: Evaluator, step: int, log: runlog.RunLog) -> None:
-    """Estimate the losses at `step`, log them, and give a plateau schedule the val loss."""
+def evaluate(run: RunState, model, evaluator: Evaluator, step: int, logs: list[runlog.RunLog]) -> None:
+    """Estimate each run's losses at `step`, log them, and give a plateau schedule its val loss."""
     losses = evaluator.estimate(model)
-    run.progress.record_eval(step, losses)
-    log.log({"kind": "eval", "step": step, **losses, "time_s": run.clock.train_s})
-    if run.noise is not None and hasattr(run.noise.schedule, "observe"):
-        run.noise.schedule.observe(losses["val_loss"])
+    for m, replica in active(run):
+        replica.progress.record_eval(step, losses[m])
+        logs[m].log({"kind": "eval", "step": step, **losses[m], "time_s": run.clock.train_s})
+        if run.noise is not None:
+            schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
+            schedule.observe(losses[m]["val_loss"])
 
 
-def divergence(run: RunState, losses: list[tuple[int, float]], step: int) -> str | None:
-    """Add the read-back step losses to the run's progress; the error message if one is not
-    finite, or if a weight or the optimizer's state is not (gradnoise.lm.finite): an update
-    can break them while its loss is still finite, and they must not be evaluated,
-    checkpointed or reported as done."""
-    bad = run.progress.absorb(losses)
-    if bad is None and (broken := finite.nonfinite(run.optimizer, run.params)) is not None:
-        bad = (step, broken)
-    if bad is None:
-        return None
-    step, what = bad
+def check_divergence(run: RunState, cfgs, losses: list[tuple[int, list[float]]], step: int) -> None:
+    """Add the read-back step losses to each run's progress; a run whose loss is not finite,
+    or whose weights, optimizer state (gradnoise.lm.finite) or clipped gradient norm are not
+    (an update can break them while its loss is still finite, and they must not be
+    evaluated, checkpointed or reported as done) is marked diverged and frozen."""
+    broken = finite.nonfinite_by_replica(run.optimizer, run.params, len(run.replicas))
+    bad_norms = run.nonfinite_norms.tolist()
+    for m, replica in active(run):
+        bad = replica.progress.absorb([(s, values[m]) for s, values in losses])
+        if bad is None and broken[m] is not None:
+            bad = (step, broken[m])
+        if bad is None and bad_norms[m]:
+            bad = (step, "non-finite gradient norm")
+        if bad is not None:
+            replica.progress.diverged = divergence_message(run, cfgs[m], m, *bad)
+            run.freezer.freeze(m)
+
+
+def divergence_message(run: RunState, cfg: TrainConfig, m: int, step: int, what) -> str:
     what = what if isinstance(what, str) else f"loss is {what}"
-    noise = run.noise
-    if noise is None:
+    if cfg.noise == "none":
         sigma = "no gradient noise"
-    elif noise.mode == "relative":
-        sigma = f"noise {noise.schedule.spec}, σ/RMS(g)={noise.schedule(step - 1):.4g}"
     else:
-        sigma = f"noise {noise.schedule.spec}, σ={noise.schedule(step - 1):.4g}"
-    if run.progress.checkpoint_step is None:
+        schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
+        level = "σ/RMS(g)" if isinstance(schedule, gradnoise.schedules.Relative) else "σ"
+        sigma = f"noise {schedule.spec}, {level}={schedule(step - 1):.4g}"
+    checkpoint_step = run.replicas[m].progress.checkpoint_step
+    if checkpoint_step is None:
         kept = "no checkpoint was written before"
     else:
-        kept = f"the last good checkpoint is step {run.progress.checkpoint_step}"
+        kept = f"the last good checkpoint is step {checkpoint_step}"
     return f"training diverged: {what} at step {step} ({sigma}); {kept}"
