@@ -647,7 +647,7 @@ def _replica_noise(schedules_, seeds, modes, gradient: float = 0.0, steps: int =
     gn = GradientNoise(optimizer, schedules_, seed=seeds, mode=modes, replicas=sizes[0][0])
     added = []
     for _ in range(steps):
-        for m, p in enumerate(params):
+        for p in params:
             p.grad = torch.full_like(p, gradient) * (1 + torch.arange(len(p)).view(-1, *[1] * (p.dim() - 1)))
         before = [p.grad.clone() for p in params]
         optimizer.step()

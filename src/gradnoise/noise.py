@@ -441,14 +441,16 @@ def _replica_lists(replicas: int, schedule, seed, mode) -> tuple[list, list, lis
     """(schedules, seeds, modes), `replicas` of each; a single schedule
     or mode is every replica's (a schedule object copied, since schedules keep state)."""
     if isinstance(schedule, (str, schedules.Schedule)):
-        schedule = [schedule if isinstance(schedule, str) else copy.deepcopy(schedule) for _ in range(replicas)]
+        schedule = [copy.deepcopy(schedule) for _ in range(replicas)]
     if isinstance(mode, str):
         mode = [mode] * replicas
     if isinstance(seed, int):
         raise UserError(f"seed={seed!r}: with replicas={replicas} give one seed per replica (a list)")
     for name, values in (("schedule", schedule), ("seed", seed), ("mode", mode)):
         if not isinstance(values, Sequence) or len(values) != replicas:
-            raise UserError(f"{name}={values!r} is not allowed: with replicas={replicas} give {replicas} of them")
+            raise UserError(
+                f"{name}={values!r} is not allowed: with replicas={replicas} give {replicas} of them"
+            )
     return list(schedule), list(seed), list(mode)
 
 
@@ -643,7 +645,8 @@ class GradientNoise:
         if self._plan is None or len(self._plan) != len(groups):
             for index, group in enumerate(groups):
                 _noise_scale(group, index, warn=True)
-                if self.replicas > 1 and any(p.dim() == 0 or len(p) != self.replicas for p in group["params"]):
+                stacked = all(p.dim() > 0 and len(p) == self.replicas for p in group["params"])
+                if self.replicas > 1 and not stacked:
                     raise UserError(
                         f"param group {index} has a parameter whose leading dimension is not the "
                         f"replica dimension of replicas={self.replicas}"
@@ -759,7 +762,9 @@ class GradientNoise:
     def load_state_dict(self, state: dict) -> None:
         lanes = state["replicas"] if self.replicas > 1 else [state]
         if self.replicas > 1 and len(lanes) != self.replicas:
-            raise UserError(f"GradientNoise state is for {len(lanes)} replicas, but this one has {self.replicas}")
+            raise UserError(
+                f"GradientNoise state is for {len(lanes)} replicas, but this one has {self.replicas}"
+            )
         schedules_ = self.schedule if self.replicas > 1 else [self.schedule]
         for lane, schedule in zip(lanes, schedules_, strict=True):
             if lane["schedule_spec"] != schedule.spec:

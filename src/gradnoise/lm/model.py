@@ -219,7 +219,9 @@ class GPT(nn.Module):
         rates = tuple(dropout) if dropout is not None else (config.dropout,) * replicas
         for name, values in (("seeds", seeds), ("dropout", rates)):
             if values is not None and len(values) != replicas:
-                raise UserError(f"{name} has {len(values)} values for replicas={replicas}; give one per replica")
+                raise UserError(
+                    f"{name} has {len(values)} values for replicas={replicas}; give one per replica"
+                )
         for rate in rates:
             check_dropout(rate)
         self.config = config
@@ -248,7 +250,8 @@ class GPT(nn.Module):
         (set at construction). Drawn in parameter order, the replica's alone."""
         for name, p in self.named_parameters():
             if p.dim() == 3:  # (replicas, rows, columns): a matrix of each replica
-                std = INIT_STD / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else INIT_STD
+                residual = name.endswith("c_proj.weight")
+                std = INIT_STD / math.sqrt(2 * self.config.n_layer) if residual else INIT_STD
                 p[replica].normal_(mean=0.0, std=std)
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -262,7 +262,8 @@ def _with_replica_dim(state: dict) -> dict:
         for key, entry in optimizer["state"].items()
     }
     groups = [
-        {**group, "weight_decay": 0.0, "decay": index == 0} for index, group in enumerate(optimizer["param_groups"])
+        {**group, "weight_decay": 0.0, "decay": index == 0}
+        for index, group in enumerate(optimizer["param_groups"])
     ]
     return {**state, "optimizer": {"state": per_param, "param_groups": groups}}
 

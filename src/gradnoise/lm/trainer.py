@@ -142,7 +142,9 @@ def _run(cfgs, run_dirs, group_dir, resume, progress, on_step) -> list[dict]:
         with contextlib.ExitStack() as claims:
             for directory in ([group_dir] if group_dir is not None else []) + run_dirs:
                 claims.enter_context(rundir.claim(directory, enabled=dist_env.is_main))
-            results = _train(cfgs, run_dirs, group_dir, dist_env, resume=resume, progress=progress, on_step=on_step)
+            results = _train(
+                cfgs, run_dirs, group_dir, dist_env, resume=resume, progress=progress, on_step=on_step
+            )
         finished = True
         return results
     finally:
@@ -258,7 +260,8 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
                     evaluate(run, model, evaluator, step, logs)
                     evaluated_step = step
                 if checkpoint_due:
-                    save_checkpoint(run, checkpoint_dir, step, cfgs, run_dirs, group_dir, corpus.meta["vocab"])
+                    vocab = corpus.meta["vocab"]
+                    save_checkpoint(run, checkpoint_dir, step, cfgs, run_dirs, group_dir, vocab)
                 if stopping:
                     status = "done" if step == cfg.max_iters else "interrupted"
                     break
