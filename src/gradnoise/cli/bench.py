@@ -1,4 +1,4 @@
-"""`gradnoise bench noise` and `gradnoise bench train`: benchmarks that print figures."""
+"""`gradnoise bench noise`, `bench train` and `bench batch`: benchmarks that print figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def register(commands) -> None:
-    """Add `gradnoise bench noise` and `gradnoise bench train` to the `gradnoise` parser."""
+    """Add `gradnoise bench noise`, `bench train` and `bench batch` to the `gradnoise` parser."""
     bench = commands.add_parser("bench", help="measure the cost of gradient noise and of training")
     actions = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
 
@@ -64,6 +64,30 @@ def register(commands) -> None:
     train.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     train.set_defaults(func=_train)
 
+    batch = actions.add_parser(
+        "batch",
+        parents=[VERBOSITY],
+        help="time the batched trainer's step for M runs as one model: ms/step, runs/hour, speed-up",
+        description="For each M of --models, in one process: M runs of the preset (seeds 0 … M−1) "
+        "trained as one batched model (`gradnoise train --group`); times the optimizer step and "
+        "reports ms/step, runs per hour (M runs of the preset's max_iters steps, evaluation not "
+        "counted) and the speed-up in runs per hour over the first M (give 1 first).",
+    )
+    batch.add_argument("--preset", default="tiny", help="tiny (default) or paper")
+    batch.add_argument(
+        "--models", default="1,2,4,8,16", metavar="M,M,…", help="replica counts (default 1,2,4,8,16)"
+    )
+    batch.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    batch.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="timed steps per M (default: CPU tiny 20, CPU paper 2, CUDA tiny 200, CUDA paper 100)",
+    )
+    batch.add_argument("--noise", default="none", help="every run's noise schedule (default none)")
+    batch.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    batch.set_defaults(func=_batch)
+
 
 def _log(message: str) -> None:
     log.info(f"[bench] {message}")
@@ -93,4 +117,19 @@ def _train(args: argparse.Namespace) -> int:
         args.dataset, args.preset, overrides, progress=not args.no_progress and not quiet(args)
     )
     print(json.dumps(result, indent=2) if args.json else bench.format_train_report(result))
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from gradnoise.lm import bench
+
+    result = bench.bench_batch(
+        args.preset,
+        bench.parse_models(args.models),
+        device=args.device,
+        steps=args.steps,
+        noise=args.noise,
+        log=_log,
+    )
+    print(json.dumps(result, indent=2) if args.json else bench.format_batch_report(result))
     return 0
