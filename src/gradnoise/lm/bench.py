@@ -49,7 +49,7 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import config
+from gradnoise.lm import config, replicas
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.devices import describe_device, resolve_device, sync
 from gradnoise.lm.model import GPT
@@ -214,6 +214,7 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
     raw_model = GPT(cfg.model_config(vocab_size=65)).to(device)
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizer = build_optimizer(raw_model, cfg, device)
+    replicas.WeightDecay(optimizer, [cfg.weight_decay], decoupled=True)  # the trainer's AdamW decay
     params = [p for p in raw_model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
     batches = torch.Generator().manual_seed(0)

@@ -22,10 +22,16 @@ from gradnoise.lm.model import per_replica
 CLIP_EPS = 1e-6
 
 
+def rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor's replica slices t[0], …, t[M−1], tensor by tensor: views, contiguous when
+    the tensor is, for one fused foreach op over all replicas."""
+    return [t[m] for t in tensors for m in range(t.shape[0])]
+
+
 def replica_norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """‖g[m]‖₂ over every gradient's replica-m slice: (M,) fp32."""
-    per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+    """‖g[m]‖₂ over every gradient's replica-m slice: (M,) fp32 (one fused norm kernel)."""
+    norms = torch.stack(torch._foreach_norm(rows(grads))).float()
+    return torch.linalg.vector_norm(norms.view(len(grads), -1), dim=0)
 
 
 @torch.no_grad()
@@ -62,7 +68,7 @@ class WeightDecay:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, decays: list[float], *, decoupled: bool):
-        self.decays = torch.tensor(decays, dtype=torch.float64)
+        self.decays = [float(decay) for decay in decays]
         self.decoupled = decoupled
         self.handle = optimizer.register_step_pre_hook(self)
 
@@ -75,16 +81,16 @@ class WeightDecay:
             if not group.get("decay"):
                 continue
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            # The slices of the replicas that decay, each with its λ_m: one fused foreach op.
+            chosen = [(p, m) for p in params for m, decay in enumerate(self.decays) if decay > 0]
+            if not chosen:
                 continue
-            decays = self.decays.to(params[0].device)
+            weights = [p.data[m] for p, m in chosen]
             if self.decoupled:
-                factors = (1 - group["lr"] * decays).to(params[0].dtype)
-                for p in params:
-                    p.mul_(per_replica(factors, p))
+                torch._foreach_mul_(weights, [1 - group["lr"] * self.decays[m] for _, m in chosen])
             else:
-                for p in params:
-                    p.grad.add_(p * per_replica(decays.to(p.dtype), p))
+                decay_terms = torch._foreach_mul(weights, [self.decays[m] for _, m in chosen])
+                torch._foreach_add_([p.grad[m] for p, m in chosen], decay_terms)
 
 
 class Freezer:

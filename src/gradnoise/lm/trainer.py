@@ -196,7 +196,10 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     if latest is not None:
         weights, saved = checkpoint.load(latest)
         with checkpoint.restoring(latest):  # a damaged checkpoint is a UserError naming it
-            for saved_config, c in zip(saved.get("configs", [saved.get("config")]), cfgs, strict=True):
+            saved_configs = saved["configs"] if "configs" in saved else [saved["config"]]
+            if len(saved_configs) != len(cfgs):
+                raise UserError(f"the checkpoint holds {len(saved_configs)} runs, not these {len(cfgs)}")
+            for saved_config, c in zip(saved_configs, cfgs, strict=True):
                 check_resumable(saved_config, c)
             run.load_state_dict({"model": weights, **saved})
         checkpoint.warn_if_threads_changed(saved, latest)
