@@ -96,7 +96,8 @@ if triton is not None:
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@functools.lru_cache(maxsize=16)
+# Room for a batched model's tables too: one per replica and param group, every step.
+@functools.lru_cache(maxsize=256)
 def _launch_table(addresses: tuple[int, ...], numels: tuple[int, ...], device: torch.device):
     """The kernel's table for one set of tensors, on the device, cached: the
     caching allocator usually hands back the same addresses step after step,

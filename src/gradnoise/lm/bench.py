@@ -441,6 +441,8 @@ def bench_batch(
     }
     for count in models:
         cfgs = [base.replace(seed=seed) for seed in range(count)]
+        if cuda:
+            torch._dynamo.reset()  # each M compiles afresh, never against the previous M's cache limit
         run = new_run(cfgs, corpus.vocab_size, torch_device, dtype, DistributedEnv(), Clock())
         result["params"] = sum(p.numel() for p in run.params) // count
         model = torch.compile(run.model) if cuda else run.model
