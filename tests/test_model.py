@@ -146,3 +146,36 @@ def test_sample_text_encodes_prompt_and_decodes_output():
     assert text == sample_text(model, vocab, "abc", 15, temperature=1.0, seed=5)
     with pytest.raises(UserError, match="'z'"):
         sample_text(model, vocab, "z", 5)
+
+
+def test_replicas_have_their_own_dropout_rates():
+    from gradnoise.lm.model import Dropout
+
+    rates, n = (0.0, 0.3, 0.6), 40_000
+    torch.manual_seed(0)
+    out = Dropout(rates).train()(torch.ones(len(rates), n))
+    for m, rate in enumerate(rates):
+        dropped = (out[m] == 0).float().mean().item()
+        # A binomial fraction: within 5 standard errors of the rate.
+        assert abs(dropped - rate) <= 5 * math.sqrt(rate * (1 - rate) / n) + 1e-9, m
+        kept = out[m][out[m] != 0]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - rate)))  # inverted dropout
+    assert torch.equal(Dropout(rates).eval()(torch.ones(3, 5)), torch.ones(3, 5))
+
+
+def test_a_batched_model_is_its_replicas_side_by_side():
+    config = GPTConfig(**{**SMALL.__dict__, "bias": True})
+    batched = GPT(config, replicas=3, seeds=[4, 5, 6]).eval()
+    x, y = tokens(6, 9).view(3, 2, 9), tokens(6, 9, seed=2).view(3, 2, 9)
+    smoothing = torch.tensor([0.0, 0.1, 0.2])
+    logits, loss = batched(x, y, label_smoothing=smoothing)
+    assert logits.shape == (3, 2, 9, SMALL.vocab_size) and loss.shape == (3,)
+    for m in range(3):
+        alone = GPT(config, seeds=[4 + m]).eval()
+        alone_logits, alone_loss = alone(x[m], y[m], label_smoothing=float(smoothing[m]))
+        torch.testing.assert_close(logits[m], alone_logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss[m], alone_loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="shape \\(M, B, T\\)"):
+        batched(x[0])
+    with pytest.raises(UserError, match="seeds has 2 values for replicas=3"):
+        GPT(config, replicas=3, seeds=[1, 2])

@@ -385,7 +385,7 @@ BATCH_STEPS = {("cpu", "tiny"): 20, ("cpu", "paper"): 2, ("cuda", "tiny"): 200, 
 
 
 def parse_models(text: str) -> list[int]:
-    """"1,2,4,8" → [1, 2, 4, 8]; UserError unless a comma-separated list of integers ≥ 1."""
+    """ "1,2,4,8" → [1, 2, 4, 8]; UserError unless a comma-separated list of integers ≥ 1."""
     try:
         models = [int(part) for part in text.split(",")]
     except ValueError:
