@@ -19,11 +19,11 @@ is diverged: its replica is frozen (replicas.Freezer) and the others go on; the 
 when every run has diverged or max_iters is reached.
 
 The last step of every log window also measures ‖g‖ and ‖noise‖ (runlog.GRADIENT_FIELDS):
-GradientNoise's track_stats for that step alone, or, without noise, clip_grad_norm_'s
-norm; kept on the device until the log line's sync reads them back.
+GradientNoise's track_stats for that step alone, or, without noise, the clipping's
+per-replica norms; kept on the device until the log line's sync reads them back.
 
 Randomness, and why each source has its own stream (the study pairs methods by seed):
-    init          torch.manual_seed(seed) right before the model is built
+    init          torch.manual_seed(seed) right before the model (its replica) is drawn
     dropout       the global torch RNG, re-seeded with seed + rank after init
     batches       a torch.Generator seeded from (seed, "batches")
     augmentation  a torch.Generator seeded from (seed, "augmentation"): turning character
