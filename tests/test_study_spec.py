@@ -118,13 +118,17 @@ def test_run_id_is_sha256_of_canonical_config_without_device():
     config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
     values = dataclasses.asdict(config)
     del values["device"]
-    del values["train_fraction"]  # at 1.0, what every run did before the key existed
+    # At the values that compute what every run did before these keys existed.
+    for key in ("train_fraction", "noise_correlation", "embedding_noise_alpha"):
+        del values[key]
     expected = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :12
     ]
     assert run_id(config) == expected
     assert run_id(config.replace(device="cuda:1")) == expected
     assert run_id(config.replace(train_fraction=0.5)) != expected
+    assert run_id(config.replace(noise_correlation="anticorrelated")) != expected
+    assert run_id(config.replace(embedding_noise_alpha=5.0)) != expected
 
 
 def test_run_ids_stable_across_processes():
