@@ -151,7 +151,7 @@ def test_sample_text_encodes_prompt_and_decodes_output():
 def embedding_sum(model: GPT, x: torch.Tensor, **forward) -> torch.Tensor:
     """What the model feeds its first dropout: token (+ NEFTune noise) + position embeddings."""
     seen = []
-    handle = model.transformer.drop.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    handle = model.transformer.drop.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     with torch.no_grad():
         model(x, x, **forward)
     handle.remove()
