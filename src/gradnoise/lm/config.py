@@ -83,8 +83,7 @@ class TrainConfig:
         "independent", "independent: σ_t·ε_t; anticorrelated: σ_t·ε_t − σ_{t−1}·ε_{t−1} (Anti-PGD)"
     )
     noise_placement: str = _key(
-        "after_clip",
-        "after_clip or before_clip: on the gradient; update: on the weights after the step, lr_t·σ_t·ε",
+        "after_clip", "after_clip, before_clip (on the gradient) or update (lr_t·σ_t·ε on the weights)"
     )
     label_smoothing: float = _key(0.0, "label smoothing ε of the training loss, in [0, 1)")
     char_substitution: float = _key(0.0, "P(an input character is replaced by a uniform random token)")
