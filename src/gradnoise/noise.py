@@ -6,6 +6,14 @@ use: after `clip_grad_norm_`, after `GradScaler.unscale_`, once per optimizer
 step however many micro-batches were accumulated. A step that GradScaler skips
 draws no noise and is not counted, with fused optimizers too.
 
+Beyond the gradient (`correlation`, `placement`). Anticorrelated noise (Anti-PGD,
+Orvieto et al. 2022) adds σ_t·ε_t − σ_{t−1}·ε_{t−1} at step t: ε_{t−1} is
+regenerated from step t−1's key, so it needs no memory beyond σ_{t−1}, and the
+noise summed over steps telescopes instead of growing like √t. Noise on the
+update goes to the parameters after the optimizer's step (a step post-hook),
+in the units of its update: lr·σ_t·ε, which Adam's division by √v does not
+renormalize away.
+
 The noise has its own random stream, never the global RNG. Its state is
 explicit, as in optax: (seed, step). Step t's noise is a function of the key
 k_t = splitmix64(seed ⊕ splitmix64(t)) alone, so `state_dict()` resumes the
@@ -50,6 +58,10 @@ from gradnoise import schedules
 from gradnoise.errors import UserError
 
 __all__ = ["GradientNoise", "add_noise_"]
+
+# The allowed values of GradientNoise's options, the default first.
+CORRELATIONS = ("independent", "anticorrelated")
+PLACEMENTS = ("gradient", "update")
 
 # --- keys: SplitMix64 on Python ints and on int64 tensors ------------------------------
 
@@ -411,6 +423,13 @@ def _flat(gradients) -> list[torch.Tensor]:
     return [g for _, _, groups in gradients for _, _, grads in groups for g in grads]
 
 
+def _on(value, device: torch.device) -> torch.Tensor:
+    """A σ as a tensor on `device` (a Python float as float64, as exact as it was)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
 def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
     """The param group's ``"noise_scale"`` (default 1), or its deprecated ``"noise_multiplier"``."""
     if "noise_multiplier" in group:
@@ -439,11 +458,28 @@ def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
 class GradientNoise:
     """Adds N(0, σ_t²) noise to the gradients of `optimizer` at every `optimizer.step()`.
 
-    g̃ = g + σ_t · s_group · ε, ε ~ N(0, I), where σ_t = schedule(t) (absolute
-    mode) or σ_t = schedule(t) · RMS(g) (relative mode, or a
+    g̃ = g + σ_t · s_group · ε_t, ε_t ~ N(0, I), where σ_t = schedule(t)
+    (absolute mode) or σ_t = schedule(t) · RMS(g) (relative mode, or a
     `schedules.Relative` schedule; the RMS over the gradients that get noise),
     t is the number of noisy steps taken so far and s_group is the param
     group's ``"noise_scale"`` (default 1; 0 turns noise off for that group).
+
+    correlation="anticorrelated" (Anti-PGD) replaces σ_t·ε_t by
+    ξ_t = σ_t·ε_t − σ_{t−1}·ε_{t−1} (ε_{−1} = 0), with σ_{t−1} the σ used at the
+    previous step (relative mode: after scaling by its RMS). ε_{t−1} is drawn
+    again from step t−1's key: no noise is stored. With σ constant the noise
+    summed over T steps is σ·(ε_{T−1} − ε_{−1}): variance σ² per element, where
+    independent noise has T·σ².
+
+    placement="update" adds the noise to the parameters after the optimizer's
+    step instead, in the units of the update (a step post-hook):
+    p ← p + lr_group · σ_t · s_group · ε_t (absolute mode, lr_group the param
+    group's current learning rate), or p ← p + r_t · RMS(Δp) · s_group · ε_t
+    (relative mode: r_t = schedule(t), Δp the optimizer's update of the
+    parameters that get noise, measured from a copy taken before the step).
+    With correlation="anticorrelated" ε_t becomes ξ_t, both terms at the
+    current lr. Only parameters that have a gradient get noise (the ones the
+    optimizer updates).
 
     Args:
         optimizer: any `torch.optim.Optimizer`.
@@ -455,17 +491,21 @@ class GradientNoise:
             replicas identical); for sharded gradients (FSDP, ZeRO) use
             ``seed + rank`` so every shard gets independent noise.
         mode: "absolute" or "relative".
-        track_stats: also record ‖g‖, ‖g̃ − g‖ (the noise as added) and their
-            ratio at each step in `last_stats` (costs a copy of the gradients
-            that get noise, three reductions and a host sync).
+        track_stats: also record ‖g‖, ‖noise‖ (as added) and their ratio at
+            each step in `last_stats` (costs a copy of the tensors that get
+            noise, three reductions and a host sync). With placement="update"
+            the noise is the one added to the parameters, in their units.
         capturable: keep t on the gradients' device and compute σ_t and the
             step's key there, so that a step on CUDA (fused kernel) needs no
             host sync and can be captured in a CUDA graph (replays advance t
             on the device; a step GradScaler skips is not counted). Not for
             schedules that follow a metric. The noise is the same as without
             it; eager, it costs a few more small kernels per step.
-        attach: register the step pre-hook (default). With False, call `apply()`
-            yourself, e.g. before gradient clipping for that ablation.
+        attach: register the step hooks (default). With False, call `apply()`
+            yourself: for placement="gradient" before `optimizer.step()` (e.g.
+            before gradient clipping, for that ablation), for "update" after it.
+        correlation: "independent" (a fresh ε_t each step) or "anticorrelated".
+        placement: "gradient" (before the update) or "update" (after it).
     """
 
     def __init__(
@@ -478,6 +518,8 @@ class GradientNoise:
         track_stats: bool = False,
         capturable: bool = False,
         attach: bool = True,
+        correlation: str = "independent",
+        placement: str = "gradient",
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -489,6 +531,17 @@ class GradientNoise:
             raise UserError(f"mode={mode!r} is not allowed: use 'absolute' or 'relative'")
         if mode == "relative" and not isinstance(schedule, schedules.Relative):
             schedule = schedules.Relative(schedule)
+        for name, value, allowed in (
+            ("correlation", correlation, CORRELATIONS),
+            ("placement", placement, PLACEMENTS),
+        ):
+            if value not in allowed:
+                raise UserError(f"{name}={value!r} is not allowed: use {' or '.join(map(repr, allowed))}")
+        if placement == "update" and mode == "relative" and not attach:
+            raise UserError(
+                "placement='update' in relative mode needs attach=True: σ follows the optimizer's "
+                "update, which only the step hooks see"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"seed={seed!r} is not allowed: the seed must be an integer")
         if capturable and schedule.needs_metric:
@@ -501,13 +554,20 @@ class GradientNoise:
         self.seed = seed
         self.track_stats = track_stats
         self.capturable = capturable
+        self.correlation = correlation
+        self.placement = placement
         self.last_stats: dict[str, float] = {}
         self._step: int | torch.Tensor = 0
         self._sigma: float | torch.Tensor = 0.0
         self._workspace: dict = {}
         self._plan: list | None = None
+        self._params_before: dict[int, torch.Tensor] = {}  # update placement, relative mode
         self._groups()  # validates the param groups' noise scales now
-        self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
+        self._handles = []
+        if attach:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            if placement == "update":
+                self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
     @property
     def mode(self) -> str:
@@ -539,20 +599,30 @@ class GradientNoise:
         self.schedule.observe(metric)
 
     def _pre_step(self, optimizer, args, kwargs):
-        """Add the noise once the step's gradients are final.
+        """Add the noise once the step's gradients are final (placement "gradient").
 
         GradScaler hands a fused optimizer (``_step_supports_amp_scaling``) the
         attributes ``grad_scale`` (gradients still scaled) and ``found_inf``
         (the optimizer will skip this step). `opt.step(closure)` computes the
         gradients inside the closure (after which Lightning, for one, clips
         them), so the closure is wrapped and the noise follows it; with no
-        closure they are final now.
+        closure they are final now. Placement "update": only keep the
+        parameters (relative mode), to measure the update after the step.
         """
         if "grad_scaler" in kwargs:
             raise UserError(
                 "GradientNoise: optimizers whose step() takes grad_scaler= (a protocol torch deprecated) "
                 "are not supported: the noise cannot tell whether GradScaler skips the step"
             )
+        if self.placement == "update":
+            if self.mode == "relative":
+                self._params_before = {
+                    id(p): p.detach().clone()
+                    for index, (group, _) in enumerate(self._groups())
+                    if _noise_scale(group, index) > 0
+                    for p in group["params"]
+                }
+            return None
         if getattr(optimizer, "grad_scale", None) is not None:
             raise UserError(
                 "GradientNoise: the optimizer got still-scaled gradients from GradScaler; "
@@ -576,6 +646,17 @@ class GradientNoise:
             return args, {**kwargs, "closure": noisy_closure}
         return (args[0], noisy_closure, *args[2:]), kwargs
 
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        """Placement "update": add the noise to the parameters the step has just updated.
+
+        A non-fused optimizer's step that GradScaler skips is never called; a
+        fused one's is, with ``found_inf`` set, and gets no noise either.
+        """
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and not self.capturable and bool(found_inf):
+            return  # the optimizer skipped this step: no noise, t unchanged
+        self._apply(found_inf)
+
     def _groups(self) -> list[tuple[dict, list]]:
         """Per param group: the group and its params by (device, dtype), cached.
 
@@ -589,64 +670,104 @@ class GradientNoise:
             self._plan = [(group, _group_by_device_dtype(group["params"])) for group in groups]
         return self._plan
 
-    def _gradients(self) -> list[tuple[float, int, list]]:
-        """This step's (noise scale, param group index, [(device, dtype, gradients)]) per param group."""
+    def _targets(self) -> list[tuple[float, int, list]]:
+        """This step's (noise scale, param group index, [(device, dtype, tensors)]) per param
+        group: the tensors are the gradients, or with placement "update" the parameters
+        that have one."""
+        on_update = self.placement == "update"
         result = []
         for index, (group, by_device) in enumerate(self._groups()):
             present = []
             for device, dtype, params in by_device:
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    present.append((device, dtype, grads))
+                tensors = [p if on_update else p.grad for p in params if p.grad is not None]
+                if tensors:
+                    present.append((device, dtype, tensors))
             if present:
                 result.append((_noise_scale(group, index), index, present))
         return result
 
     def apply(self) -> None:
-        """Add this step's noise to the gradients and advance the step count."""
+        """Add this step's noise and advance the step count.
+
+        placement="gradient": to the gradients; call it before `optimizer.step()`.
+        placement="update": to the parameters, p ← p + lr_group·σ_t·s_group·ε_t;
+        call it after `optimizer.step()` and before a learning-rate scheduler's step
+        (absolute mode only: relative mode needs the hooks to see the update).
+        """
         self._apply(None)
 
     @torch.no_grad()
     def _apply(self, found_inf: torch.Tensor | None) -> None:
-        gradients = self._gradients()
-        noised = [(scale, index, groups) for scale, index, groups in gradients if scale > 0]
-        step = self._step_counter(gradients)
+        targets = self._targets()
+        noised = [(scale, index, groups) for scale, index, groups in targets if scale > 0]
+        step = self._step_counter(targets)
         sigma = self.schedule(step.double() if isinstance(step, torch.Tensor) else step)
         if noised and isinstance(self.schedule, schedules.Relative):
-            rms = _global_rms(_flat(noised))
+            rms = _global_rms(self._update(noised) if self.placement == "update" else _flat(noised))
             # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
             sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
         before = self._snapshot(noised) if self.track_stats else None
-        if isinstance(sigma, torch.Tensor) or sigma > 0:
-            key = _mix(self.seed, step)
-            for scale, index, groups in noised:
-                # Param group i's (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
-                _add_noise_to_groups(groups, sigma * scale, key, index << 16, self._workspace)
+        self._add(noised, sigma, step, found_inf)
         if before is not None:
-            self.last_stats = self._stats(gradients, noised, before)
-        self._sigma = sigma
+            self.last_stats = self._stats(targets, noised, before)
         if isinstance(self._step, torch.Tensor):
-            # A step a fused optimizer skips (GradScaler found inf) is not counted, without a sync.
+            if found_inf is not None:
+                # A step a fused optimizer skips keeps σ_{t−1} and t, without a sync.
+                device = found_inf.device
+                sigma = torch.where(found_inf == 0, _on(sigma, device), _on(self._sigma, device))
             self._step += 1 if found_inf is None else (found_inf == 0).to(torch.int64)
         else:
             self._step += 1
+        self._sigma = sigma
 
-    def _step_counter(self, gradients) -> int | torch.Tensor:
-        """t, moved to the gradients' device on the first capturable step."""
-        if self.capturable and not isinstance(self._step, torch.Tensor) and gradients:
-            device = gradients[0][2][0][0]
+    def _add(self, noised, sigma, step, found_inf: torch.Tensor | None) -> None:
+        """The one way noise is added: σ_t·c·ε_t to each group's tensors, ε_t from the key
+        of (seed, t); anticorrelated, also −σ_{t−1}·c·ε_{t−1} from the key of (seed, t−1).
+
+        c = s_group, times lr_group in absolute mode on the update. Param group i's
+        (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
+        """
+        terms = [(sigma, step)]
+        previous = self._sigma
+        if self.correlation == "anticorrelated" and (isinstance(previous, torch.Tensor) or previous != 0):
+            if isinstance(sigma, torch.Tensor) and not isinstance(previous, torch.Tensor):
+                # Resumed: σ_{t−1} was a tensor of this dtype before it was saved as a float.
+                previous = torch.tensor(previous, dtype=sigma.dtype, device=sigma.device)
+            terms.append((-previous, step - 1))
+        on_update = self.placement == "update"
+        if on_update and self.capturable and found_inf is not None:
+            # A step the fused optimizer skips gets 0·ε on the update, without a sync.
+            terms = [(term_sigma * (found_inf == 0), term_step) for term_sigma, term_step in terms]
+        for term_sigma, term_step in terms:
+            if not isinstance(term_sigma, torch.Tensor) and term_sigma == 0:
+                continue
+            key = _mix(self.seed, term_step)
+            for scale, index, groups in noised:
+                if on_update and self.mode == "absolute":
+                    scale = scale * self.optimizer.param_groups[index]["lr"]
+                _add_noise_to_groups(groups, term_sigma * scale, key, index << 16, self._workspace)
+
+    def _update(self, noised) -> list[torch.Tensor]:
+        """Δp = p − p_before of the parameters that get noise (placement "update")."""
+        params = _flat(noised)
+        updates = torch._foreach_sub(params, [self._params_before[id(p)] for p in params])
+        self._params_before = {}
+        return updates
+
+    def _step_counter(self, targets) -> int | torch.Tensor:
+        """t, moved to the targets' device on the first capturable step."""
+        if self.capturable and not isinstance(self._step, torch.Tensor) and targets:
+            device = targets[0][2][0][0]
             self._step = torch.tensor(self._step, dtype=torch.int64, device=device)
         return self._step
 
     @staticmethod
     def _snapshot(noised) -> list[torch.Tensor]:
-        return [g.clone() for g in _flat(noised)]
+        return [t.clone() for t in _flat(noised)]
 
-    @staticmethod
-    def _stats(gradients, noised, before: list[torch.Tensor]) -> dict[str, float]:
-        """‖g‖ over every gradient, ‖g̃ − g‖ over those that got noise, and their ratio."""
+    def _stats(self, targets, noised, before: list[torch.Tensor]) -> dict[str, float]:
+        """‖g‖ over every gradient, ‖noise‖ over the tensors that got it, and their ratio."""
         after = _flat(noised)
-        clean = _flat([entry for entry in gradients if entry[0] == 0])
 
         def norm(tensors: list[torch.Tensor]) -> float:
             if not tensors:
@@ -654,9 +775,11 @@ class GradientNoise:
             norms = torch._foreach_norm(tensors)
             return float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
 
-        grad_norm = math.hypot(norm(before), norm(clean))
-        noise = torch._foreach_sub(after, before) if after else []
-        noise_norm = norm(noise)
+        if self.placement == "update":
+            grad_norm = norm([p.grad for p in _flat(targets)])
+        else:
+            grad_norm = math.hypot(norm(before), norm(_flat([entry for entry in targets if entry[0] == 0])))
+        noise_norm = norm(torch._foreach_sub(after, before) if after else [])
         return {
             "grad_norm": grad_norm,
             "noise_norm": noise_norm,
@@ -664,11 +787,15 @@ class GradientNoise:
         }
 
     def state_dict(self) -> dict:
-        """What continuing exactly needs: (seed, step), the last step's σ and the schedule's state."""
+        """What continuing exactly needs: (seed, step), the last step's σ (anticorrelated noise
+        subtracts σ_{t−1}·ε_{t−1}) and the schedule's state; the correlation and placement
+        it was made with."""
         return {
             "step": self.step,
             "seed": self.seed,
             "sigma": self.sigma,
+            "correlation": self.correlation,
+            "placement": self.placement,
             "schedule_spec": self.schedule.spec,
             "schedule_state": self.schedule.state_dict(),
         }
@@ -679,6 +806,15 @@ class GradientNoise:
                 f"GradientNoise state is for schedule {state['schedule_spec']!r}, "
                 f"but this one has {self.schedule.spec!r}"
             )
+        for name, mine, allowed in (
+            ("correlation", self.correlation, CORRELATIONS),
+            ("placement", self.placement, PLACEMENTS),
+        ):
+            saved = state.get(name, allowed[0])  # states saved before the option: its default
+            if saved != mine:
+                raise UserError(
+                    f"GradientNoise state is for {name}={saved!r}, but this one has {name}={mine!r}"
+                )
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._sigma = float(state.get("sigma", 0.0))  # states saved before σ was kept have none
@@ -686,9 +822,17 @@ class GradientNoise:
 
     def remove(self) -> None:
         """Detach from the optimizer: later steps get no noise."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def __repr__(self) -> str:
-        return f"GradientNoise({self.schedule.spec!r}, seed={self.seed}, step={self.step})"
+        options = "".join(
+            f", {name}={value!r}"
+            for name, value, allowed in (
+                ("correlation", self.correlation, CORRELATIONS),
+                ("placement", self.placement, PLACEMENTS),
+            )
+            if value != allowed[0]
+        )
+        return f"GradientNoise({self.schedule.spec!r}, seed={self.seed}, step={self.step}{options})"

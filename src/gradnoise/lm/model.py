@@ -1,6 +1,6 @@
 """A small GPT language model, nanoGPT style: read it top to bottom.
 
-    tokens → token + position embeddings → dropout
+    tokens → token embeddings (+ NEFTune noise, in training) + position embeddings → dropout
            → n_layer × Block(x = x + Attn(LN(x)); x = x + MLP(LN(x)))
            → LN → logits = h · Wteᵀ   (output projection tied to the token embedding)
 
@@ -147,12 +147,17 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, label_smoothing: float = 0.0):
+    def forward(self, idx, targets=None, label_smoothing: float = 0.0, embedding_noise_alpha: float = 0.0):
         """idx (B, T) int64 → (logits, loss).
 
         With targets: logits (B, T, vocab) and the mean cross-entropy in nats,
         optionally label-smoothed (target distribution (1-ε)·onehot + ε/vocab).
         Without: logits of the last position only, (B, 1, vocab), for generation.
+
+        embedding_noise_alpha = α > 0 (NEFTune, Jain et al. 2024), in training mode
+        only: the token embeddings get u·α/√(L·d), u ~ Uniform(−1, 1) per element,
+        L = T the sequence length and d = n_embd; drawn from the global torch RNG,
+        as dropout is.
         """
         seq_len = idx.size(1)
         if seq_len > self.config.block_size:
@@ -160,7 +165,11 @@ class GPT(nn.Module):
                 f"sequence length {seq_len} exceeds the model's block_size={self.config.block_size}"
             )
         pos = torch.arange(seq_len, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        tokens = self.transformer.wte(idx)
+        if self.training and embedding_noise_alpha > 0:
+            bound = embedding_noise_alpha / math.sqrt(seq_len * self.config.n_embd)
+            tokens = tokens + torch.empty_like(tokens).uniform_(-bound, bound)
+        x = self.transformer.drop(tokens + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)

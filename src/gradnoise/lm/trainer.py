@@ -4,8 +4,13 @@ Per optimizer step (`step` counts completed steps, from 0):
 
     lr_t = warmup / cosine schedule (learning_rate)
     for each of grad_accum micro-batches: x, y = next batch; loss(x, y) / grad_accum → backward
+        (NEFTune noise on the token embeddings inside the forward, if embedding_noise_alpha > 0)
     GradScaler.unscale_ (fp16 only) → [noise, if placed before clipping] → clip_grad_norm_
-    optimizer.step()   ← GradientNoise's pre-hook adds N(0, σ_t²) here (placement "after_clip")
+    optimizer.step()   ← GradientNoise's pre-hook adds N(0, σ_t²) here (placement "after_clip"),
+                         or its post-hook lr_t·σ_t·ε to the weights after it (placement "update")
+
+noise_correlation "anticorrelated" makes each step's noise σ_t·ε_t − σ_{t−1}·ε_{t−1}
+wherever it is placed (see gradnoise.GradientNoise).
 
 The last step of every log window also measures ‖g‖ and ‖noise‖ (runlog.GRADIENT_FIELDS):
 GradientNoise's track_stats for that step alone, or, without noise, clip_grad_norm_'s
@@ -14,6 +19,9 @@ norm; kept on the device until the log line's sync reads them back.
 Randomness, and why each source has its own stream (the study pairs methods by seed):
     init          torch.manual_seed(seed) right before the model is built
     dropout       the global torch RNG, re-seeded with seed + rank after init
+    embedding     NEFTune's uniform noise: the global torch RNG too, drawn in each forward
+      noise       before its dropout masks (so with both on, the masks differ from a run
+                  without it; with embedding_noise_alpha = 0 nothing is drawn)
     batches       a torch.Generator seeded from (seed, "batches")
     augmentation  a torch.Generator seeded from (seed, "augmentation"): turning character
                   substitution on does not shift the batch stream
@@ -268,8 +276,9 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
 
 
 def build_noise(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> gradnoise.GradientNoise | None:
-    """The config's gradient noise on `optimizer` (None for noise=none). Placed "after_clip"
-    it hooks optimizer.step(); "before_clip" the loop calls apply() itself."""
+    """The config's noise on `optimizer` (None for noise=none). Placed "after_clip" it hooks
+    optimizer.step() before the update, "update" after it; "before_clip" the loop calls
+    apply() itself."""
     schedule = gradnoise.schedules.parse(cfg.noise)
     if schedule is None:
         return None
@@ -278,7 +287,9 @@ def build_noise(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> gradnoise
         schedule,
         seed=data.derive_seed(cfg.seed, "noise"),
         mode=cfg.noise_mode,
-        attach=cfg.noise_placement == "after_clip",
+        attach=cfg.noise_placement != "before_clip",
+        correlation=cfg.noise_correlation,
+        placement="update" if cfg.noise_placement == "update" else "gradient",
     )
 
 
@@ -353,6 +364,7 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, next_batch, au
                 to_device(x[rows], run.device),
                 to_device(y[rows], run.device),
                 label_smoothing=cfg.label_smoothing,
+                embedding_noise_alpha=cfg.embedding_noise_alpha,
             )
             loss = loss / cfg.grad_accum
         run.scaler.scale(loss).backward()
