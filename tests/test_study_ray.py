@@ -89,10 +89,10 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     """On a cluster without a shared filesystem the task trains under $GRADNOISE_HOME."""
     config = load_spec("quick", TINY).runs[0].config.to_dict()
     elsewhere = tmp_path / "not-on-this-node" / "mystudy"
-    output = executors.train_in_worker(config, str(elsewhere), "abc123")
+    output = executors.train_in_worker({"abc123": config}, str(elsewhere), None)
     run_dir = data.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
     assert not elsewhere.exists()
-    assert output["result"]["status"] == "done"
-    assert output["result"] == json.loads((run_dir / "result.json").read_text())
-    assert output["curves"] == read_curves(run_dir)
+    assert output["results"]["abc123"]["status"] == "done"
+    assert output["results"]["abc123"] == json.loads((run_dir / "result.json").read_text())
+    assert output["curves"]["abc123"] == read_curves(run_dir)
     assert output["host"] == socket.gethostname()
