@@ -96,6 +96,21 @@ def spec_with_seeds(seeds) -> str:
 CASES = {
     "seed beyond 2**63 - 1": (None, ["train", *OVERRIDES, "seed=99999999999999999999"], "seed=99999"),
     "negative seed": (None, ["train", "--run-dir", "new", *OVERRIDES, "seed=-1"], "[0, 2**63 - 1]"),
+    "bad noise correlation": (
+        None,
+        ["train", "--run-dir", "new", *OVERRIDES, "noise_correlation=bogus"],
+        "noise_correlation='bogus' is not allowed; allowed: independent, anticorrelated",
+    ),
+    "bad noise placement": (
+        None,
+        ["train", "--run-dir", "new", *OVERRIDES, "noise_placement=weights"],
+        "allowed: after_clip, before_clip, update",
+    ),
+    "negative embedding noise": (
+        None,
+        ["train", "--run-dir", "new", *OVERRIDES, "embedding_noise_alpha=-1"],
+        "embedding_noise_alpha=-1.0 is not allowed",
+    ),
     "spec seed beyond 2**63 - 1": (
         lambda root: (root / "bad.yaml").write_text(spec_with_seeds([99999999999999999999])),
         ["study", "run", "bad.yaml"],

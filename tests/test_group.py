@@ -16,11 +16,19 @@ def config(**values):
 
 def test_runs_differing_in_per_replica_settings_share_a_group_key():
     base = config()
-    for key, value in [("seed", 3), ("noise", "const:sigma=0.01"), ("dropout", 0.1), ("grad_clip", 0.5)]:
+    for key, value in [
+        ("seed", 3),
+        ("noise", "const:sigma=0.01"),
+        ("dropout", 0.1),
+        ("grad_clip", 0.5),
+        ("noise_correlation", "anticorrelated"),
+        ("embedding_noise_alpha", 5.0),
+    ]:
         assert key in PER_REPLICA_KEYS
         assert group_key(base.replace(**{key: value})) == group_key(base)
     assert group_key(base.replace(lr=1e-2)) != group_key(base)
     assert group_key(base.replace(max_iters=7)) != group_key(base)
+    assert group_key(base.replace(noise_placement="update")) != group_key(base)  # where in the step
 
 
 def test_a_group_refuses_runs_that_differ_in_shared_settings(tmp_path):

@@ -44,12 +44,12 @@ def flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def library_noise(schedule: schedules.Schedule, steps: int, seed: int = 0) -> torch.Tensor:
+def library_noise(schedule: schedules.Schedule, steps: int, seed: int = 0, **options) -> torch.Tensor:
     """Σ_t σ_t·ε_t as GradientNoise alone adds it: SGD(lr=1) steps on zero gradients."""
     net = tiny_net()
     start = flat(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
-    GradientNoise(optimizer, schedule, seed=seed)
+    GradientNoise(optimizer, schedule, seed=seed, **options)
     for _ in range(steps):
         for p in net.parameters():
             p.grad = torch.zeros_like(p)
@@ -202,10 +202,30 @@ def test_lightning_checkpoint_resumes_the_noise_stream_and_logs_sigma(lightning_
     torch.testing.assert_close(flat(resumed), flat(whole), rtol=0, atol=4 * steps * CLIP)
 
 
+def test_lightning_passes_correlation_and_placement_on(lightning_parts):
+    TinyModule, _, GradientNoiseCallback, fit = lightning_parts
+    steps, schedule = 3, schedules.Exponential(sigma0=SIGMA, gamma=0.9)
+    clean = TinyModule()
+    fit(clean, steps, [], batches=steps * ACCUMULATE)
+    noisy = TinyModule()
+    options = {"correlation": "anticorrelated", "placement": "update"}
+    callback = GradientNoiseCallback(schedule, seed=0, **options)
+    fit(noisy, steps, [callback], batches=steps * ACCUMULATE)
+    assert callback.noises[0].step == steps
+    expected = library_noise(schedule, steps, **options)
+    torch.testing.assert_close(flat(noisy) - flat(clean), expected, rtol=0, atol=4 * steps * CLIP)
+    # anticorrelated: the sum telescopes to σ_{T−1}·ε_{T−1}, far below independent noise's spread
+    assert expected.std().item() < 1.5 * schedule(steps - 1)
+
+
 def test_lightning_callback_rejects_bad_arguments(lightning_parts):
     _, _, GradientNoiseCallback, _ = lightning_parts
     with pytest.raises(UserError, match="mode='loud'"):
         GradientNoiseCallback("const:sigma=0.1", mode="loud")
+    with pytest.raises(UserError, match=r"correlation='pink'.*'anticorrelated'"):
+        GradientNoiseCallback("const:sigma=0.1", correlation="pink")
+    with pytest.raises(UserError, match=r"placement='weights'.*'update'"):
+        GradientNoiseCallback("const:sigma=0.1", placement="weights")
     with pytest.raises(UserError, match="'none'"):
         GradientNoiseCallback("none")
     # a plateau schedule left without a metric would stay at σ0 forever
@@ -399,6 +419,33 @@ def test_transformers_resume_continues_the_noise_stream(transformers_parts, tmp_
     )
     restored = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradientNoiseCallback)]
     assert len(restored) == 1 and restored[0].noise.step == steps
+    torch.testing.assert_close(flat(resumed), flat(whole), rtol=0, atol=4 * steps * CLIP)
+
+
+def test_transformers_passes_correlation_and_placement_on_and_restores_them(transformers_parts, tmp_path):
+    GradientNoiseCallback, train = transformers_parts
+    schedule, steps = schedules.Exponential(sigma0=SIGMA, gamma=0.9), 4
+    options = {"correlation": "anticorrelated", "placement": "update"}
+    clean, _, _ = train(tmp_path / "clean", steps, [])
+    whole, _, _ = train(tmp_path / "whole", steps, [GradientNoiseCallback(schedule, seed=0, **options)])
+    expected = library_noise(schedule, steps, **options)
+    torch.testing.assert_close(flat(whole) - flat(clean), expected, rtol=0, atol=4 * steps * CLIP)
+    train(
+        tmp_path / "half",
+        steps // 2,
+        [GradientNoiseCallback(schedule, seed=0, **options)],
+        save_strategy="steps",
+        save_steps=steps // 2,
+    )
+    resumed, trainer, _ = train(
+        tmp_path / "resumed",
+        steps,
+        [GradientNoiseCallback(schedule, seed=0)],  # replaced by one built from the saved arguments
+        resume_from_checkpoint=str(tmp_path / "half" / f"checkpoint-{steps // 2}"),
+        restore_callback_states_from_checkpoint=True,
+    )
+    (restored,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradientNoiseCallback)]
+    assert (restored.noise.correlation, restored.noise.placement) == ("anticorrelated", "update")
     torch.testing.assert_close(flat(resumed), flat(whole), rtol=0, atol=4 * steps * CLIP)
 
 

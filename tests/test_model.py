@@ -179,3 +179,35 @@ def test_a_batched_model_is_its_replicas_side_by_side():
         batched(x[0])
     with pytest.raises(UserError, match="seeds has 2 values for replicas=3"):
         GPT(config, replicas=3, seeds=[1, 2])
+
+
+def embedding_sum(model: GPT, x: torch.Tensor, **forward) -> torch.Tensor:
+    """What the model feeds its first dropout: token (+ NEFTune noise) + position embeddings."""
+    seen = []
+    handle = model.transformer.drop.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(x, x, **forward)
+    handle.remove()
+    return seen[0]
+
+
+def test_neftune_noise_has_its_scale_in_training_only():
+    alpha, (batch, length) = 5.0, (64, 16)
+    model = make_model()
+    x = tokens(batch, length)
+    clean = embedding_sum(model, x)
+    model.train()
+    noise = embedding_sum(model, x, embedding_noise_alpha=alpha) - clean
+    # Uniform(−b, b) with b = α/√(L·d): std b/√3. The sample std of n uniforms has relative
+    # standard error √((μ₄/σ⁴ − 1)/(4n)) = √((9/5 − 1)/(4n)) = 0.447/√n; five of them.
+    bound = alpha / math.sqrt(length * SMALL.n_embd)
+    n = noise.numel()
+    assert noise.abs().max().item() <= bound * (1 + 1e-5)
+    assert abs(noise.std().item() / (bound / math.sqrt(3)) - 1) < 5 * 0.447 / math.sqrt(n)
+    assert abs(noise.mean().item()) < 5 * bound / math.sqrt(3 * n)
+    # Off at α = 0 (no draw from the global RNG either) and in eval mode.
+    state = torch.get_rng_state()
+    assert torch.equal(embedding_sum(model, x, embedding_noise_alpha=0.0), clean)
+    assert torch.equal(state, torch.get_rng_state())
+    model.eval()
+    assert torch.equal(embedding_sum(model, x, embedding_noise_alpha=alpha), clean)

@@ -732,6 +732,125 @@ def test_replicated_state_dict_round_trip_continues_every_stream():
         ).load_state_dict(state)
 
 
+def _trained_params(sizes, replica, steps: int, optimizer_name: str, **noise_kwargs):
+    """Params trained `steps` steps with GradientNoise(**noise_kwargs) on a gradient that
+    depends on the params (g = cos(3·p)), so each replica follows its own path. `replica`
+    None: the batched params (M, …), replica m starting from (1 + m)·base; else that replica's
+    params alone, from the same start. Returns (params, gn)."""
+    bases = [torch.linspace(-1, 1, math.prod(size[1:])).view(size[1:]) for size in sizes]
+    if replica is None:
+        scale = torch.arange(1.0, sizes[0][0] + 1)
+        starts = [base * scale.view(-1, *[1] * base.dim()) for base in bases]
+    else:
+        starts = [base * (1 + replica) for base in bases]
+    params = [torch.nn.Parameter(start.clone()) for start in starts]
+    groups = [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}]
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    gn = GradientNoise(optimizer, **noise_kwargs)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.cos(3 * p.detach())
+        optimizer.step()
+    return params, gn
+
+
+@pytest.mark.parametrize(
+    "placement, optimizer_name, modes, correlations",
+    [
+        (
+            "update",
+            "adamw",
+            ["absolute", "relative", "relative"],
+            ["anticorrelated", "independent", "anticorrelated"],
+        ),
+        (
+            "gradient",
+            "sgd",
+            ["relative", "absolute", "absolute"],
+            ["anticorrelated", "anticorrelated", "independent"],
+        ),
+    ],
+)
+def test_each_replica_gets_its_run_alones_correlated_noise_wherever_placed(
+    placement, optimizer_name, modes, correlations
+):
+    specs = ["exp:sigma0=0.2,gamma=0.7", "const:sigma=0.3", "const:sigma=0.05"]
+    seeds, sizes, steps = [5, 6, 5], ((3, 120, 80), (3, 80), (3, 30, 20)), 4
+    batched, gn = _trained_params(
+        sizes,
+        None,
+        steps,
+        optimizer_name,
+        schedule=specs,
+        seed=seeds,
+        mode=modes,
+        correlation=correlations,
+        placement=placement,
+        replicas=3,
+    )
+    assert gn.correlation == correlations and gn.placement == placement
+    for m in range(3):
+        alone, alone_gn = _trained_params(
+            sizes,
+            m,
+            steps,
+            optimizer_name,
+            schedule=specs[m],
+            seed=seeds[m],
+            mode=modes[m],
+            correlation=correlations[m],
+            placement=placement,
+        )
+        for p, q in zip(batched, alone, strict=True):
+            assert torch.equal(p[m], q), m  # bit for bit, over steps that feed back
+        assert gn.sigma[m] == alone_gn.sigma > 0
+        assert gn.state_dict()["replicas"][m] == alone_gn.state_dict()
+    # The noise did something: without it replica 0 ends elsewhere.
+    quiet, _ = _trained_params(
+        sizes, None, steps, optimizer_name, schedule="const:sigma=0", seed=seeds, replicas=3
+    )
+    assert not torch.equal(quiet[0][0], batched[0][0])
+
+
+def test_replicated_anticorrelated_state_resumes_each_replicas_previous_sigma():
+    sizes, kwargs = (
+        ((2, 40, 30), (2, 30), (2, 10)),
+        {
+            "schedule": ["exp:sigma0=0.2,gamma=0.5", "const:sigma=0.1"],
+            "seed": [1, 2],
+            "mode": ["relative", "absolute"],
+            "correlation": "anticorrelated",
+            "placement": "update",
+            "replicas": 2,
+        },
+    )
+    straight, _ = _trained_params(sizes, None, 3, "adamw", **kwargs)
+    # Two steps, then a fresh GradientNoise on a fresh optimizer loaded with both states.
+    params, gn = _trained_params(sizes, None, 2, "adamw", **kwargs)
+    assert gn.correlation == ["anticorrelated"] * 2
+    optimizer = torch.optim.AdamW(
+        [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}], lr=0.01, weight_decay=0.1
+    )
+    optimizer.load_state_dict(gn.optimizer.state_dict())
+    gn.remove()
+    resumed = GradientNoise(optimizer, **{**kwargs, "seed": [0, 0]})
+    resumed.load_state_dict(gn.state_dict())
+    for p in params:
+        p.grad = torch.cos(3 * p.detach())
+    optimizer.step()
+    for p, q in zip(params, straight, strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(
+        UserError, match="correlation='anticorrelated', but this one has correlation='independent'"
+    ):
+        GradientNoise(
+            optimizer, **{**kwargs, "correlation": ["anticorrelated", "independent"]}
+        ).load_state_dict(gn.state_dict())
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -740,9 +859,276 @@ def test_replicated_state_dict_round_trip_continues_every_stream():
         ({"replicas": 2, "seed": [1, 2, 3]}, "seed=[1, 2, 3]"),
         ({"replicas": 2, "seed": [1, 2], "mode": ["absolute"]}, "mode=['absolute']"),
         ({"replicas": 3, "seed": [1, 2, 3]}, "replica dimension of replicas=3"),
+        ({"replicas": 2, "seed": [1, 2], "correlation": ["independent"]}, "correlation=['independent']"),
+        ({"replicas": 2, "seed": [1, 2], "correlation": ["independent", "anti"]}, "correlation='anti'"),
+        (
+            {"replicas": 2, "seed": [1, 2], "placement": ["update", "update"]},
+            "placement=['update', 'update']",
+        ),
     ],
 )
 def test_bad_replica_arguments_raise_user_errors(kwargs, words):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 4))], lr=0.1)
     with pytest.raises(UserError, match=re.escape(words)):
         GradientNoise(optimizer, "const:sigma=0.1", **kwargs)
+
+
+# --- beyond the gradient: anticorrelated noise, noise on the update --------------------
+
+
+def _summed_noise(correlation: str, steps: int, sigma: float = 0.1, numel: int = 60_000) -> torch.Tensor:
+    """Σ_t of the noise GradientNoise adds to zero gradients over `steps` steps (apply())."""
+    (param,) = _zero_grad_model(sizes=((numel,),))
+    gn = GradientNoise(
+        torch.optim.SGD([param], lr=0.0),
+        f"const:sigma={sigma}",
+        seed=11,
+        attach=False,
+        correlation=correlation,
+    )
+    total = torch.zeros(numel, dtype=torch.float64)
+    for _ in range(steps):
+        param.grad.zero_()
+        gn.apply()
+        total += param.grad.double()
+    assert gn.step == steps
+    return total
+
+
+@pytest.mark.parametrize(("correlation", "variance_in_sigma2"), [("anticorrelated", 1), ("independent", 20)])
+def test_noise_summed_over_steps_has_variance_sigma2_anticorrelated_and_t_sigma2_independent(
+    correlation, variance_in_sigma2
+):
+    sigma, steps = 0.1, 20
+    total = _summed_noise(correlation, steps, sigma)
+    n, expected = total.numel(), variance_in_sigma2 * sigma**2
+    # The sample variance of n normals: variance·χ²_n/n, standard error variance·√(2/n).
+    assert abs(total.var().item() - expected) < 5 * expected * math.sqrt(2 / n)
+    assert abs(total.mean().item()) < 5 * math.sqrt(expected / n)
+
+
+def test_anticorrelated_noise_is_the_difference_of_consecutive_independent_draws():
+    # ξ_t = σ_t·ε_t − σ_{t−1}·ε_{t−1}, ε from the same keyed stream as independent noise;
+    # relative mode, so σ_{t−1} is the σ the previous step used (its gradient's RMS).
+    def added(correlation):
+        params = _zero_grad_model()
+        gn = GradientNoise(
+            torch.optim.SGD(params, lr=0.0),
+            "relative:exp:sigma0=0.5,gamma=0.9",
+            seed=4,
+            attach=False,
+            correlation=correlation,
+        )
+        draws = []
+        for step in range(4):
+            for p in params:
+                p.grad.fill_(1.0 + step)  # RMS(g_t) = 1 + t
+            gn.apply()
+            draws.append(torch.cat([(p.grad - 1.0 - step).flatten() for p in params]))
+        return draws
+
+    independent, anticorrelated = added("independent"), added("anticorrelated")
+    torch.testing.assert_close(anticorrelated[0], independent[0], rtol=0, atol=0)  # ε_{−1} = 0
+    for t in range(1, 4):
+        torch.testing.assert_close(
+            anticorrelated[t], independent[t] - independent[t - 1], rtol=1e-5, atol=1e-6
+        )
+
+
+def _update_noise_run(
+    optimizer_name, steps, *, schedule="const:sigma=0.5", gradient=0.0, params=None, state=None, **options
+):
+    """`steps` steps with noise on the update, on a constant gradient: (noise, params, per-step moves)."""
+    params = _zero_grad_model() if params is None else params
+    optimizer = (
+        torch.optim.SGD(params, lr=0.1)
+        if optimizer_name == "sgd"
+        else torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    )
+    gn = GradientNoise(optimizer, schedule, seed=2, placement="update", **options)
+    if state is not None:
+        gn.load_state_dict(state)
+    moves = []
+    for _ in range(steps):
+        for p in params:
+            p.grad.fill_(gradient)
+        before = torch.cat([p.detach().flatten().clone() for p in params])
+        optimizer.step()
+        moves.append(torch.cat([p.detach().flatten() for p in params]) - before)
+    return gn, params, moves
+
+
+@pytest.mark.parametrize(("optimizer_name", "lr"), [("sgd", 0.1), ("adamw", 1e-3)])
+def test_update_noise_moves_the_weights_by_lr_sigma(optimizer_name, lr):
+    # Zero gradients: SGD's update is 0, and so is Adam's (m = 0); the weights move by the noise alone.
+    gn, _, moves = _update_noise_run(optimizer_name, steps=2)
+    for move in moves:
+        _assert_standard_normal_scaled(move, lr * 0.5)
+    assert gn.step == 2 and gn.sigma == 0.5
+
+
+def test_update_noise_is_the_gradient_noise_draw_on_the_other_side_of_sgd():
+    # SGD moves p by −lr·(g + σ·ε) with gradient noise, by +lr·σ·ε with update noise: the same ε.
+    params = _zero_grad_model()
+    GradientNoise(torch.optim.SGD(params, lr=0.1), "const:sigma=0.5", seed=2)
+    params[0].grad.zero_()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    GradientNoise(optimizer, "const:sigma=0.5", seed=2)
+    optimizer.step()
+    on_gradient = torch.cat([p.detach().flatten() for p in params])
+    _, _, (on_update,) = _update_noise_run("sgd", steps=1)
+    torch.testing.assert_close(on_update, -on_gradient, rtol=1e-6, atol=0)
+
+
+def test_relative_update_noise_follows_the_rms_of_the_update():
+    # SGD, lr 0.1, gradient 1 everywhere: Δp = −0.1, RMS(Δp) = 0.1, so σ = 0.3·0.1.
+    gn, _, moves = _update_noise_run(
+        "sgd", steps=2, schedule="const:sigma=0.3", mode="relative", gradient=1.0
+    )
+    assert gn.sigma == pytest.approx(0.03, rel=1e-4)  # RMS in fp32 over 60,200 elements
+    for move in moves:
+        _assert_standard_normal_scaled(move + 0.1, 0.03)
+
+
+def test_update_noise_by_hand_goes_after_the_step_and_relative_mode_needs_the_hooks():
+    params = _zero_grad_model()
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    gn = GradientNoise(optimizer, "const:sigma=0.5", seed=2, placement="update", attach=False)
+    optimizer.step()
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)  # not attached
+    gn.apply()
+    torch.testing.assert_close(
+        torch.cat([p.detach().flatten() for p in params]), _update_noise_run("sgd", steps=1)[2][0]
+    )
+    with pytest.raises(UserError, match="attach=True"):
+        GradientNoise(optimizer, "const:sigma=0.5", mode="relative", placement="update", attach=False)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_grad_scaler_skips_gets_no_update_noise_and_is_not_counted(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    gn = GradientNoise(
+        optimizer, "exp:sigma0=0.1,gamma=0.5", placement="update", correlation="anticorrelated"
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    steps = []
+    for overflow in (False, True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        _scaled_step(model, optimizer, scaler, overflow)
+        steps.append(gn.step)
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        assert unchanged == overflow
+    assert steps == [1, 1, 2]
+    assert gn.sigma == pytest.approx(0.05)  # σ_1: the skipped step did not advance t
+
+
+def test_capturable_update_noise_skips_on_the_device():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    gn = GradientNoise(
+        optimizer,
+        "exp:sigma0=0.1,gamma=0.5",
+        placement="update",
+        correlation="anticorrelated",
+        capturable=True,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    for overflow in (False, True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        _scaled_step(model, optimizer, scaler, overflow)
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        assert unchanged == overflow
+    assert gn.step == 2 and gn.sigma == pytest.approx(0.05)  # σ of the last step taken
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"correlation": "anticorrelated"},
+        {"correlation": "anticorrelated", "schedule": "relative:exp:sigma0=0.5,gamma=0.9"},
+        {"correlation": "anticorrelated", "mode": "relative"},
+        {},
+    ],
+)
+def test_update_and_anticorrelated_noise_resume_exactly(options):
+    # SGD without momentum keeps no state of its own: the noise's state is all a resume needs.
+    _, _, whole = _update_noise_run("sgd", steps=5, gradient=1.0, **options)
+    first, params, _ = _update_noise_run("sgd", steps=2, gradient=1.0, **options)
+    state = first.state_dict()
+    assert state["sigma"] != 0 and state["placement"] == "update"
+    params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    resumed, _, rest = _update_noise_run("sgd", steps=3, gradient=1.0, params=params, state=state, **options)
+    assert resumed.step == 5
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], rest, strict=True))
+
+
+def test_anticorrelated_gradient_noise_resumes_exactly():
+    def run(steps, state=None, start=0):
+        params = _zero_grad_model()
+        gn = GradientNoise(
+            torch.optim.SGD(params, lr=0.0), "relative:exp:sigma0=0.5,gamma=0.9", correlation="anticorrelated"
+        )
+        if state is not None:
+            gn.load_state_dict(state)
+        drawn = []
+        for step in range(start, steps):
+            for p in params:
+                p.grad.fill_(1.0 + step)
+            gn.optimizer.step()
+            drawn.append(torch.cat([p.grad.flatten().clone() for p in params]))
+        return gn, drawn
+
+    _, whole = run(5)
+    first, _ = run(2)
+    _, rest = run(5, first.state_dict(), start=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], rest, strict=True))
+
+
+def test_load_state_dict_refuses_another_correlation_or_placement():
+    gn, _ = _noisy_run(seed=0, steps=1)  # independent, on the gradient
+    for options, words in (
+        ({"correlation": "anticorrelated"}, "correlation='independent'"),
+        ({"placement": "update"}, "placement='gradient'"),
+    ):
+        other = GradientNoise(
+            torch.optim.SGD(_zero_grad_model(), lr=0.1), "exp:sigma0=0.1,gamma=0.9", **options
+        )
+        with pytest.raises(UserError, match=words):
+            other.load_state_dict(gn.state_dict())
+    state = gn.state_dict()
+    del state["correlation"], state["placement"]  # saved before the options existed
+    GradientNoise(torch.optim.SGD(_zero_grad_model(), lr=0.1), "exp:sigma0=0.1,gamma=0.9").load_state_dict(
+        state
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"correlation": "pink"}, ["correlation='pink'", "'independent'", "'anticorrelated'"]),
+        ({"placement": "weights"}, ["placement='weights'", "'gradient'", "'update'"]),
+    ],
+)
+def test_bad_correlation_or_placement_is_a_user_error(options, words):
+    with pytest.raises(UserError) as error:
+        GradientNoise(torch.optim.SGD(_zero_grad_model(), lr=0.1), "const:sigma=0.1", **options)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_track_stats_on_the_update_measures_the_noise_added_to_the_weights():
+    params = _zero_grad_model()
+    for p in params:
+        p.grad.fill_(2.0)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    gn = GradientNoise(optimizer, "const:sigma=0.5", placement="update", track_stats=True)
+    optimizer.step()
+    n = sum(p.numel() for p in params)
+    assert gn.last_stats["grad_norm"] == pytest.approx(2.0 * math.sqrt(n))
+    # ‖lr·σ·ε‖ = lr·σ·√n (1 ± 1/√(2n)); five standard deviations.
+    assert gn.last_stats["noise_norm"] == pytest.approx(0.1 * 0.5 * math.sqrt(n), rel=5 / math.sqrt(2 * n))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from gradnoise.study import runner
-from gradnoise.study.executors import Attempt, Executor, Outcome
+from gradnoise.study.executors import Attempt, Executor, Launch, Outcome
+from gradnoise.study.plan import plan_groups
 from gradnoise.study.progress import Progress, duration
 from gradnoise.study.spec import parse_spec
 from gradnoise.study.store import Store
@@ -26,39 +27,48 @@ def finished_result(val_loss: float) -> dict:
 
 
 class Scripted(Executor):
-    """Two slots; attempt k ends on the poll after it was submitted, as `script[k]` says:
-    a val loss (done), an error text (failed), or an exception raised from poll."""
+    """Two slots; launch k ends on the poll after it was submitted, as `script[k]` says for
+    each of its runs: a val loss (done), an error text (failed), or an exception raised
+    from poll."""
 
     def __init__(self, store: Store, script: list):
         self.store, self.script = store, list(script)
-        self.running: list[Attempt] = []
+        self.launches: list[Launch] = []
         self.submitted, self.cancelled = [], []
 
     def capacity(self) -> int:
         return 2
 
-    def prepare(self, run) -> Attempt:
-        return Attempt(run, Path("/nonexistent") / run.run_id, run.config.to_dict(), "box", "cpu", 0)
+    def prepare(self, group) -> Launch:
+        attempts = [Attempt(run, Path("/nonexistent") / run.run_id, "box", "cpu", 0) for run in group.todo]
+        return Launch(group, attempts, {}, Path("/nonexistent"), "cpu")
 
-    def submit(self, attempt: Attempt) -> None:
-        # The driver marks the run running before its worker starts.
-        assert self.store.run(attempt.run.run_id)["status"] == "running"
-        self.submitted.append(attempt.run.run_id)
-        self.running.append(attempt)
+    def submit(self, launch: Launch) -> None:
+        for attempt in launch.attempts:
+            # The driver marks the runs running before their worker starts.
+            assert self.store.run(attempt.run.run_id)["status"] == "running"
+            self.submitted.append(attempt.run.run_id)
+        self.launches.append(launch)
 
     def poll(self, timeout: float) -> list[Outcome]:
-        attempt = self.running[0]
+        launch = self.launches[0]
         step = self.script.pop(0)
         if isinstance(step, BaseException):
             raise step
-        self.running.remove(attempt)
+        self.launches.remove(launch)
         if isinstance(step, float):
-            return [Outcome(attempt, finished_result(step), [{"kind": "eval", "step": 40, "val_loss": step}])]
-        return [Outcome(attempt, error=f"Traceback\n{step}", reason=step)]
+            curve = [{"kind": "eval", "step": 40, "val_loss": step}]
+            return [Outcome(attempt, finished_result(step), curve) for attempt in launch.attempts]
+        return [Outcome(attempt, error=f"Traceback\n{step}", reason=step) for attempt in launch.attempts]
 
     def cancel(self) -> list[Attempt]:
-        self.cancelled, self.running = list(self.running), []
+        self.cancelled, self.launches = self.running, []
         return self.cancelled
+
+
+def alone(spec, store: Store):
+    """Every run of the spec in a group of its own (--batch-models 1)."""
+    return plan_groups(list(spec.runs), list(spec.runs), store.path.parent, batch_models=1)
 
 
 @pytest.fixture
@@ -74,7 +84,7 @@ def test_outcomes_are_recorded_and_every_run_is_submitted_once(study):
     executor = Scripted(store, [1.5, "RuntimeError: out of memory", 1.25, 1.0])
     stream = io.StringIO()
     display = Progress(spec.name, store, enabled=True, stream=stream)
-    runner._drive(store, executor, list(spec.runs), display)
+    runner._drive(store, executor, alone(spec, store), display)
 
     assert executor.submitted == [run.run_id for run in spec.runs]
     runs = {r["id"]: r for r in store.runs()}
@@ -98,7 +108,7 @@ def test_an_interrupt_stops_what_is_in_flight_and_marks_it_pending(study):
     executor = Scripted(store, [1.5, KeyboardInterrupt()])
     display = Progress(spec.name, store, enabled=False)
     with pytest.raises(KeyboardInterrupt):
-        runner._drive(store, executor, list(spec.runs), display)
+        runner._drive(store, executor, alone(spec, store), display)
     ids = [run.run_id for run in spec.runs]
     # Run 0 finished; runs 1 and 2 were in flight (two slots) and are pending again; 3 never began.
     assert [a.run.run_id for a in executor.cancelled] == ids[1:3]
@@ -117,7 +127,7 @@ def test_progress_line_counts_runs_and_estimates_the_time_left(study):
     display = Progress(spec.name, store, enabled=True, stream=stream)
     display.start(steps_todo=4 * 40)
     display.started -= 60  # a minute ago
-    first = Attempt(spec.runs[0], Path("/nonexistent"), {}, "box", "cpu", first_step=0)
+    first = Attempt(spec.runs[0], Path("/nonexistent"), "box", "cpu", first_step=0)
     store.mark_running(first.run.run_id, "box", "cpu")
     store.record_result(first.run.run_id, finished_result(1.5), [])
     display.finished(first, "done")

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from gradnoise.lm import data
+from gradnoise.lm.group import read_group
 from gradnoise.lm.runlog import read_curves
 from gradnoise.study import executors
 from gradnoise.study.runner import run_study
@@ -89,10 +90,30 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     """On a cluster without a shared filesystem the task trains under $GRADNOISE_HOME."""
     config = load_spec("quick", TINY).runs[0].config.to_dict()
     elsewhere = tmp_path / "not-on-this-node" / "mystudy"
-    output = executors.train_in_worker(config, str(elsewhere), "abc123")
+    output = executors.train_in_worker({"abc123": config}, str(elsewhere), None)
     run_dir = data.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
     assert not elsewhere.exists()
-    assert output["result"]["status"] == "done"
-    assert output["result"] == json.loads((run_dir / "result.json").read_text())
-    assert output["curves"] == read_curves(run_dir)
+    assert output["results"]["abc123"]["status"] == "done"
+    assert output["results"]["abc123"] == json.loads((run_dir / "result.json").read_text())
+    assert output["curves"]["abc123"] == read_curves(run_dir)
     assert output["host"] == socket.gethostname()
+
+
+def test_ray_trains_a_group_in_one_task(tmp_path, ray_instance):
+    spec_path = tmp_path / "raygroup.yaml"
+    methods = {"baseline": {}, "exp": {"noise": "exp:sigma0=0.01,gamma=0.9"}}
+    data = {"name": "raygroup", "datasets": ["shakespeare_char"], "overrides": TINY, "methods": methods}
+    spec_path.write_text(yaml.safe_dump(data | {"seeds": 1}))
+    spec = load_spec(spec_path)
+    study_dir = tmp_path / "study"
+    summary = run_study(spec, study_dir, executor="ray", batch_models=2, progress=False)
+    assert (summary["done"], summary["ran"]) == (2, 2)
+    (group_dir,) = (study_dir / "groups").iterdir()
+    assert [m.run_id for m in read_group(group_dir)] == [run.run_id for run in spec.runs]
+    with Store(study_dir / "study.sqlite") as store:
+        runs, finals = store.runs(), {f["id"]: f for f in store.finals()}
+    assert [(r["status"], r["attempts"], r["host"]) for r in runs] == [("done", 1, socket.gethostname())] * 2
+    for run in spec.runs:
+        result = json.loads((study_dir / "runs" / run.run_id / "result.json").read_text())
+        assert finals[run.run_id]["val_loss"] == result["finals"]["val_loss"]
+        assert finals[run.run_id]["steps"] == TINY["max_iters"]

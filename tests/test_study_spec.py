@@ -118,13 +118,17 @@ def test_run_id_is_sha256_of_canonical_config_without_device():
     config = resolve_config("shakespeare_char", "tiny", {"seed": 4, "device": "cpu"})
     values = dataclasses.asdict(config)
     del values["device"]
-    del values["train_fraction"]  # at 1.0, what every run did before the key existed
+    # At the values that compute what every run did before these keys existed.
+    for key in ("train_fraction", "noise_correlation", "embedding_noise_alpha"):
+        del values[key]
     expected = hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
         :12
     ]
     assert run_id(config) == expected
     assert run_id(config.replace(device="cuda:1")) == expected
     assert run_id(config.replace(train_fraction=0.5)) != expected
+    assert run_id(config.replace(noise_correlation="anticorrelated")) != expected
+    assert run_id(config.replace(embedding_noise_alpha=5.0)) != expected
 
 
 def test_run_ids_stable_across_processes():
@@ -342,7 +346,7 @@ def noise_levels(spec) -> dict[str, tuple[bool, float, str]]:
 
 
 def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
-    assert set(packaged_specs()) == {"quick", "paper", "paper-small", "sweep"}
+    assert set(packaged_specs()) == {"quick", "paper", "paper-small", "sweep", "placements"}
     quick, paper, small = (load_spec(n) for n in ("quick", "paper", "paper-small"))
     for spec in (quick, paper, small):
         assert spec.caveats and spec.description and spec.baseline in spec.methods
@@ -379,7 +383,9 @@ def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
     }
     assert etas == {0.01, 1.0}
     assert {r.config.optimizer for r in paper.runs} == {"adamw", "sgd"}
-    assert {r.config.noise_placement for r in paper.runs} == {"after_clip", "before_clip"}
+    assert {r.config.noise_placement for r in paper.runs} == {"after_clip", "before_clip", "update"}
+    assert {r.config.noise_correlation for r in paper.runs} == {"independent", "anticorrelated"}
+    assert {r.config.embedding_noise_alpha for r in paper.runs} == {0.0, 5.0, 10.0}
 
     assert small.preset == "paper" and small.datasets == ("shakespeare_char",)
     assert len(small.runs) == 21 and {r.seed for r in small.runs} == {0, 1, 2}
@@ -419,6 +425,38 @@ def test_sweep_is_a_dose_response_study_where_the_model_overfits():
     dropout = {r.config.dropout for r in sweep.runs if r.method in sweep.dose_response.references}
     assert dropout and 0.0 not in dropout
     assert all(r.config.dropout == 0.0 for r in sweep.runs if r.method == sweep.baseline)
+
+
+def test_placements_compares_where_the_noise_goes_in_the_sweeps_regime():
+    placements, sweep = load_spec("placements"), load_spec("sweep")
+    assert placements.preset == sweep.preset == "tiny" and placements.datasets == sweep.datasets
+    regime = ("train_fraction", "max_iters", "eval_interval", "eval_iters", "checkpoint_interval")
+    sweep_regime = {tuple(getattr(r.config, k) for k in regime) for r in sweep.runs}
+    assert {tuple(getattr(r.config, k) for k in regime) for r in placements.runs} == sweep_regime
+    assert {r.seed for r in placements.runs} == set(range(5))
+    assert 9 <= len(placements.methods) <= 10 and len(placements.runs) == 5 * len(placements.methods)
+
+    by_method = {r.method: r.config for r in placements.runs if r.seed == 0}
+    base = by_method[placements.baseline]
+    assert base.noise == "none" and base.dropout == 0.0 and base.embedding_noise_alpha == 0.0
+
+    def methods(**match):
+        return [m for m, c in by_method.items() if all(getattr(c, k) == v for k, v in match.items())]
+
+    # Gradient noise at one of the sweep's absolute levels, independent and anticorrelated.
+    gradient = [m for m in methods(noise_placement="after_clip") if by_method[m].noise != "none"]
+    assert {by_method[m].noise_correlation for m in gradient} == {"independent", "anticorrelated"}
+    (level,) = {schedules.parse(by_method[m].noise)(0) for m in gradient}
+    sweep_levels = {
+        schedules.parse(r.config.noise)(0) for r in sweep.runs if r.config.noise.startswith("const")
+    }
+    assert level in sweep_levels
+    # Update noise: lr·σ from below to above Adam's per-element update (≈ 0.1–1 × lr).
+    update = sorted(schedules.parse(by_method[m].noise)(0) for m in methods(noise_placement="update"))
+    assert len(update) >= 2 and update[0] < 0.1 and update[-1] >= 1
+    assert sorted(c.embedding_noise_alpha for c in by_method.values() if c.embedding_noise_alpha) == [5, 10]
+    assert any(c.dropout > 0 and c.noise == "none" for c in by_method.values())
+    assert placements.caveats and placements.description
 
 
 def test_quick_noise_acts_during_its_run():

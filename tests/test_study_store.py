@@ -337,3 +337,13 @@ def test_a_reader_sees_columns_an_older_store_lacks_as_none(tmp_path):
         assert reader.finals()[0]["final_sigma"] is None
         assert reader.curves()[0]["val_loss"] is None
     assert path.read_bytes() == before
+
+
+def test_reading_a_finished_study_leaves_no_files_beside_it(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with Store(path) as store:
+        store.create_study("s", {"name": "s"})
+        store.add_runs([("r1", "shakespeare_char", "baseline", 0, {})])
+    with Store(path, readonly=True) as reader:
+        assert len(reader.runs()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.sqlite"]

@@ -158,7 +158,9 @@ def test_overrides_are_typed_by_field():
         (["max_iters=2.5"], r"max_iters='2.5'.*int"),
         (["bias=maybe"], r"bias='maybe'.*bool"),
         (["optimizer=adam"], r"optimizer='adam'.*allowed: adamw, sgd"),
-        (["noise_placement=middle"], r"after_clip, before_clip"),
+        (["noise_placement=middle"], r"after_clip, before_clip, update"),
+        (["noise_correlation=bogus"], r"noise_correlation='bogus'.*allowed: independent, anticorrelated"),
+        (["embedding_noise_alpha=-1"], r"embedding_noise_alpha=-1\.0.*≥ 0"),
         (["dropout=1.5"], r"dropout=1.5.*\[0, 1\)"),
         (["train_fraction=0"], r"train_fraction=0.0.*\(0, 1\]"),
         (["train_fraction=1.5"], r"train_fraction=1.5.*\(0, 1\]"),
@@ -479,6 +481,65 @@ def test_resume_from_a_checkpoint_written_before_run_state(tmp_path):
     assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(
+            noise="exp:sigma0=0.02,gamma=0.95", noise_correlation="anticorrelated", embedding_noise_alpha=5.0
+        ),
+        dict(noise="relative:const:sigma=0.5", noise_placement="update", noise_correlation="anticorrelated"),
+        dict(noise="const:sigma=0.05", noise_placement="update"),
+    ],
+)
+def test_resume_continues_exactly_with_the_noise_beyond_the_gradient(tmp_path, changes):
+    cfg = small(max_iters=20, **changes)
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    stopped = train(cfg, tmp_path / "parts", progress=False, on_step=lambda step, x, y: step == 7)
+    assert stopped["status"] == "interrupted"
+    resumed = train(cfg, tmp_path / "parts", resume=True, progress=False)
+    for key in LOSS_KEYS:
+        assert resumed["finals"][key] == whole["finals"][key], key
+    assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
+    final_whole, _ = checkpoint.load(checkpoint.latest(tmp_path / "whole"))
+    final_parts, _ = checkpoint.load(checkpoint.latest(tmp_path / "parts"))
+    for key, value in final_whole.items():
+        assert torch.equal(final_parts[key], value), key
+
+
+def test_a_checkpoint_from_before_the_later_keys_resumes(tmp_path):
+    # A run stopped by an earlier version saved a config without the keys added since;
+    # it resumes with their former values.
+    cfg = small(max_iters=12, train_fraction=1.0)
+    train(cfg, tmp_path / "parts", progress=False, on_step=lambda step, x, y: step == 5)
+    state_path = checkpoint.latest(tmp_path / "parts") / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for key in ("train_fraction", "noise_correlation", "embedding_noise_alpha"):
+        del state["config"][key]
+    torch.save(state, state_path)
+    assert train(cfg, tmp_path / "parts", resume=True, progress=False)["status"] == "done"
+    with pytest.raises(UserError, match="noise_correlation: 'independent' → 'anticorrelated'"):
+        train(
+            cfg.replace(noise_correlation="anticorrelated"), tmp_path / "parts", resume=True, progress=False
+        )
+
+
+def test_each_option_beyond_the_gradient_changes_the_run(tmp_path):
+    def final(name, **changes):
+        cfg = small(max_iters=6, noise="const:sigma=0.05", dropout=0.0, **changes)
+        return train(cfg, tmp_path / name, progress=False)["finals"]["train_loss"]
+
+    losses = {
+        "plain": final("plain"),
+        "anticorrelated": final("anti", noise_correlation="anticorrelated"),
+        "update": final("update", noise_placement="update"),
+        "neftune": final("neftune", embedding_noise_alpha=5.0),
+    }
+    assert len(set(losses.values())) == len(losses), losses
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    noise = build_noise(optimizer, small(noise="const:sigma=0.1", noise_placement="update"))
+    assert (noise.placement, noise.correlation) == ("update", "independent")
+
+
 def test_noise_placement_matters_only_with_clipping(tmp_path):
     def final(name, **changes):
         cfg = small(max_iters=8, noise="const:sigma=0.05", **changes)
@@ -589,6 +650,13 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
     assert main(["train", "--run-dir", str(run), "--config-file", str(tmp_path / "missing.json")]) == 2
     assert main(["train", "--run-dir", str(run), "--dataset", "nope"]) == 2
+    for bad, allowed in (
+        ("noise_correlation=bogus", "independent, anticorrelated"),
+        ("noise_placement=weights", "after_clip, before_clip, update"),
+        ("embedding_noise_alpha=-5", "≥ 0"),
+    ):
+        assert main(["train", "--run-dir", str(run), bad]) == 2
+        assert allowed in capsys.readouterr().err
     assert not run.exists()
 
 

@@ -6,6 +6,14 @@ use: after `clip_grad_norm_`, after `GradScaler.unscale_`, once per optimizer
 step however many micro-batches were accumulated. A step that GradScaler skips
 draws no noise and is not counted, with fused optimizers too.
 
+Beyond the gradient (`correlation`, `placement`). Anticorrelated noise (Anti-PGD,
+Orvieto et al. 2022) adds σ_t·ε_t − σ_{t−1}·ε_{t−1} at step t: ε_{t−1} is
+regenerated from step t−1's key, so it needs no memory beyond σ_{t−1}, and the
+noise summed over steps telescopes instead of growing like √t. Noise on the
+update goes to the parameters after the optimizer's step (a step post-hook),
+in the units of its update: lr·σ_t·ε, which Adam's division by √v does not
+renormalize away.
+
 The noise has its own random stream, never the global RNG. Its state is
 explicit, as in optax: (seed, step). Step t's noise is a function of the key
 k_t = splitmix64(seed ⊕ splitmix64(t)) alone, so `state_dict()` resumes the
@@ -51,6 +59,10 @@ from gradnoise import schedules
 from gradnoise.errors import UserError
 
 __all__ = ["GradientNoise", "add_noise_"]
+
+# The allowed values of GradientNoise's options, the default first.
+CORRELATIONS = ("independent", "anticorrelated")
+PLACEMENTS = ("gradient", "update")
 
 # --- keys: SplitMix64 on Python ints and on int64 tensors ------------------------------
 
@@ -412,6 +424,13 @@ def _flat(gradients) -> list[torch.Tensor]:
     return [g for _, _, groups in gradients for _, _, grads in groups for g in grads]
 
 
+def _on(value, device: torch.device) -> torch.Tensor:
+    """A σ as a tensor on `device` (a Python float as float64, as exact as it was)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
 def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
     """The param group's ``"noise_scale"`` (default 1), or its deprecated ``"noise_multiplier"``."""
     if "noise_multiplier" in group:
@@ -437,39 +456,66 @@ def _noise_scale(group: dict, index: int, *, warn: bool = False) -> float:
     return float(scale)
 
 
-def _replica_lists(replicas: int, schedule, seed, mode) -> tuple[list, list, list]:
-    """(schedules, seeds, modes), `replicas` of each; a single schedule
-    or mode is every replica's (a schedule object copied, since schedules keep state)."""
-    if isinstance(schedule, (str, schedules.Schedule)):
-        schedule = [copy.deepcopy(schedule) for _ in range(replicas)]
-    if isinstance(mode, str):
-        mode = [mode] * replicas
-    if isinstance(seed, int):
-        raise UserError(f"seed={seed!r}: with replicas={replicas} give one seed per replica (a list)")
-    for name, values in (("schedule", schedule), ("seed", seed), ("mode", mode)):
+def _replica_lists(replicas: int, **options) -> dict[str, list]:
+    """Each option as a list of `replicas` values; a single schedule, mode or correlation
+    is every replica's (a schedule object copied, since schedules keep state)."""
+    if isinstance(options["seed"], int):
+        raise UserError(
+            f"seed={options['seed']!r}: with replicas={replicas} give one seed per replica (a list)"
+        )
+    lists = {}
+    for name, values in options.items():
+        if isinstance(values, (str, schedules.Schedule)):
+            values = [copy.deepcopy(values) for _ in range(replicas)]
         if not isinstance(values, Sequence) or len(values) != replicas:
             raise UserError(
                 f"{name}={values!r} is not allowed: with replicas={replicas} give {replicas} of them"
             )
-    return list(schedule), list(seed), list(mode)
+        lists[name] = list(values)
+    return lists
 
 
-def _replica_slices(gradients, replica: int):
-    """_gradients()'s structure with every gradient g replaced by its replica's slice g[replica]."""
+def _replica_slices(targets, replica: int):
+    """_targets()'s structure with every tensor t replaced by its replica's slice t[replica]."""
     return [
-        (scale, index, [(device, dtype, [g[replica] for g in grads]) for device, dtype, grads in groups])
-        for scale, index, groups in gradients
+        (scale, index, [(device, dtype, [t[replica] for t in tensors]) for device, dtype, tensors in groups])
+        for scale, index, groups in targets
     ]
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """‖t‖₂ over all the tensors (0 for none), on the host."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors)
+    return float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
 
 
 class GradientNoise:
     """Adds N(0, σ_t²) noise to the gradients of `optimizer` at every `optimizer.step()`.
 
-    g̃ = g + σ_t · s_group · ε, ε ~ N(0, I), where σ_t = schedule(t) (absolute
-    mode) or σ_t = schedule(t) · RMS(g) (relative mode, or a
+    g̃ = g + σ_t · s_group · ε_t, ε_t ~ N(0, I), where σ_t = schedule(t)
+    (absolute mode) or σ_t = schedule(t) · RMS(g) (relative mode, or a
     `schedules.Relative` schedule; the RMS over the gradients that get noise),
     t is the number of noisy steps taken so far and s_group is the param
     group's ``"noise_scale"`` (default 1; 0 turns noise off for that group).
+
+    correlation="anticorrelated" (Anti-PGD) replaces σ_t·ε_t by
+    ξ_t = σ_t·ε_t − σ_{t−1}·ε_{t−1} (ε_{−1} = 0), with σ_{t−1} the σ used at the
+    previous step (relative mode: after scaling by its RMS). ε_{t−1} is drawn
+    again from step t−1's key: no noise is stored. With σ constant the noise
+    summed over T steps is σ·(ε_{T−1} − ε_{−1}): variance σ² per element, where
+    independent noise has T·σ².
+
+    placement="update" adds the noise to the parameters after the optimizer's
+    step instead, in the units of the update (a step post-hook):
+    p ← p + lr_group · σ_t · s_group · ε_t (absolute mode, lr_group the param
+    group's current learning rate), or p ← p + r_t · RMS(Δp) · s_group · ε_t
+    (relative mode: r_t = schedule(t), Δp the optimizer's update of the
+    parameters that get noise, measured from a copy taken before the step).
+    With correlation="anticorrelated" ε_t becomes ξ_t, both terms at the
+    current lr. Only parameters that have a gradient get noise (the ones the
+    optimizer updates).
 
     Args:
         optimizer: any `torch.optim.Optimizer`.
@@ -481,25 +527,32 @@ class GradientNoise:
             replicas identical); for sharded gradients (FSDP, ZeRO) use
             ``seed + rank`` so every shard gets independent noise.
         mode: "absolute" or "relative".
-        track_stats: also record ‖g‖, ‖g̃ − g‖ (the noise as added) and their
-            ratio at each step in `last_stats` (costs a copy of the gradients
-            that get noise, three reductions and a host sync).
+        track_stats: also record ‖g‖, ‖noise‖ (as added) and their ratio at
+            each step in `last_stats` (costs a copy of the tensors that get
+            noise, three reductions and a host sync). With placement="update"
+            the noise is the one added to the parameters, in their units.
         capturable: keep t on the gradients' device and compute σ_t and the
             step's key there, so that a step on CUDA (fused kernel) needs no
             host sync and can be captured in a CUDA graph (replays advance t
             on the device; a step GradScaler skips is not counted). Not for
             schedules that follow a metric. The noise is the same as without
             it; eager, it costs a few more small kernels per step.
-        attach: register the step pre-hook (default). With False, call `apply()`
-            yourself, e.g. before gradient clipping for that ablation.
+        attach: register the step hooks (default). With False, call `apply()`
+            yourself: for placement="gradient" before `optimizer.step()` (e.g.
+            before gradient clipping, for that ablation), for "update" after it.
+        correlation: "independent" (a fresh ε_t each step) or "anticorrelated".
+        placement: "gradient" (before the update) or "update" (after it).
         replicas: M > 1 models trained as one, every parameter's leading dimension
-            being the replica (gradnoise.lm's batched GPT). `schedule`, `seed` and
-            `mode` are then lists of M (a single schedule or mode is used by every
-            replica; the seeds must be given one per replica), and replica m's slices
-            p[m] get exactly the noise `GradientNoise(schedule[m], seed=seed[m])` would
-            add over those slices alone: the same keys, streams and chunks (and, relative,
-            σ from its own RMS). `sigma`, `seed`, `mode`, `schedule` and `last_stats` are
-            then per-replica lists. One add per replica (on CUDA one launch each).
+            being the replica (gradnoise.lm's batched GPT). `schedule`, `seed`, `mode`
+            and `correlation` are then lists of M (a single schedule, mode or
+            correlation is used by every replica; the seeds must be given one per
+            replica); `placement` is the group's. Replica m's slices p[m] get exactly
+            the noise `GradientNoise(schedule[m], seed=seed[m], mode=mode[m],
+            correlation=correlation[m])` would add over those slices alone: the same
+            keys, streams and chunks, its own σ_{t−1}, and in relative mode σ from
+            the RMS of its own gradients (or update). `sigma`, `seed`, `mode`,
+            `schedule`, `correlation` and `last_stats` are then per-replica lists.
+            One add per replica (on CUDA one launch each).
     """
 
     def __init__(
@@ -512,24 +565,37 @@ class GradientNoise:
         track_stats: bool = False,
         capturable: bool = False,
         attach: bool = True,
+        correlation: str | Sequence[str] = "independent",
+        placement: str = "gradient",
         replicas: int = 1,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"GradientNoise needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
             raise UserError(f"replicas={replicas!r} is not allowed: it must be an integer ≥ 1")
+        if placement not in PLACEMENTS:
+            raise UserError(
+                f"placement={placement!r} is not allowed: use {' or '.join(map(repr, PLACEMENTS))}"
+            )
         self.replicas = replicas
+        self.placement = placement
         if replicas > 1:
+            options = _replica_lists(
+                replicas, schedule=schedule, seed=seed, mode=mode, correlation=correlation
+            )
             lanes = [
-                self._check_lane(*lane, capturable)
-                for lane in zip(*_replica_lists(replicas, schedule, seed, mode), strict=True)
+                self._check_lane(*lane, capturable=capturable, attach=attach)
+                for lane in zip(*options.values(), strict=True)
             ]
-            schedule, seed = [lane[0] for lane in lanes], [lane[1] for lane in lanes]
+            schedule, seed, correlation = ([lane[i] for lane in lanes] for i in range(3))
         else:
-            schedule, seed = self._check_lane(schedule, seed, mode, capturable)
+            schedule, seed, correlation = self._check_lane(
+                schedule, seed, mode, correlation, capturable=capturable, attach=attach
+            )
         self.optimizer = optimizer
         self.schedule = schedule
         self.seed = seed
+        self.correlation = correlation
         self.track_stats = track_stats
         self.capturable = capturable
         self.last_stats: dict[str, float] | list[dict[str, float]] = {}
@@ -537,12 +603,16 @@ class GradientNoise:
         self._sigma: float | torch.Tensor | list = 0.0 if replicas == 1 else [0.0] * replicas
         self._workspace: dict = {}
         self._plan: list | None = None
+        self._params_before: dict[int, torch.Tensor] = {}  # update placement, relative mode
         self._groups()  # validates the param groups' noise scales (and replica dimensions) now
-        self._handle = optimizer.register_step_pre_hook(self._pre_step) if attach else None
+        self._handles = []
+        if attach:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            if placement == "update":
+                self._handles.append(optimizer.register_step_post_hook(self._post_step))
 
-    @staticmethod
-    def _check_lane(schedule, seed, mode, capturable) -> tuple[schedules.Schedule, int]:
-        """One replica's (schedule, seed), checked (a single model has one)."""
+    def _check_lane(self, schedule, seed, mode, correlation, *, capturable, attach) -> tuple:
+        """One replica's (schedule, seed, correlation), checked (a single model has one)."""
         if isinstance(schedule, str):
             schedule = schedules.parse(schedule)
         if not isinstance(schedule, schedules.Schedule):
@@ -551,6 +621,15 @@ class GradientNoise:
             raise UserError(f"mode={mode!r} is not allowed: use 'absolute' or 'relative'")
         if mode == "relative" and not isinstance(schedule, schedules.Relative):
             schedule = schedules.Relative(schedule)
+        if correlation not in CORRELATIONS:
+            raise UserError(
+                f"correlation={correlation!r} is not allowed: use {' or '.join(map(repr, CORRELATIONS))}"
+            )
+        if self.placement == "update" and mode == "relative" and not attach:
+            raise UserError(
+                "placement='update' in relative mode needs attach=True: σ follows the optimizer's "
+                "update, which only the step hooks see"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"seed={seed!r} is not allowed: the seed must be an integer")
         if capturable and schedule.needs_metric:
@@ -558,7 +637,15 @@ class GradientNoise:
                 f"capturable=True cannot follow a metric: schedule {schedule.spec!r} changes σ on the host "
                 "at each observe(); use a schedule of the step alone"
             )
-        return schedule, seed
+        return schedule, seed, correlation
+
+    @staticmethod
+    def _lane(values, replica: int | None):
+        """Replica `replica`'s value of a per-replica attribute (None: the single model's)."""
+        return values if replica is None else values[replica]
+
+    def _lanes(self) -> list[int | None]:
+        return [None] if self.replicas == 1 else list(range(self.replicas))
 
     @property
     def mode(self) -> str | list[str]:
@@ -598,20 +685,31 @@ class GradientNoise:
                 schedule.observe(value)
 
     def _pre_step(self, optimizer, args, kwargs):
-        """Add the noise once the step's gradients are final.
+        """Add the noise once the step's gradients are final (placement "gradient").
 
         GradScaler hands a fused optimizer (``_step_supports_amp_scaling``) the
         attributes ``grad_scale`` (gradients still scaled) and ``found_inf``
         (the optimizer will skip this step). `opt.step(closure)` computes the
         gradients inside the closure (after which Lightning, for one, clips
         them), so the closure is wrapped and the noise follows it; with no
-        closure they are final now.
+        closure they are final now. Placement "update": only keep the
+        parameters (when some replica is in relative mode), to measure the update
+        after the step.
         """
         if "grad_scaler" in kwargs:
             raise UserError(
                 "GradientNoise: optimizers whose step() takes grad_scaler= (a protocol torch deprecated) "
                 "are not supported: the noise cannot tell whether GradScaler skips the step"
             )
+        if self.placement == "update":
+            if "relative" in self._modes():
+                self._params_before = {
+                    id(p): p.detach().clone()
+                    for index, (group, _) in enumerate(self._groups())
+                    if _noise_scale(group, index) > 0
+                    for p in group["params"]
+                }
+            return None
         if getattr(optimizer, "grad_scale", None) is not None:
             raise UserError(
                 "GradientNoise: the optimizer got still-scaled gradients from GradScaler; "
@@ -635,6 +733,20 @@ class GradientNoise:
             return args, {**kwargs, "closure": noisy_closure}
         return (args[0], noisy_closure, *args[2:]), kwargs
 
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        """Placement "update": add the noise to the parameters the step has just updated.
+
+        A non-fused optimizer's step that GradScaler skips is never called; a
+        fused one's is, with ``found_inf`` set, and gets no noise either.
+        """
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and not self.capturable and bool(found_inf):
+            return  # the optimizer skipped this step: no noise, t unchanged
+        self._apply(found_inf)
+
+    def _modes(self) -> list[str]:
+        return [self.mode] if self.replicas == 1 else self.mode
+
     def _groups(self) -> list[tuple[dict, list]]:
         """Per param group: the group and its params by (device, dtype), cached.
 
@@ -654,86 +766,133 @@ class GradientNoise:
             self._plan = [(group, _group_by_device_dtype(group["params"])) for group in groups]
         return self._plan
 
-    def _gradients(self) -> list[tuple[float, int, list]]:
-        """This step's (noise scale, param group index, [(device, dtype, gradients)]) per param group."""
+    def _targets(self) -> list[tuple[float, int, list]]:
+        """This step's (noise scale, param group index, [(device, dtype, tensors)]) per param
+        group: the tensors are the gradients, or with placement "update" the parameters
+        that have one."""
+        on_update = self.placement == "update"
         result = []
         for index, (group, by_device) in enumerate(self._groups()):
             present = []
             for device, dtype, params in by_device:
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    present.append((device, dtype, grads))
+                tensors = [p if on_update else p.grad for p in params if p.grad is not None]
+                if tensors:
+                    present.append((device, dtype, tensors))
             if present:
                 result.append((_noise_scale(group, index), index, present))
         return result
 
     def apply(self) -> None:
-        """Add this step's noise to the gradients and advance the step count."""
+        """Add this step's noise and advance the step count.
+
+        placement="gradient": to the gradients; call it before `optimizer.step()`.
+        placement="update": to the parameters, p ← p + lr_group·σ_t·s_group·ε_t;
+        call it after `optimizer.step()` and before a learning-rate scheduler's step
+        (absolute mode only: relative mode needs the hooks to see the update).
+        """
         self._apply(None)
 
     @torch.no_grad()
     def _apply(self, found_inf: torch.Tensor | None) -> None:
-        gradients = self._gradients()
-        step = self._step_counter(gradients)
-        if self.replicas == 1:
-            self._sigma, stats = self._add(gradients, self.schedule, self.seed, step)
-        else:
-            # Replica m alone: its slices g[m] (contiguous views), its schedule and seed.
-            added = [
-                self._add(_replica_slices(gradients, m), self.schedule[m], self.seed[m], step)
-                for m in range(self.replicas)
-            ]
-            self._sigma, stats = [sigma for sigma, _ in added], [stats for _, stats in added]
+        targets = self._targets()
+        step = self._step_counter(targets)
+        noised = [(scale, index, groups) for scale, index, groups in targets if scale > 0]
+        # What a replica's slices are cut from: the gradients (for the stats), and Δp
+        # (relative update noise), both in the order of _flat(targets) and _flat(noised).
+        on_update = self.placement == "update"
+        grads = [p.grad for p in _flat(targets)] if on_update else _flat(targets)
+        updates = self._update(noised) if self._params_before else None
+        results = []
+        for replica in self._lanes():
+
+            def cut(tensors, replica=replica):
+                return tensors if replica is None or tensors is None else [t[replica] for t in tensors]
+
+            lane_targets = targets if replica is None else _replica_slices(targets, replica)
+            results.append(self._add_lane(replica, lane_targets, cut(grads), cut(updates), step, found_inf))
+        sigmas, stats = [sigma for sigma, _ in results], [stats for _, stats in results]
         if self.track_stats:
-            self.last_stats = stats
+            self.last_stats = stats[0] if self.replicas == 1 else stats
         if isinstance(self._step, torch.Tensor):
             # A step a fused optimizer skips (GradScaler found inf) is not counted, without a sync.
             self._step += 1 if found_inf is None else (found_inf == 0).to(torch.int64)
         else:
             self._step += 1
+        self._sigma = sigmas[0] if self.replicas == 1 else sigmas
 
-    def _add(self, gradients, schedule, seed: int, step) -> tuple:
-        """Add step t's noise of (schedule, seed) to `gradients`; (σ, stats or None)."""
-        noised = [(scale, index, groups) for scale, index, groups in gradients if scale > 0]
+    def _add_lane(self, replica, targets, grads, updates, step, found_inf) -> tuple:
+        """One replica's step t (a single model is one): σ_t from its schedule (relative:
+        times the RMS of its gradients, or of its update Δp), its noise added; (σ_t, stats)."""
+        schedule, previous = self._lane(self.schedule, replica), self._lane(self._sigma, replica)
+        noised = [(scale, index, groups) for scale, index, groups in targets if scale > 0]
         sigma = schedule(step.double() if isinstance(step, torch.Tensor) else step)
         if noised and isinstance(schedule, schedules.Relative):
-            rms = _global_rms(_flat(noised))
+            rms = _global_rms(updates if updates is not None else _flat(noised))
             # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
             sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
-        before = self._snapshot(noised) if self.track_stats else None
-        if isinstance(sigma, torch.Tensor) or sigma > 0:
-            key = _mix(seed, step)
-            for scale, index, groups in noised:
-                # Param group i's (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
-                _add_noise_to_groups(groups, sigma * scale, key, index << 16, self._workspace)
-        return sigma, None if before is None else self._stats(gradients, noised, before)
+        if self.track_stats:
+            grad_norm, before = _norm(grads), self._snapshot(noised)
+        self._add(replica, noised, sigma, step, found_inf)
+        stats = self._stats(grad_norm, noised, before) if self.track_stats else None
+        if isinstance(step, torch.Tensor) and found_inf is not None:
+            # A step a fused optimizer skips keeps σ_{t−1}, without a sync.
+            device = found_inf.device
+            sigma = torch.where(found_inf == 0, _on(sigma, device), _on(previous, device))
+        return sigma, stats
 
-    def _step_counter(self, gradients) -> int | torch.Tensor:
-        """t, moved to the gradients' device on the first capturable step."""
-        if self.capturable and not isinstance(self._step, torch.Tensor) and gradients:
-            device = gradients[0][2][0][0]
+    def _add(self, replica, noised, sigma, step, found_inf: torch.Tensor | None) -> None:
+        """The one way noise is added: σ_t·c·ε_t to each group's tensors, ε_t from the key
+        of (seed, t); anticorrelated, also −σ_{t−1}·c·ε_{t−1} from the key of (seed, t−1).
+
+        c = s_group, times lr_group in absolute mode on the update. Param group i's
+        (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
+        """
+        seed, previous = self._lane(self.seed, replica), self._lane(self._sigma, replica)
+        terms = [(sigma, step)]
+        if self._lane(self.correlation, replica) == "anticorrelated" and (
+            isinstance(previous, torch.Tensor) or previous != 0
+        ):
+            if isinstance(sigma, torch.Tensor) and not isinstance(previous, torch.Tensor):
+                # Resumed: σ_{t−1} was a tensor of this dtype before it was saved as a float.
+                previous = torch.tensor(previous, dtype=sigma.dtype, device=sigma.device)
+            terms.append((-previous, step - 1))
+        on_update = self.placement == "update"
+        if on_update and self.capturable and found_inf is not None:
+            # A step the fused optimizer skips gets 0·ε on the update, without a sync.
+            terms = [(term_sigma * (found_inf == 0), term_step) for term_sigma, term_step in terms]
+        per_lr = on_update and not isinstance(self._lane(self.schedule, replica), schedules.Relative)
+        for term_sigma, term_step in terms:
+            if not isinstance(term_sigma, torch.Tensor) and term_sigma == 0:
+                continue
+            key = _mix(seed, term_step)
+            for scale, index, groups in noised:
+                if per_lr:
+                    scale = scale * self.optimizer.param_groups[index]["lr"]
+                _add_noise_to_groups(groups, term_sigma * scale, key, index << 16, self._workspace)
+
+    def _update(self, noised) -> list[torch.Tensor]:
+        """Δp = p − p_before of the parameters that get noise (placement "update")."""
+        params = _flat(noised)
+        before, self._params_before = self._params_before, {}
+        return torch._foreach_sub(params, [before[id(p)] for p in params]) if params else []
+
+    def _step_counter(self, targets) -> int | torch.Tensor:
+        """t, moved to the targets' device on the first capturable step."""
+        if self.capturable and not isinstance(self._step, torch.Tensor) and targets:
+            device = targets[0][2][0][0]
             self._step = torch.tensor(self._step, dtype=torch.int64, device=device)
         return self._step
 
     @staticmethod
     def _snapshot(noised) -> list[torch.Tensor]:
-        return [g.clone() for g in _flat(noised)]
+        return [t.clone() for t in _flat(noised)]
 
     @staticmethod
-    def _stats(gradients, noised, before: list[torch.Tensor]) -> dict[str, float]:
-        """‖g‖ over every gradient, ‖g̃ − g‖ over those that got noise, and their ratio."""
+    def _stats(grad_norm: float, noised, before: list[torch.Tensor]) -> dict[str, float]:
+        """‖g‖ over every gradient (taken before the noise), ‖noise‖ over the tensors that
+        got it, and their ratio."""
         after = _flat(noised)
-        clean = _flat([entry for entry in gradients if entry[0] == 0])
-
-        def norm(tensors: list[torch.Tensor]) -> float:
-            if not tensors:
-                return 0.0
-            norms = torch._foreach_norm(tensors)
-            return float(torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms])))
-
-        grad_norm = math.hypot(norm(before), norm(clean))
-        noise = torch._foreach_sub(after, before) if after else []
-        noise_norm = norm(noise)
+        noise_norm = _norm(torch._foreach_sub(after, before) if after else [])
         return {
             "grad_norm": grad_norm,
             "noise_norm": noise_norm,
@@ -741,22 +900,24 @@ class GradientNoise:
         }
 
     def state_dict(self) -> dict:
-        """What continuing exactly needs: (seed, step), the last step's σ and the schedule's
-        state. With replicas: {"replicas": [each replica's, as its own GradientNoise's]}."""
+        """What continuing exactly needs: (seed, step), the last step's σ (anticorrelated noise
+        subtracts σ_{t−1}·ε_{t−1}) and the schedule's state; the correlation and placement
+        it was made with. With replicas: {"replicas": [each replica's, as its own
+        GradientNoise's]}."""
         if self.replicas > 1:
             return {"replicas": [self._lane_state(m) for m in range(self.replicas)]}
         return self._lane_state(None)
 
     def _lane_state(self, replica: int | None) -> dict:
-        def lane(values):
-            return values if replica is None else values[replica]
-
+        schedule = self._lane(self.schedule, replica)
         return {
             "step": self.step,
-            "seed": lane(self.seed),
-            "sigma": float(lane(self._sigma)),
-            "schedule_spec": lane(self.schedule).spec,
-            "schedule_state": lane(self.schedule).state_dict(),
+            "seed": self._lane(self.seed, replica),
+            "sigma": float(self._lane(self._sigma, replica)),
+            "correlation": self._lane(self.correlation, replica),
+            "placement": self.placement,
+            "schedule_spec": schedule.spec,
+            "schedule_state": schedule.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -765,27 +926,44 @@ class GradientNoise:
             raise UserError(
                 f"GradientNoise state is for {len(lanes)} replicas, but this one has {self.replicas}"
             )
-        schedules_ = self.schedule if self.replicas > 1 else [self.schedule]
-        for lane, schedule in zip(lanes, schedules_, strict=True):
+        for replica, lane in zip(self._lanes(), lanes, strict=True):
+            schedule = self._lane(self.schedule, replica)
             if lane["schedule_spec"] != schedule.spec:
                 raise UserError(
                     f"GradientNoise state is for schedule {lane['schedule_spec']!r}, "
                     f"but this one has {schedule.spec!r}"
                 )
+            for name, mine, allowed in (
+                ("correlation", self._lane(self.correlation, replica), CORRELATIONS),
+                ("placement", self.placement, PLACEMENTS),
+            ):
+                saved = lane.get(name, allowed[0])  # states saved before the option: its default
+                if saved != mine:
+                    raise UserError(
+                        f"GradientNoise state is for {name}={saved!r}, but this one has {name}={mine!r}"
+                    )
         self.step = int(lanes[0]["step"])
         seeds = [int(lane["seed"]) for lane in lanes]
         # States saved before σ was kept have none.
         sigmas = [float(lane.get("sigma", 0.0)) for lane in lanes]
         self.seed, self._sigma = (seeds, sigmas) if self.replicas > 1 else (seeds[0], sigmas[0])
-        for lane, schedule in zip(lanes, schedules_, strict=True):
-            schedule.load_state_dict(lane["schedule_state"])
+        for replica, lane in zip(self._lanes(), lanes, strict=True):
+            self._lane(self.schedule, replica).load_state_dict(lane["schedule_state"])
 
     def remove(self) -> None:
         """Detach from the optimizer: later steps get no noise."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def __repr__(self) -> str:
         specs = self.schedule.spec if self.replicas == 1 else [s.spec for s in self.schedule]
-        return f"GradientNoise({specs!r}, seed={self.seed}, step={self.step})"
+        options = "".join(
+            f", {name}={value!r}"
+            for name, value, default in (
+                ("correlation", self.correlation, CORRELATIONS[0]),
+                ("placement", self.placement, PLACEMENTS[0]),
+            )
+            if value not in (default, [default] * self.replicas)
+        )
+        return f"GradientNoise({specs!r}, seed={self.seed}, step={self.step}{options})"

@@ -32,6 +32,7 @@ def register(commands) -> None:
         description="Run every run of a study spec not finished yet.\n\n"
         "  gradnoise study run quick --jobs 2 --report\n"
         "  gradnoise study run paper-small --devices cuda:0 --per-device 4\n"
+        "  gradnoise study run paper --devices cuda:0 --batch-models 8 --datasets shakespeare_char\n"
         "  gradnoise study run my.yaml --executor ray --address auto\n"
         "  gradnoise study run quick --dir /tmp/smoke --set max_iters=50",
     )
@@ -39,12 +40,34 @@ def register(commands) -> None:
     run.add_argument("--dir", type=Path, help="study directory (default: ./studies/<name>)")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
     run.add_argument("--address", help="Ray cluster address (e.g. auto); default: a local Ray")
-    run.add_argument("--jobs", type=int, default=1, help="concurrent runs (local executor)")
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="concurrent processes (local executor): runs, or groups of runs with --batch-models",
+    )
     run.add_argument(
         "--devices",
         help="comma-separated devices, e.g. cuda:0,cuda:1; runs go round-robin over them",
     )
-    run.add_argument("--per-device", type=int, default=1, help="concurrent runs sharing one device (GPU)")
+    run.add_argument(
+        "--per-device", type=int, default=1, help="concurrent processes sharing one device (GPU)"
+    )
+    run.add_argument(
+        "--batch-models",
+        type=int,
+        metavar="M",
+        help="train up to M runs that differ only in per-replica settings (seed, noise, dropout, "
+        "regularizers, clipping) in one process, as one batched model (1: a process per run). "
+        "Default: 8 where the runs train on CUDA (--devices "
+        "names a GPU, or device auto/cuda with a GPU here), else 1; give it for a Ray cluster. "
+        "A group once started keeps its runs until they finish",
+    )
+    run.add_argument(
+        "--datasets",
+        metavar="A,B",
+        help="run only these of the spec's datasets (comma-separated; default: all)",
+    )
     run.add_argument(
         "--set",
         dest="set_values",
@@ -97,6 +120,8 @@ def run_spec(args) -> int:
         devices=devices,
         per_device=args.per_device,
         address=args.address,
+        batch_models=args.batch_models,
+        datasets=[d.strip() for d in args.datasets.split(",")] if args.datasets is not None else None,
         progress=not args.no_progress and not quiet(args),
     )
     log.info(

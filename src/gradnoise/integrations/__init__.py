@@ -17,7 +17,7 @@ from types import ModuleType
 from gradnoise import schedules
 from gradnoise.errors import UserError
 
-__all__ = ["check_mode", "check_monitor", "import_extra", "noise_seed", "schedule_from"]
+__all__ = ["check_choice", "check_mode", "check_monitor", "import_extra", "noise_seed", "schedule_from"]
 
 
 def import_extra(module: str, extra: str) -> ModuleType:
@@ -41,11 +41,16 @@ def schedule_from(schedule: schedules.Schedule | str) -> schedules.Schedule:
     return parsed
 
 
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    """`value` if it is one of `allowed`, GradientNoise's values for the argument `name`;
+    checked when the callback is built, not at fit time."""
+    if value not in allowed:
+        raise UserError(f"{name}={value!r} is not allowed: use {' or '.join(map(repr, allowed))}")
+    return value
+
+
 def check_mode(mode: str) -> str:
-    """`mode` if GradientNoise accepts it; checked when the callback is built, not at fit time."""
-    if mode not in ("absolute", "relative"):
-        raise UserError(f"mode={mode!r} is not allowed: use 'absolute' or 'relative'")
-    return mode
+    return check_choice("mode", mode, ("absolute", "relative"))
 
 
 def check_monitor(schedule: schedules.Schedule, monitor: str | None) -> str | None:

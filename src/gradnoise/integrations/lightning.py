@@ -31,8 +31,15 @@ import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import check_mode, check_monitor, import_extra, noise_seed, schedule_from
-from gradnoise.noise import GradientNoise
+from gradnoise.integrations import (
+    check_choice,
+    check_mode,
+    check_monitor,
+    import_extra,
+    noise_seed,
+    schedule_from,
+)
+from gradnoise.noise import CORRELATIONS, PLACEMENTS, GradientNoise
 
 try:
     from lightning.pytorch import Callback
@@ -64,6 +71,10 @@ class GradientNoiseCallback(Callback):
             different parameters and needs noise of its own.
         track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
             gradients and a host sync per step; see `GradientNoise`).
+        correlation: "independent", or "anticorrelated": σ_t·ε_t − σ_{t−1}·ε_{t−1}
+            (see `GradientNoise`).
+        placement: "gradient", or "update": the noise goes to the parameters
+            after the optimizer's step, lr·σ_t·ε_t (see `GradientNoise`).
         log_sigma: log σ of the last step as ``gradnoise/sigma``.
 
     Logged via `pl_module.log` at every training batch (the optimizer's index
@@ -82,6 +93,8 @@ class GradientNoiseCallback(Callback):
         per_rank_seed: bool = False,
         track_stats: bool = False,
         log_sigma: bool = True,
+        correlation: str = "independent",
+        placement: str = "gradient",
     ):
         self.schedule = schedule_from(schedule)
         self.seed = seed
@@ -90,6 +103,8 @@ class GradientNoiseCallback(Callback):
         self.per_rank_seed = per_rank_seed
         self.track_stats = track_stats
         self.log_sigma = log_sigma
+        self.correlation = check_choice("correlation", correlation, CORRELATIONS)
+        self.placement = check_choice("placement", placement, PLACEMENTS)
         self.noises: list[GradientNoise] = []
         self._restored: list[dict] | None = None
 
@@ -107,6 +122,8 @@ class GradientNoiseCallback(Callback):
                 seed=noise_seed(self.seed, index, rank, world_size),
                 mode=self.mode,
                 track_stats=self.track_stats,
+                correlation=self.correlation,
+                placement=self.placement,
             )
             for index, optimizer in enumerate(trainer.optimizers)
         ]

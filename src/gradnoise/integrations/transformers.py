@@ -40,8 +40,15 @@ import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import check_mode, check_monitor, import_extra, noise_seed, schedule_from
-from gradnoise.noise import GradientNoise
+from gradnoise.integrations import (
+    check_choice,
+    check_mode,
+    check_monitor,
+    import_extra,
+    noise_seed,
+    schedule_from,
+)
+from gradnoise.noise import CORRELATIONS, PLACEMENTS, GradientNoise
 
 _transformers = import_extra("transformers", "transformers")
 TrainerCallback = _transformers.TrainerCallback
@@ -83,6 +90,10 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
             different parameters and needs noise of its own.
         track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
             gradients and a host sync per step; see `GradientNoise`).
+        correlation: "independent", or "anticorrelated": σ_t·ε_t − σ_{t−1}·ε_{t−1}
+            (see `GradientNoise`).
+        placement: "gradient", or "update": the noise goes to the parameters
+            after the optimizer's step, lr·σ_t·ε_t (see `GradientNoise`).
         log_sigma: add ``gradnoise_sigma`` to the training logs.
     """
 
@@ -96,6 +107,8 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         per_rank_seed: bool = False,
         track_stats: bool = False,
         log_sigma: bool = True,
+        correlation: str = "independent",
+        placement: str = "gradient",
     ):
         self.schedule = schedule_from(schedule)
         self.seed = seed
@@ -104,6 +117,8 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         self.per_rank_seed = per_rank_seed
         self.track_stats = track_stats
         self.log_sigma = log_sigma
+        self.correlation = check_choice("correlation", correlation, CORRELATIONS)
+        self.placement = check_choice("placement", placement, PLACEMENTS)
         self.noise: GradientNoise | None = None
         # Set by the Trainer when it restores this callback from a checkpoint.
         self.noise_state: dict | None = None
@@ -120,6 +135,8 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
             seed=noise_seed(self.seed, 0, args.process_index if self.per_rank_seed else 0, 1),
             mode=self.mode,
             track_stats=self.track_stats,
+            correlation=self.correlation,
+            placement=self.placement,
         )
         if self.noise_state is not None:
             seed = self.noise.seed
@@ -129,10 +146,14 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         elif state.global_step > 0:
             # Resumed without this callback's state: continue t, never reuse a step's key.
             self.noise.step = state.global_step
-            if self.schedule.needs_metric:
+            lost = [
+                *(["the plateau schedule restarts at σ0"] if self.schedule.needs_metric else []),
+                *(["the first step lacks −σ_{t−1}·ε_{t−1}"] if self.correlation == "anticorrelated" else []),
+            ]
+            if lost:
                 warnings.warn(
                     f"GradientNoiseCallback: resumed at step {state.global_step} without its saved state, so "
-                    f"the plateau schedule restarts at σ0; pass TrainingArguments("
+                    f"{' and '.join(lost)}; pass TrainingArguments("
                     "restore_callback_states_from_checkpoint=True) to continue it",
                     stacklevel=2,
                 )
@@ -176,6 +197,8 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
                 "per_rank_seed": self.per_rank_seed,
                 "track_stats": self.track_stats,
                 "log_sigma": self.log_sigma,
+                "correlation": self.correlation,
+                "placement": self.placement,
             },
             "attributes": {"noise_state": noise_state},
         }

@@ -37,7 +37,8 @@ CHOICES = {
     "dataset": DATASETS,
     "optimizer": ("adamw", "sgd"),
     "noise_mode": ("absolute", "relative"),
-    "noise_placement": ("after_clip", "before_clip"),
+    "noise_correlation": ("independent", "anticorrelated"),
+    "noise_placement": ("after_clip", "before_clip", "update"),
     "dtype": ("auto", *DTYPES),
     "compile": ("auto", True, False),
 }
@@ -78,9 +79,17 @@ class TrainConfig:
     # gradient noise (a gradnoise.schedules spec) and the other regularizers
     noise: str = _key("none", "gradient noise schedule, e.g. exp:sigma0=0.1,gamma=0.99 (gradnoise.schedules)")
     noise_mode: str = _key("absolute", "absolute: σ_t is the noise's std; relative: σ_t · RMS(g)")
-    noise_placement: str = _key("after_clip", "add the noise after gradient clipping, or before_clip")
+    noise_correlation: str = _key(
+        "independent", "independent: σ_t·ε_t; anticorrelated: σ_t·ε_t − σ_{t−1}·ε_{t−1} (Anti-PGD)"
+    )
+    noise_placement: str = _key(
+        "after_clip", "after_clip, before_clip (on the gradient) or update (lr_t·σ_t·ε on the weights)"
+    )
     label_smoothing: float = _key(0.0, "label smoothing ε of the training loss, in [0, 1)")
     char_substitution: float = _key(0.0, "P(an input character is replaced by a uniform random token)")
+    embedding_noise_alpha: float = _key(
+        0.0, "NEFTune's α: Uniform(±α/√(L·d)) noise on the token embeddings in training (0: off)"
+    )
     # evaluation, logging, checkpoints
     eval_interval: int = _key(250, "steps between evaluations")
     eval_iters: int = _key(50, "batches per split in each evaluation")
@@ -151,16 +160,27 @@ class TrainConfig:
 #: The settings each replica of a batched group has for itself (see gradnoise.lm.group);
 #: every other key is shared by the group: architecture, optimizer and learning-rate
 #: schedule, batch, iterations, evaluation, device, dtype, compile, noise placement.
+#: The placement is shared because it is where in the step the noise goes (the loop's
+#: apply() before clipping, or the optimizer's hooks before or after its update), and a
+#: group takes each step once for all its replicas.
 PER_REPLICA_KEYS = (
     "seed",
     "noise",
     "noise_mode",
+    "noise_correlation",
     "dropout",
     "weight_decay",
     "label_smoothing",
     "char_substitution",
+    "embedding_noise_alpha",
     "grad_clip",
 )
+
+#: Config keys added after runs were stored, with the value that computes what runs did
+#: before the key existed: a stored config without the key means this value. Run ids
+#: (gradnoise.study.spec.run_id) leave a key at this value out, so stored studies keep
+#: their ids, and a checkpoint written before the key existed resumes.
+LATER_KEYS = {"train_fraction": 1.0, "noise_correlation": "independent", "embedding_noise_alpha": 0.0}
 
 
 def group_key(cfg: TrainConfig) -> str:
@@ -209,6 +229,7 @@ _RULES = {
         for name in ("beta1", "beta2", "momentum", "dropout", "label_smoothing")
     },
     "char_substitution": (lambda v, cfg: 0 <= v <= 1, "a probability in [0, 1]"),
+    "embedding_noise_alpha": (lambda v, cfg: v >= 0, "a number ≥ 0 (0 turns it off)"),
     "train_fraction": (lambda v, cfg: 0 < v <= 1, "a fraction in (0, 1]"),
 }
 

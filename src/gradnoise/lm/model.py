@@ -1,6 +1,6 @@
 """A small GPT language model, nanoGPT style: read it top to bottom.
 
-    tokens → token + position embeddings → dropout
+    tokens → token embeddings (+ NEFTune noise, in training) + position embeddings → dropout
            → n_layer × Block(x = x + Attn(LN(x)); x = x + MLP(LN(x)))
            → LN → logits = h · Wteᵀ   (output projection tied to the token embedding)
 
@@ -259,7 +259,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx, targets=None, label_smoothing: float | torch.Tensor = 0.0):
+    def forward(
+        self,
+        idx,
+        targets=None,
+        label_smoothing: float | torch.Tensor = 0.0,
+        embedding_noise_alpha: float | torch.Tensor = 0.0,
+    ):
         """idx (M, B, T) int64 → (logits, loss); a plain model (M = 1) also takes idx (B, T)
         and then returns logits and loss without the replica dimension.
 
@@ -270,6 +276,12 @@ class GPT(nn.Module):
 
         (F.cross_entropy's label_smoothing: target distribution (1 − ε)·onehot + ε/vocab).
         Without targets: logits of the last position only, (M, B, 1, vocab), for generation.
+
+        embedding_noise_alpha = α > 0 (NEFTune, Jain et al. 2024; a float, or one per
+        replica: (M,)), in training mode only: replica m's token embeddings get
+        u·α[m]/√(L·d), u ~ Uniform(−1, 1) per element, L = T the sequence length and
+        d = n_embd; drawn from the global torch RNG, as dropout is (one draw for all
+        replicas; a replica with α = 0 gets exactly none of it).
         """
         single = idx.dim() == 2
         if single:
@@ -285,7 +297,15 @@ class GPT(nn.Module):
                 f"sequence length {seq_len} exceeds the model's block_size={self.config.block_size}"
             )
         positions = self.transformer.wpe.weight[:, :seq_len].unsqueeze(1)  # (M, 1, T, C)
-        x = self.transformer.drop(self.transformer.wte(idx) + positions)
+        tokens = self.transformer.wte(idx)
+        if self.training and (isinstance(embedding_noise_alpha, torch.Tensor) or embedding_noise_alpha > 0):
+            bound = embedding_noise_alpha / math.sqrt(seq_len * self.config.n_embd)
+            if isinstance(bound, torch.Tensor):  # (M,): one per replica
+                noise = torch.empty_like(tokens).uniform_(-1, 1) * bound.to(tokens.dtype).view(-1, 1, 1, 1)
+            else:
+                noise = torch.empty_like(tokens).uniform_(-bound, bound)
+            tokens = tokens + noise
+        x = self.transformer.drop(tokens + positions)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)

@@ -45,7 +45,8 @@ KINDS = ("train", "eval")
 TRAIN_FIELDS = ("loss", "lr", "sigma", "tokens_per_s", "grad_norm", "noise_norm", "noise_to_grad")
 #: ‖g‖: the gradient the optimizer (and the noise, placed after clipping) gets, after
 #: clipping; ‖noise‖: the noise added to it (0 without noise); noise_to_grad their ratio.
-#: With noise placed before clipping, both are measured before clipping.
+#: With noise placed before clipping, both are measured before clipping; placed on the
+#: update, ‖noise‖ is the noise added to the weights after the step.
 GRADIENT_FIELDS = ("grad_norm", "noise_norm", "noise_to_grad")
 EVAL_FIELDS = ("train_loss", "val_loss", "test_loss")
 #: Result statuses of a run that ended: it trained to max_iters, or stopped on a non-finite value.

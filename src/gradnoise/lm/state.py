@@ -35,7 +35,7 @@ import torch
 
 from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, runlog
-from gradnoise.lm.config import TrainConfig, read_config
+from gradnoise.lm.config import LATER_KEYS, TrainConfig, read_config
 from gradnoise.lm.distributed import DistributedEnv, gather_rng_states, restore_rng_state
 from gradnoise.lm.model import load_weights, weights_for_saving
 from gradnoise.lm.replicas import Freezer
@@ -310,5 +310,6 @@ def refuse_existing_run(run_dir: Path) -> None:
 
 
 def _differences(saved: dict, cfg: TrainConfig) -> set[str]:
+    """The keys whose values differ; a key the saved config predates has its LATER_KEYS value."""
     current = cfg.to_dict()
-    return {key for key in current if saved.get(key) != current[key]}
+    return {key for key in current if saved.get(key, LATER_KEYS.get(key)) != current[key]}

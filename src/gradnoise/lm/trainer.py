@@ -7,12 +7,20 @@ group of one. Per optimizer step (`step` counts completed steps, from 0):
 
     lr_t = warmup / cosine schedule (learning_rate)
     for each of grad_accum micro-batches: x, y = next batch, (M, B, T): each run's own;
-        Σ_m loss_m(x[m], y[m]) / grad_accum → backward    (replica m's gradient is its run's)
+        Σ_m loss_m(x[m], y[m]) / grad_accum → backward    (replica m's gradient is its run's;
+        NEFTune noise on replica m's token embeddings inside the forward, if its
+        embedding_noise_alpha > 0)
     GradScaler.unscale_ (fp16 only) → [noise, if placed before clipping]
     → clip each replica's gradient to its own grad_clip (replicas.clip_grad_norms_)
-    optimizer.step()   ← pre-hooks: GradientNoise adds N(0, σ_t²) to each replica (its own
-                         schedule and seed; placement "after_clip"), then each replica's own
-                         weight decay (replicas.WeightDecay)
+    optimizer.step()   ← pre-hooks: GradientNoise adds N(0, σ_t²) to each replica's gradient
+                         (its own schedule and seed; placement "after_clip"), then each
+                         replica's own weight decay (replicas.WeightDecay); or, placement
+                         "update", GradientNoise's post-hook adds lr_t·σ_t·ε to each
+                         replica's weights after the update
+
+noise_correlation "anticorrelated" makes a replica's noise σ_t·ε_t − σ_{t−1}·ε_{t−1}
+wherever the group places it (see gradnoise.GradientNoise): the correlation is per
+replica, the placement the group's.
 
 A run whose loss, weights or optimizer state goes non-finite (checked at each sync point)
 is diverged: its replica is frozen (replicas.Freezer) and the others go on; the loop ends
@@ -25,6 +33,9 @@ per-replica norms; kept on the device until the log line's sync reads them back.
 Randomness, and why each source has its own stream (the study pairs methods by seed):
     init          torch.manual_seed(seed) right before the model (its replica) is drawn
     dropout       the global torch RNG, re-seeded with seed + rank after init
+    embedding     NEFTune's uniform noise: the global torch RNG too, drawn in each forward
+      noise       before its dropout masks (so with both on, the masks differ from a run
+                  without it; with embedding_noise_alpha = 0 nothing is drawn)
     batches       a torch.Generator seeded from (seed, "batches")
     augmentation  a torch.Generator seeded from (seed, "augmentation"): turning character
                   substitution on does not shift the batch stream
@@ -33,8 +44,9 @@ Randomness, and why each source has its own stream (the study pairs methods by s
 So for a seed, every method sees the same init, batches and dropout masks. In a group each
 run has its own init, batch, augmentation and noise streams, seeded as above from its own
 seed; replica m therefore starts from its run alone's weights, sees its batches and gets
-its noise. The dropout masks come from the one global RNG, seeded from the first run's
-seed: they are independent across replicas but not the masks of the runs alone.
+its noise. The dropout masks and NEFTune's embedding noise come from the one global RNG,
+seeded from the first run's seed: they are independent across replicas but not those of
+the runs alone (with dropout 0 and embedding_noise_alpha 0 nothing is drawn from it).
 
 Data parallel (torchrun sets RANK / WORLD_SIZE): every rank draws the *global* batch of
 batch_size · world_size sequences from the shared batch generator and takes its own slice
@@ -156,14 +168,20 @@ class Hyper:
     """The per-replica settings the step needs, as (M,) tensors on the device."""
 
     label_smoothing: torch.Tensor | float  # 0.0 when no replica smooths: no extra work
+    embedding_noise_alpha: torch.Tensor | float  # a float (0.0: nothing drawn) unless the replicas differ
     grad_clip: torch.Tensor  # 0: that replica is not clipped
     clipping: bool  # any replica clips
 
     @classmethod
     def of(cls, cfgs: list[TrainConfig], device: torch.device) -> Hyper:
         smoothing = [c.label_smoothing for c in cfgs]
+        alphas = [c.embedding_noise_alpha for c in cfgs]
         return cls(
             label_smoothing=torch.tensor(smoothing, device=device) if any(smoothing) else 0.0,
+            # A plain run's α as a float: its draw is uniform(−b, b), as before groups existed.
+            embedding_noise_alpha=(
+                alphas[0] if len(alphas) == 1 else torch.tensor(alphas, device=device) if any(alphas) else 0.0
+            ),
             grad_clip=torch.tensor([c.grad_clip for c in cfgs], device=device),
             clipping=any(c.grad_clip > 0 for c in cfgs),
         )
@@ -372,21 +390,25 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
 
 
 def build_noise(optimizer: torch.optim.Optimizer, *cfgs: TrainConfig) -> gradnoise.GradientNoise | None:
-    """The configs' gradient noise on `optimizer` (None when every run has noise=none): one
-    config, or one per replica (a run with noise=none gets σ = 0 there). Placed "after_clip"
-    it hooks optimizer.step(); "before_clip" the loop calls apply() itself."""
+    """The configs' noise on `optimizer` (None when every run has noise=none): one config, or
+    one per replica (a run with noise=none gets σ = 0 there). Placed "after_clip" it hooks
+    optimizer.step() before the update, "update" after it; "before_clip" the loop calls
+    apply() itself."""
     parsed = [gradnoise.schedules.parse(c.noise) for c in cfgs]
     if all(schedule is None for schedule in parsed):
         return None
     lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
     seeds = [data.derive_seed(c.seed, "noise") for c in cfgs]
     modes = [c.noise_mode for c in cfgs]
+    correlations = [c.noise_correlation for c in cfgs]
     return gradnoise.GradientNoise(
         optimizer,
         lanes[0] if len(cfgs) == 1 else lanes,
         seed=seeds[0] if len(cfgs) == 1 else seeds,
         mode=modes[0] if len(cfgs) == 1 else modes,
-        attach=cfgs[0].noise_placement == "after_clip",
+        attach=cfgs[0].noise_placement != "before_clip",
+        correlation=correlations[0] if len(cfgs) == 1 else correlations,
+        placement="update" if cfgs[0].noise_placement == "update" else "gradient",
         replicas=len(cfgs),
     )
 
@@ -467,6 +489,7 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: Hyper, 
                 to_device(x[:, rows], run.device),
                 to_device(y[:, rows], run.device),
                 label_smoothing=hyper.label_smoothing,
+                embedding_noise_alpha=hyper.embedding_noise_alpha,
             )
             losses = losses / cfg.grad_accum
         # The sum's gradient in replica m's weights is loss_m's alone.

@@ -1,25 +1,29 @@
 """Executors: where a study's runs train. The driver (`runner`) alone writes the store;
-an executor starts attempts, says which ended and how, and stops them.
+an executor starts launches, says how each member run ended, and stops them.
 
-    capacity() -> int          how many attempts may be in flight now
-    prepare(run) -> Attempt    where and how the run will train; nothing started yet
-    submit(attempt)            start it
-    poll(timeout) -> [Outcome] the attempts that ended (waiting up to `timeout` s for one)
-    cancel() -> [Attempt]      stop every attempt in flight, and return them
-    running                    the attempts in flight
+    capacity() -> int          how many launches may be in flight now
+    prepare(group) -> Launch   where and how the group (plan.Group) will train, its
+                               config.json or group.json written; nothing started yet
+    submit(launch)             start it
+    poll(timeout) -> [Outcome] an outcome per attempt of each launch that ended
+                               (waiting up to `timeout` s for one)
+    cancel() -> [Attempt]      stop every launch in flight, and return their attempts
+    launches                   the launches in flight
+    running                    their attempts (one per run the study waits for)
     close()                    (also on leaving a `with` block)
 
-prepare and submit are two calls so that the driver can mark the run running
+prepare and submit are two calls so that the driver can mark the runs running
 between them: no worker ever trains a run the store calls pending.
 
-- local: a worker process per attempt,
-  `python -m gradnoise train --config-file … --run-dir … --resume --no-progress`,
-  each with its device and OMP_NUM_THREADS = cores // concurrent runs (unless set).
-- ray: a Ray task per attempt that calls the trainer in-process and sends its result
-  and curves back to the driver.
+A Launch is one process (local) or one task (Ray) training one group; an Attempt is
+one run within it, trained once. A group of one is a run alone:
 
-An Attempt is the unit of work: one run, trained once (a later change may make it
-a group of runs trained together).
+- local: a worker process per launch, each with its device and
+  OMP_NUM_THREADS = cores // concurrent launches (unless set):
+  `python -m gradnoise train --config-file … --run-dir … --resume --no-progress` (a run alone),
+  `python -m gradnoise train --group GROUP_DIR --resume --no-progress` (a group).
+- ray: a Ray task per launch that calls the trainer in-process and sends its members'
+  results and curves back to the driver.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from typing import Any
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, runlog
+from gradnoise.lm.config import TrainConfig
+from gradnoise.lm.group import Member, write_group
+from gradnoise.study.plan import Group, group_directory, run_directory
 from gradnoise.study.spec import Run
 from gradnoise.study.store import STORE_FILE
 
@@ -49,38 +56,44 @@ ERROR_TAIL_CHARS = 4000
 TERMINATE_GRACE_S = 60.0
 
 
-def run_directory(study_dir: Path, run_id: str) -> Path:
-    """A run's own directory in its study: config.json, log.jsonl, checkpoints, result.json."""
-    return Path(study_dir) / "runs" / run_id
-
-
 def run_name(run_id: str, dataset: str, method: str, seed: int) -> str:
     return f"{run_id} {dataset}/{method} seed {seed}"
 
 
 @dataclass
 class Attempt:
-    """One run trained once, by one executor."""
+    """One run trained once, alone or as a member of a group."""
 
     run: Run
     run_dir: Path
-    #: the training config the worker gets (its device set by the executor)
-    config: dict
     #: where it trains, as the store and the display name it
     host: str
     device: str
     #: the step it resumes from (0 for a fresh run)
     first_step: int
+
+    @property
+    def name(self) -> str:
+        return run_name(self.run.run_id, self.run.dataset, self.run.method, self.run.seed)
+
+
+@dataclass
+class Launch:
+    """One process or task training one group: an attempt per member the study waits for."""
+
+    group: Group
+    attempts: list[Attempt]
+    #: run id → the training config the worker gets (its device set by the executor), every member
+    configs: dict[str, dict]
+    #: the run's directory (a run alone) or the group's: where the worker's output goes
+    directory: Path
+    device: str
     #: the share of a GPU it needs (Ray schedules by it)
     gpus: float = 0.0
     #: the local executor's worker slot
     slot: int | None = None
     #: the executor's handle on it: a Popen, a Ray ObjectRef
     handle: Any = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return run_name(self.run.run_id, self.run.dataset, self.run.method, self.run.seed)
 
 
 @dataclass(frozen=True)
@@ -95,10 +108,12 @@ class Outcome:
     reason: str = ""
 
 
-def check_options(executor: str, jobs, devices, per_device, address) -> None:
+def check_options(executor: str, jobs, devices, per_device, address, batch_models=1) -> None:
     """UserError for any executor option that is not allowed, before anything is written."""
     if executor not in EXECUTORS:
         raise UserError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if not isinstance(batch_models, int) or batch_models < 1:
+        raise UserError(f"batch_models={batch_models!r}: give an integer ≥ 1 (the runs one process trains)")
     if not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"jobs={jobs!r}: give an integer ≥ 1")
     if not isinstance(per_device, int) or per_device < 1:
@@ -153,17 +168,22 @@ def _device_slots(jobs: int, devices: list[str] | None, per_device: int) -> list
 
 
 class Executor:
-    """The interface of the module docstring; `running` is the attempts in flight."""
+    """The interface of the module docstring; `launches` is the launches in flight."""
 
-    running: list[Attempt]
+    study_dir: Path
+    launches: list[Launch]
+
+    @property
+    def running(self) -> list[Attempt]:
+        return [attempt for launch in self.launches for attempt in launch.attempts]
 
     def capacity(self) -> int:
         raise NotImplementedError
 
-    def prepare(self, run: Run) -> Attempt:
+    def prepare(self, group: Group) -> Launch:
         raise NotImplementedError
 
-    def submit(self, attempt: Attempt) -> None:
+    def submit(self, launch: Launch) -> None:
         raise NotImplementedError
 
     def poll(self, timeout: float) -> list[Outcome]:
@@ -181,70 +201,85 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _launch(self, group: Group, host: str, config_device=None, shown_device=None, **where) -> Launch:
+        """The launch of `group`, its configs' device set to `config_device` (None: their
+        own), shown to the store and display as `shown_device` (None: the configs' device);
+        its run directories made and, for a group, its group.json written: that file is the
+        study's record that these runs train together (plan.launched_groups)."""
+        configs = {}
+        for run in group.members:
+            configs[run.run_id] = run.config.to_dict() | ({"device": config_device} if config_device else {})
+            run_directory(self.study_dir, run.run_id).mkdir(parents=True, exist_ok=True)
+        if group.group_id is None:
+            (run,) = group.members
+            directory = run_directory(self.study_dir, run.run_id)
+        else:
+            directory = group_directory(self.study_dir, group.group_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            members = [
+                Member(run_id, run_directory(self.study_dir, run_id), TrainConfig.from_dict(config))
+                for run_id, config in configs.items()
+            ]
+            write_group(directory, members)
+        launch_device = shown_device or configs[group.members[0].run_id]["device"]
+        attempts = [
+            Attempt(
+                run=run,
+                run_dir=run_directory(self.study_dir, run.run_id),
+                host=host,
+                device=launch_device,
+                first_step=runlog.last_step(run_directory(self.study_dir, run.run_id)),
+            )
+            for run in group.todo
+        ]
+        return Launch(group, attempts, configs, directory, launch_device, **where)
+
 
 # ---- local --------------------------------------------------------------------------------------
 
 
 class LocalExecutor(Executor):
     """Worker processes on this machine, one per slot; a slot has a device or None (the
-    run's configured device)."""
+    runs' configured device)."""
 
     def __init__(self, study_dir: Path, slots: list[str | None]):
         self.study_dir = Path(study_dir)
         self.slots = slots
         self.free = list(range(len(slots)))
-        # Threads per worker: cores // concurrent runs (oversubscribed cores slow a step
+        # Threads per worker: cores // concurrent launches (oversubscribed cores slow a step
         # tenfold), unless the user set OMP_NUM_THREADS.
         self.threads = max(1, _cores() // len(slots))
-        self.running: list[Attempt] = []
+        self.launches: list[Launch] = []
 
     def capacity(self) -> int:
         return len(self.slots)
 
-    def prepare(self, run: Run) -> Attempt:
+    def prepare(self, group: Group) -> Launch:
         slot = self.free.pop(0)
         device = self.slots[slot]
-        run_dir = run_directory(self.study_dir, run.run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = run.config.to_dict()
-        if device is not None and device.startswith("cuda:"):
-            # The worker sees only its GPU, as "cuda": a run resumed on another GPU keeps its
-            # config (the trainer refuses to resume with a changed device).
-            config["device"] = "cuda"
-        elif device is not None:
-            config["device"] = device
-        atomic.write_text(run_dir / runlog.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        return Attempt(
-            run=run,
-            run_dir=run_dir,
-            config=config,
-            host=socket.gethostname(),
-            device=device or config["device"],
-            first_step=runlog.last_step(run_dir),
-            slot=slot,
-        )
+        # The worker sees only its GPU, as "cuda": a run resumed on another GPU keeps its
+        # config (the trainer refuses to resume with a changed device).
+        config_device = "cuda" if device is not None and device.startswith("cuda:") else device
+        launch = self._launch(group, socket.gethostname(), config_device, device, slot=slot)
+        if group.group_id is None:
+            (config,) = launch.configs.values()
+            atomic.write_text(launch.directory / runlog.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        return launch
 
-    def submit(self, attempt: Attempt) -> None:
+    def submit(self, launch: Launch) -> None:
         env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads), **os.environ}
-        if attempt.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = _physical_gpu(int(attempt.device[5:]))
-        run_dir = attempt.run_dir
-        command = [
-            sys.executable,
-            "-m",
-            "gradnoise",
-            "train",
-            "--config-file",
-            str(run_dir / runlog.CONFIG_FILE),
-            "--run-dir",
-            str(run_dir),
-            "--resume",
-            "--no-progress",
-        ]
-        with open(run_dir / "stdout.log", "wb") as stdout, open(run_dir / "stderr.log", "wb") as stderr:
+        if launch.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = _physical_gpu(int(launch.device[5:]))
+        directory = launch.directory
+        if launch.group.group_id is None:
+            where = ["--config-file", str(directory / runlog.CONFIG_FILE), "--run-dir", str(directory)]
+        else:
+            where = ["--group", str(directory)]
+        command = [sys.executable, "-m", "gradnoise", "train", *where, "--resume", "--no-progress"]
+        with open(directory / "stdout.log", "wb") as stdout, open(directory / "stderr.log", "wb") as stderr:
             # A session of its own: Ctrl-C reaches the driver only, which then stops the worker
             # with SIGTERM, so that it writes a checkpoint first.
-            attempt.handle = subprocess.Popen(
+            launch.handle = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
@@ -253,29 +288,26 @@ class LocalExecutor(Executor):
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        self.running.append(attempt)
+        self.launches.append(launch)
 
     def poll(self, timeout: float) -> list[Outcome]:
         ended = self._ended()
         if not ended:
             time.sleep(timeout)
             ended = self._ended()
-        for attempt in ended:
-            self.running.remove(attempt)
-            self.free.append(attempt.slot)
-        return [self._outcome(attempt) for attempt in ended]
+        for launch in ended:
+            self.launches.remove(launch)
+            self.free.append(launch.slot)
+        return [outcome for launch in ended for outcome in self._outcomes(launch)]
 
-    def _ended(self) -> list[Attempt]:
-        return [a for a in self.running if a.handle.poll() is not None]
+    def _ended(self) -> list[Launch]:
+        return [launch for launch in self.launches if launch.handle.poll() is not None]
 
-    def _outcome(self, attempt: Attempt) -> Outcome:
-        code = attempt.handle.returncode
-        result = runlog.read_result(attempt.run_dir) if code in (0, 3) else None
-        if result is not None:
-            if attempt.device.startswith("cuda:"):
-                # The worker saw only its GPU and calls it cuda:0; name the driver's index.
-                result = {**result, "device": f"{attempt.device} {result['device'].partition(' ')[2]}"}
-            return Outcome(attempt, result, runlog.read_curves(attempt.run_dir))
+    def _outcomes(self, launch: Launch) -> list[Outcome]:
+        """Each member with a finished result.json (written by this launch: the driver
+        recorded any earlier one before planning) ended so; the others failed with the
+        worker's exit and the tail of its stderr."""
+        code = launch.handle.returncode
         if code < 0:
             reason = f"killed by {signal.Signals(-code).name}"
         elif code == 128 + signal.SIGTERM:
@@ -284,23 +316,33 @@ class LocalExecutor(Executor):
             reason = f"exited with status {code} but left no finished result.json"
         else:
             reason = f"exited with status {code}"
-        error = f"{reason}\n{_tail(attempt.run_dir / 'stderr.log')}".strip()
-        return Outcome(attempt, error=error, reason=reason)
+        outcomes = []
+        for attempt in launch.attempts:
+            result = runlog.read_result(attempt.run_dir)
+            if result is None:
+                error = f"{reason}\n{_tail(launch.directory / 'stderr.log')}".strip()
+                outcomes.append(Outcome(attempt, error=error, reason=reason))
+                continue
+            if launch.device.startswith("cuda:"):
+                # The worker saw only its GPU and calls it cuda:0; name the driver's index.
+                result = {**result, "device": f"{launch.device} {result['device'].partition(' ')[2]}"}
+            outcomes.append(Outcome(attempt, result, runlog.read_curves(attempt.run_dir)))
+        return outcomes
 
     def cancel(self) -> list[Attempt]:
         """SIGTERM (the trainer checkpoints and exits), then SIGKILL whoever is still there."""
-        stopped, self.running = self.running, []
-        for attempt in stopped:
+        stopped, self.launches = self.launches, []
+        for launch in stopped:
             with contextlib.suppress(ProcessLookupError):
-                attempt.handle.terminate()
+                launch.handle.terminate()
         deadline = time.time() + TERMINATE_GRACE_S
-        for attempt in stopped:
+        for launch in stopped:
             try:
-                attempt.handle.wait(timeout=max(0.0, deadline - time.time()))
+                launch.handle.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                attempt.handle.kill()
-                attempt.handle.wait()
-        return stopped
+                launch.handle.kill()
+                launch.handle.wait()
+        return [attempt for launch in stopped for attempt in launch.attempts]
 
 
 def _physical_gpu(index: int) -> str:
@@ -340,7 +382,7 @@ def _tail(path: Path, chars: int = ERROR_TAIL_CHARS) -> str:
 
 
 class RayExecutor(Executor):
-    """A Ray task per attempt on the cluster at `address` (None: a Ray started here, and
+    """A Ray task per launch on the cluster at `address` (None: a Ray started here, and
     shut down on close). Capacity: GPUs · per_device, or the CPUs where there is no GPU."""
 
     def __init__(self, study_dir: Path, *, address: str | None, per_device: int):
@@ -354,10 +396,10 @@ class RayExecutor(Executor):
             except (ConnectionError, RuntimeError) as error:
                 raise UserError(f"cannot start or reach Ray (address={address!r}): {error}") from None
         self.task = ray.remote(train_in_worker)
-        self.in_flight: dict = {}  # ObjectRef → Attempt
+        self.in_flight: dict = {}  # ObjectRef → Launch
 
     @property
-    def running(self) -> list[Attempt]:
+    def launches(self) -> list[Launch]:
         return list(self.in_flight.values())
 
     def capacity(self) -> int:
@@ -365,47 +407,43 @@ class RayExecutor(Executor):
         gpus = resources.get("GPU", 0)
         return max(1, int(gpus * self.per_device) if gpus else int(resources.get("CPU", 1)))
 
-    def prepare(self, run: Run) -> Attempt:
-        use_gpu = self.ray.cluster_resources().get("GPU", 0) > 0 and run.config.device != "cpu"
-        config = run.config.to_dict()
-        if use_gpu:
-            config["device"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU
-        run_dir = run_directory(self.study_dir, run.run_id)
-        return Attempt(
-            run=run,
-            run_dir=run_dir,
-            config=config,
-            host="ray",
-            device=config["device"],
-            first_step=runlog.last_step(run_dir),
-            gpus=1 / self.per_device if use_gpu else 0,
+    def prepare(self, group: Group) -> Launch:
+        use_gpu = self.ray.cluster_resources().get("GPU", 0) > 0 and group.members[0].config.device != "cpu"
+        # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU.
+        return self._launch(
+            group, "ray", "cuda" if use_gpu else None, gpus=1 / self.per_device if use_gpu else 0
         )
 
-    def submit(self, attempt: Attempt) -> None:
-        task = self.task.options(num_cpus=1, num_gpus=attempt.gpus)
-        reference = task.remote(attempt.config, str(self.study_dir.resolve()), attempt.run.run_id)
-        attempt.handle = reference
-        self.in_flight[reference] = attempt
+    def submit(self, launch: Launch) -> None:
+        task = self.task.options(num_cpus=1, num_gpus=launch.gpus)
+        reference = task.remote(launch.configs, str(self.study_dir.resolve()), launch.group.group_id)
+        launch.handle = reference
+        self.in_flight[reference] = launch
 
     def poll(self, timeout: float) -> list[Outcome]:
         if not self.in_flight:
             return []
         done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
-        return [self._outcome(self.in_flight.pop(reference)) for reference in done]
+        return [outcome for reference in done for outcome in self._outcomes(self.in_flight.pop(reference))]
 
-    def _outcome(self, attempt: Attempt) -> Outcome:
+    def _outcomes(self, launch: Launch) -> list[Outcome]:
         try:
-            output = self.ray.get(attempt.handle)
+            output = self.ray.get(launch.handle)
         except Exception as error:  # the task raised, or its worker or node died
             text = str(error).strip()
             reason = text.splitlines()[-1] if text else type(error).__name__
-            return Outcome(attempt, error=str(error)[-ERROR_TAIL_CHARS:], reason=reason)
-        result = output["result"]
-        result.setdefault("host", output["host"])
-        if result.get("status") not in runlog.FINISHED:
+            return [Outcome(a, error=str(error)[-ERROR_TAIL_CHARS:], reason=reason) for a in launch.attempts]
+        outcomes = []
+        for attempt in launch.attempts:
+            result = output["results"][attempt.run.run_id]
+            result.setdefault("host", output["host"])
             status = result.get("status")
-            return Outcome(attempt, error=f"trainer returned {status!r}", reason=f"status {status!r}")
-        return Outcome(attempt, result, output["curves"])
+            if status not in runlog.FINISHED:
+                error, reason = f"trainer returned {status!r}", f"status {status!r}"
+                outcomes.append(Outcome(attempt, error=error, reason=reason))
+            else:
+                outcomes.append(Outcome(attempt, result, output["curves"][attempt.run.run_id]))
+        return outcomes
 
     def cancel(self) -> list[Attempt]:
         stopped = self.running
@@ -420,28 +458,43 @@ class RayExecutor(Executor):
             self.ray.shutdown()
 
 
-def train_in_worker(config: dict, study_dir: str, run_id: str) -> dict:
-    """A Ray task: train one run in-process and return its result and curves.
+def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | None) -> dict:
+    """A Ray task: train a run alone (`group_id` None, one config) or a group in-process;
+    return {"results", "curves"} by run id, and the host.
 
-    The run directory is the study's own when this worker sees the study directory
-    (a shared filesystem, or the driver's machine), else a directory local to the worker.
+    The run (and group) directories are the study's own when this worker sees the study
+    directory (a shared filesystem, or the driver's machine), else directories local to
+    the worker.
     """
     import torch
 
-    from gradnoise.lm.config import TrainConfig
     from gradnoise.lm.data import gradnoise_home
-    from gradnoise.lm.trainer import train
+    from gradnoise.lm.trainer import train, train_group
 
     torch.set_num_threads(1)
     shared = Path(study_dir)
     if (shared / STORE_FILE).exists():
-        run_dir = run_directory(shared, run_id)
+        run_dirs = {run_id: run_directory(shared, run_id) for run_id in configs}
+        group_dir = group_directory(shared, group_id) if group_id else None
     else:
-        run_dir = gradnoise_home() / "study-runs" / shared.name / run_id
-    result = train(TrainConfig.from_dict(config), run_dir, resume=True, progress=False)
+        local = gradnoise_home() / "study-runs" / shared.name
+        run_dirs = {run_id: local / run_id for run_id in configs}
+        group_dir = group_directory(local, group_id) if group_id else None
+    training = {run_id: TrainConfig.from_dict(config) for run_id, config in configs.items()}
+    if group_id is None:
+        ((run_id, config),) = training.items()
+        results = [train(config, run_dirs[run_id], resume=True, progress=False)]
+    else:
+        results = train_group(
+            list(training.values()),
+            list(run_dirs.values()),
+            group_dir,
+            resume=True,
+            progress=False,
+        )
     return {
-        "result": result,
-        "curves": runlog.read_curves(run_dir),
+        "results": dict(zip(configs, results, strict=True)),
+        "curves": {run_id: runlog.read_curves(run_dir) for run_id, run_dir in run_dirs.items()},
         "host": socket.gethostname(),
     }
 

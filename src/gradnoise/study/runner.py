@@ -2,9 +2,10 @@
 
     summary = run_study(load_spec("quick"), Path("studies/quick"), jobs=2)
 
-The study directory holds spec.yaml, study.sqlite and runs/<run_id>/, each
+The study directory holds spec.yaml, study.sqlite, runs/<run_id>/, each
 run's own run directory (config.json, log.jsonl, checkpoints, result.json,
-written by the trainer). Only this driver process writes study.sqlite.
+written by the trainer), and groups/<group_id>/ for runs trained together
+(group.json; see `plan`). Only this driver process writes study.sqlite.
 
 - Runs already done or diverged are skipped.
 - Runs left "running" by a killed driver, and runs that failed, are started
@@ -12,11 +13,15 @@ written by the trainer). Only this driver process writes study.sqlite.
 - A run whose result.json exists but was never recorded (the driver died in
   between) is recorded from its files without training again.
 - A failing run is recorded with its error and the study goes on.
+- With batch_models M > 1, runs that differ only in per-replica settings train up
+  to M at a time in one process (`plan.plan_groups`); the store, the display and
+  `study status` still speak of runs: each member is running while its group runs,
+  and is recorded on its own when the group ends.
 
-The driver loop is the same whatever trains the runs: it starts attempts while
-the executor has room (marking each run running first), records each outcome
-in the store (a result with its curves, or a failure), and on any error or
-interrupt stops what is in flight and marks those runs pending. The executors
+The driver loop is the same whatever trains the runs: it launches groups while
+the executor has room (marking their runs running first), records each run's
+outcome in the store (a result with its curves, or a failure), and on any error
+or interrupt stops what is in flight and marks those runs pending. The executors
 (local worker processes, Ray tasks) are in `executors`, the live display in
 `progress`.
 """
@@ -29,18 +34,13 @@ import time
 from collections import deque
 from pathlib import Path
 
+import torch
 import yaml
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, runlog
-from gradnoise.study.executors import (
-    Executor,
-    Outcome,
-    check_options,
-    make_executor,
-    run_directory,
-    run_name,
-)
+from gradnoise.study.executors import Executor, Outcome, check_options, make_executor, run_name
+from gradnoise.study.plan import Group, plan_groups, run_directory
 from gradnoise.study.progress import Progress, run_line
 from gradnoise.study.spec import Run, StudySpec, canonical, load_spec, runs_differ
 from gradnoise.study.store import STORE_FILE, Store
@@ -48,6 +48,8 @@ from gradnoise.study.store import STORE_FILE, Store
 SPEC_FILE = "spec.yaml"
 LOCK_FILE = ".driver.lock"
 POLL_S = 0.5
+#: --batch-models where the runs train on CUDA: a small model leaves a GPU idle alone.
+CUDA_BATCH_MODELS = 8
 
 
 def run_study(
@@ -59,23 +61,33 @@ def run_study(
     devices: list[str] | None = None,
     per_device: int = 1,
     address: str | None = None,
+    batch_models: int | None = None,
+    datasets: list[str] | None = None,
     progress: bool = True,
 ) -> dict:
     """Run every run of `spec` not yet finished in `study_dir`; return a summary dict
     {name, study_dir, total, done, diverged, failed, pending, running, ran, recovered,
-    skipped, wall_s}."""
+    skipped, wall_s}.
+
+    batch_models: at most this many runs per process (None: `default_batch_models`).
+    datasets: run only these of the spec's datasets (None: all).
+    """
     spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
     study_dir = Path(study_dir)
-    check_options(executor, jobs, devices, per_device, address)
+    if batch_models is None:
+        batch_models = default_batch_models(spec, devices)
+    check_options(executor, jobs, devices, per_device, address, batch_models)
+    selected = _selected_runs(spec, datasets)
     start = time.time()
     store = open_study(spec, study_dir)
     try:
         with _driver_lock(study_dir):
             adopt_report_keys(store, spec, study_dir)
             finished_before = {r["id"] for r in store.runs() if r["status"] in runlog.FINISHED}
-            todo = [run for run in spec.runs if run.run_id not in finished_before]
+            todo = [run for run in selected if run.run_id not in finished_before]
             recovered = _record_finished_on_disk(store, study_dir, todo)
             todo = [run for run in todo if run.run_id not in recovered]
+            groups = plan_groups(todo, list(spec.runs), study_dir, batch_models)
             display = Progress(spec.name, store, enabled=progress)
             display.start(
                 sum(
@@ -87,7 +99,7 @@ def run_study(
                 if todo:
                     options = {"jobs": jobs, "devices": devices, "per_device": per_device, "address": address}
                     with make_executor(executor, study_dir, **options) as workers:
-                        _drive(store, workers, todo, display)
+                        _drive(store, workers, groups, display)
             finally:
                 display.close()
         counts = store.counts()
@@ -100,22 +112,50 @@ def run_study(
         **counts,
         "ran": len(todo),
         "recovered": len(recovered),
-        "skipped": len(finished_before),
+        "skipped": len([run for run in selected if run.run_id in finished_before]),
         "wall_s": time.time() - start,
     }
 
 
-def _drive(store: Store, executor: Executor, runs: list[Run], display: Progress) -> None:
-    """Train `runs` on `executor` until all ended; on any error or interrupt, stop the
-    attempts in flight and mark their runs pending (the next driver resumes them)."""
-    queue = deque(runs)
+def default_batch_models(spec: StudySpec, devices: list[str] | None) -> int:
+    """CUDA_BATCH_MODELS where the runs train on CUDA (--devices names a GPU; without
+    --devices, their device is cuda, or auto with a GPU on this machine), else 1."""
+    if devices is not None:
+        on_cuda = any(device.startswith("cuda") for device in devices)
+    else:
+        gpu_here = torch.cuda.is_available()
+        on_cuda = any(
+            run.config.device.startswith("cuda") or (run.config.device == "auto" and gpu_here)
+            for run in spec.runs
+        )
+    return CUDA_BATCH_MODELS if on_cuda else 1
+
+
+def _selected_runs(spec: StudySpec, datasets: list[str] | None) -> list[Run]:
+    """The spec's runs on `datasets` (all where None); UserError for a dataset not in it."""
+    if datasets is None:
+        return list(spec.runs)
+    unknown = [d for d in datasets if d not in spec.datasets]
+    if unknown or not datasets:
+        raise UserError(
+            f"datasets={','.join(datasets)!r}: study {spec.name} has datasets "
+            f"{', '.join(spec.datasets)}; give some of them, comma-separated"
+        )
+    return [run for run in spec.runs if run.dataset in datasets]
+
+
+def _drive(store: Store, executor: Executor, groups: list[Group], display: Progress) -> None:
+    """Train `groups` on `executor` until all ended; on any error or interrupt, stop the
+    launches in flight and mark their runs pending (the next driver resumes them)."""
+    queue = deque(groups)
     try:
-        while queue or executor.running:
+        while queue or executor.launches:
             capacity = executor.capacity()
-            while queue and len(executor.running) < capacity:
-                attempt = executor.prepare(queue.popleft())
-                store.mark_running(attempt.run.run_id, attempt.host, attempt.device)
-                executor.submit(attempt)
+            while queue and len(executor.launches) < capacity:
+                launch = executor.prepare(queue.popleft())
+                for attempt in launch.attempts:
+                    store.mark_running(attempt.run.run_id, attempt.host, attempt.device)
+                executor.submit(launch)
             for outcome in executor.poll(POLL_S):
                 _record(store, outcome, display)
             display.refresh(executor.running)

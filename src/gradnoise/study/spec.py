@@ -51,7 +51,7 @@ from pathlib import Path
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm.config import DATASETS, MAX_SEED, PRESETS, TrainConfig, resolve_config
+from gradnoise.lm.config import DATASETS, LATER_KEYS, MAX_SEED, PRESETS, TrainConfig, resolve_config
 from gradnoise.lm.runlog import FINAL_METRICS
 
 SPEC_KEYS = (
@@ -80,10 +80,6 @@ DOSE_METRICS = ("val_loss_full", "best_val_loss")
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
 EXECUTION_KEYS = ("device",)
-# Config keys added after studies were stored, with the value that computes what runs did
-# before the key existed: at that value a key is left out of the run id, so a stored
-# study's runs keep their ids.
-LATER_KEYS = {"train_fraction": 1.0}
 SPECS_DIR = Path(__file__).parent / "specs"
 # A count n means seeds 0 … n-1; more than this is a typo, not a study.
 MAX_SEED_COUNT = 10_000

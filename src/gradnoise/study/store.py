@@ -108,6 +108,7 @@ class Store:
             even the schema; columns an older store lacks read as NULL.
         """
         self.path = Path(path)
+        self._readonly = readonly
         try:
             if readonly:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0)
@@ -145,6 +146,16 @@ class Store:
         return ", ".join(f"{alias}.{c}" if c in present else f"NULL AS {c}" for c in columns)
 
     def close(self) -> None:
+        if not self._readonly:
+            # Leave a rollback-journal file behind: a read-only opener of a WAL database
+            # creates -wal and -shm files beside it, which a finished study should not
+            # get from `study status` or `study report`. Busy (a reader still has it
+            # open): stay in WAL, the next writer's close converts it.
+            try:
+                self._db.execute("PRAGMA busy_timeout = 0")
+                self._db.execute("PRAGMA journal_mode = DELETE")
+            except sqlite3.OperationalError:
+                pass
         self._db.close()
 
     def __enter__(self) -> Store:

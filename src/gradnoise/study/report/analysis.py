@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.lm.runlog import FINAL_METRICS, GRADIENT_FIELDS
-from gradnoise.study.executors import run_directory
+from gradnoise.study.plan import run_directory
 from gradnoise.study.spec import (
     EXECUTION_KEYS,
     DoseLayout,

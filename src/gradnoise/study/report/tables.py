@@ -200,7 +200,10 @@ def speed_table(analysis: Analysis, dataset: str) -> Table | None:
         return None
     target = rows[0].target_val_loss
     return Table(
-        title=f"{dataset}: speed to {baseline}'s best val loss ({number(target)}) and step-time cost",
+        title=(
+            f"{dataset}: speed to {baseline}'s best val loss, worst seed ({number(target)}), "
+            "and step-time cost"
+        ),
         columns=[
             "method",
             "reached",
