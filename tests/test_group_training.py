@@ -3,6 +3,7 @@ each run what it gets alone (init, batches, noise, per-run settings, results, ex
 diverged run does not stop the others, and a group resumes bit for bit."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -189,18 +190,20 @@ def test_export_of_a_replica_equals_its_run_alones_export(trained, tmp_path):
     assert main(["sample", str(root / "runs" / "absolute"), "--max-new-tokens", "5"]) == 0
 
 
-def test_a_group_resumes_bit_for_bit(tmp_path):
-    # Dropout of different rates (per-replica masks), noise, substitution: every stream is restored.
+@pytest.mark.parametrize("placement", ["after_clip", "update"])
+def test_a_group_resumes_bit_for_bit(tmp_path, placement):
+    # Dropout of different rates (per-replica masks), anticorrelated noise (σ_{t−1} per
+    # replica), NEFTune on one replica, substitution: every stream is restored.
+    every = dict(max_iters=30, eval_interval=10, checkpoint_interval=10, noise_placement=placement)
     cfgs = [
-        config(seed=0, max_iters=30, eval_interval=10, checkpoint_interval=10, dropout=0.1),
+        config(seed=0, dropout=0.1, embedding_noise_alpha=5.0, **every),
         config(
             seed=1,
-            max_iters=30,
-            eval_interval=10,
-            checkpoint_interval=10,
             dropout=0.2,
             noise="exp:sigma0=0.02,gamma=0.95",
+            noise_correlation="anticorrelated",
             char_substitution=0.1,
+            **every,
         ),
     ]
 
@@ -232,6 +235,79 @@ def test_a_group_resumes_bit_for_bit(tmp_path):
         assert torch.equal(final_parts[key], value), key
     # A finished group resumes to its results at once.
     assert train_group(cfgs, *dirs("parts"), resume=True, progress=False) == resumed
+
+
+def _group_and_alone(root, members: dict, **shared):
+    """Train `members` ({name: per-replica settings}) as one group and each alone, few steps;
+    ({name: group result}, {name: result alone}, {name: the group run's log})."""
+    cfgs = {
+        name: config(max_iters=60, eval_interval=30, **shared, **changes) for name, changes in members.items()
+    }
+    runs = [group.Member(name, root / "runs" / name, cfg) for name, cfg in cfgs.items()]
+    group.write_group(root / "group", runs)
+    results = train_group([r.config for r in runs], [r.run_dir for r in runs], root / "group", progress=False)
+    alone = {name: train(cfg, root / "alone" / name, progress=False) for name, cfg in cfgs.items()}
+    logs = {name: read_log(root / "runs" / name) for name in cfgs}
+    return dict(zip(cfgs, results, strict=True)), alone, logs
+
+
+@pytest.mark.parametrize(
+    "placement, members",
+    [
+        (
+            "after_clip",
+            {
+                "anti": dict(seed=0, noise="const:sigma=0.01", noise_correlation="anticorrelated"),
+                "anti_relative": dict(
+                    seed=1, noise="const:sigma=0.5", noise_mode="relative", noise_correlation="anticorrelated"
+                ),
+                "independent": dict(seed=0, noise="const:sigma=0.01"),
+            },
+        ),
+        (
+            "update",
+            {
+                "absolute": dict(seed=0, noise="const:sigma=0.3"),
+                "relative_anti": dict(
+                    seed=1, noise="const:sigma=0.5", noise_mode="relative", noise_correlation="anticorrelated"
+                ),
+                "decay_clip": dict(seed=2, noise="const:sigma=0.3", weight_decay=0.5, grad_clip=0.5),
+            },
+        ),
+    ],
+)
+def test_correlated_and_update_noise_replicas_end_where_their_runs_alone_end(tmp_path, placement, members):
+    grouped, alone, logs = _group_and_alone(tmp_path, members, noise_placement=placement)
+    for name in members:
+        assert grouped[name]["status"] == alone[name]["status"] == "done", name
+        for key in ("val_loss", "train_loss_last_batch"):
+            assert grouped[name]["finals"][key] == pytest.approx(alone[name]["finals"][key], abs=TOLERANCE)
+        assert grouped[name]["finals"]["final_sigma"] == pytest.approx(
+            alone[name]["finals"]["final_sigma"], rel=1e-3
+        )
+        noise = [r["noise_norm"] for r in logs[name] if r["kind"] == "train"]
+        assert noise and all(n > 0 for n in noise), name
+    # Each replica's settings took effect: no two members trained alike.
+    finals = [r["finals"]["val_loss"] for r in grouped.values()]
+    assert len(set(finals)) == len(finals)
+
+
+def test_a_group_with_per_replica_embedding_noise_runs_and_its_alpha_0_replicas_equal_alone(tmp_path):
+    members = {
+        "off": dict(seed=0),
+        "neftune": dict(seed=0, embedding_noise_alpha=5.0),
+        "off_other_seed": dict(seed=1, noise="const:sigma=0.01"),
+    }
+    grouped, alone, _ = _group_and_alone(tmp_path, members)
+    assert [r["status"] for r in grouped.values()] == ["done"] * 3
+    for name in ("off", "off_other_seed"):  # α = 0: nothing of the draw reaches them
+        for key in ("val_loss", "train_loss_last_batch"):
+            assert grouped[name]["finals"][key] == pytest.approx(alone[name]["finals"][key], abs=TOLERANCE)
+    # α = 5 trains on noisy embeddings: same seed, another path (its draw is the group's, not
+    # its run alone's, so it is compared with its seed's α = 0 replica, not bitwise with alone).
+    noisy, clean = grouped["neftune"]["finals"], grouped["off"]["finals"]
+    assert math.isfinite(noisy["val_loss"])
+    assert abs(noisy["train_loss_last_batch"] - clean["train_loss_last_batch"]) > TOLERANCE
 
 
 def test_per_replica_clipping_and_weight_decay_follow_torchs_formulas():
