@@ -310,6 +310,37 @@ def test_a_group_with_per_replica_embedding_noise_runs_and_its_alpha_0_replicas_
     assert abs(noisy["train_loss_last_batch"] - clean["train_loss_last_batch"]) > TOLERANCE
 
 
+def test_a_resumed_group_keeps_the_results_of_runs_that_ended(tmp_path):
+    # What the study runner relies on: ended runs (done or diverged) are trained no further
+    # and their result.json is not written again; `train --group` exits 0 once all ended.
+    every = dict(max_iters=20, eval_interval=10, checkpoint_interval=10)
+    members = [
+        group.Member("plain", tmp_path / "runs" / "plain", config(seed=0, **every)),
+        group.Member(
+            "diverging", tmp_path / "runs" / "diverging", config(seed=1, noise="const:sigma=1e30", **every)
+        ),
+    ]
+    group_dir = tmp_path / "group"
+    group.write_group(group_dir, members)
+    assert main(["train", "--group", str(group_dir), "--resume", "--no-progress"]) == 0  # fresh
+    first = [json.loads((m.run_dir / "result.json").read_text()) for m in members]
+    assert [r["status"] for r in first] == ["done", "diverged"]
+    configs, run_dirs = [m.config for m in members], [m.run_dir for m in members]
+    steps = []
+    again = train_group(configs, run_dirs, group_dir, resume=True, progress=False, on_step=steps.append)
+    assert again == first and steps == []
+    # The plain run's result lost (killed while the results were written): the group
+    # resumes from its last checkpoint; the diverged run's result stays as it was.
+    diverged_file = members[1].run_dir / "result.json"
+    written = (diverged_file.read_bytes(), diverged_file.stat().st_mtime_ns)
+    (members[0].run_dir / "result.json").unlink()
+    resumed = train_group(configs, run_dirs, group_dir, resume=True, progress=False)
+    assert resumed[1] == first[1]
+    assert (diverged_file.read_bytes(), diverged_file.stat().st_mtime_ns) == written
+    assert resumed[0]["status"] == "done"
+    assert resumed[0]["finals"]["val_loss"] == first[0]["finals"]["val_loss"]
+
+
 def test_per_replica_clipping_and_weight_decay_follow_torchs_formulas():
     torch.manual_seed(0)
     stacked = [torch.nn.Parameter(torch.randn(3, 5, 4)), torch.nn.Parameter(torch.randn(3, 4))]

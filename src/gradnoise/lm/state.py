@@ -283,7 +283,8 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
 
 
 def finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
-    """The result of a run in run_dir that trained to the end with this config, else None."""
+    """The result of a run in run_dir that ended with this config (runlog.FINISHED: it trained
+    to the end, or diverged), else None."""
     result = runlog.read_result(run_dir)
     try:
         saved = read_config(run_dir / runlog.CONFIG_FILE)
@@ -291,7 +292,6 @@ def finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
         return None
     if (
         result is not None
-        and result["status"] == "done"
         and _differences(saved.to_dict(), cfg) <= RESUMABLE_CHANGES
     ):
         return result

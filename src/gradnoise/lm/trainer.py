@@ -193,13 +193,12 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     checkpoint_dir = group_dir if group_dir is not None else run_dirs[0]
     device = dist_env.resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if resume:
-        results = [finished_result(d, c) for c, d in zip(cfgs, run_dirs, strict=True)]
-        # A group ends together: every run done, or diverged while another finished.
-        statuses = [r["status"] if r is not None else None for r in results]
-        if "done" in statuses and set(statuses) <= {"done", "diverged"}:
-            return results
-    else:
+    # The runs that ended before (resume only): they are trained no further, their results
+    # are returned as they were and not written again (the study runner recorded them).
+    ended = [finished_result(d, c) if resume else None for c, d in zip(cfgs, run_dirs, strict=True)]
+    if all(result is not None for result in ended):
+        return ended
+    if not resume:
         for directory in run_dirs + ([group_dir] if group_dir is not None else []):
             refuse_existing_run(directory)
     corpus = data.load(cfg.dataset)
@@ -310,6 +309,10 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     parameters = sum(p.numel() for p in run.params) // len(cfgs)
     results = []
     for m, (replica, log, run_dir) in enumerate(zip(run.replicas, logs, run_dirs, strict=True)):
+        log.close()
+        if ended[m] is not None:
+            results.append(ended[m])
+            continue
         diverged = replica.progress.diverged
         result = {
             "status": "diverged" if diverged is not None else status,
@@ -328,7 +331,6 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
         }
         if dist_env.is_main:
             runlog.write_result(run_dir, result)
-        log.close()
         results.append(result)
     return results
 
