@@ -290,10 +290,7 @@ def finished_result(run_dir: Path, cfg: TrainConfig) -> dict | None:
         saved = read_config(run_dir / runlog.CONFIG_FILE)
     except UserError:
         return None
-    if (
-        result is not None
-        and _differences(saved.to_dict(), cfg) <= RESUMABLE_CHANGES
-    ):
+    if result is not None and _differences(saved.to_dict(), cfg) <= RESUMABLE_CHANGES:
         return result
     return None
 
