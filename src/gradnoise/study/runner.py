@@ -189,21 +189,24 @@ def open_study(spec: StudySpec, study_dir: Path) -> Store:
                 "choose a new or empty --dir"
             )
         _create_study_dir(spec, study_dir, runs)
-    store = Store(store_path)
-    try:
-        stored = store.study()
+    # Checked read-only first: a refused study leaves its store's file untouched (opening
+    # it for writing switches the journal mode, which rewrites the header).
+    with Store(store_path, readonly=True) as existing:
+        stored = existing.study()
         if stored["name"] != spec.name or runs_differ(stored["spec"], spec.data):
             raise UserError(
                 f"{store_path} already holds study {stored['name']!r} with a different spec; "
                 f"choose another --dir, or run the spec it holds ({study_dir / SPEC_FILE})"
             )
-        unknown = {r["id"] for r in store.runs()} - {r.run_id for r in spec.runs}
+        unknown = {r["id"] for r in existing.runs()} - {r.run_id for r in spec.runs}
         if unknown:
             raise UserError(
                 f"{study_dir} holds {len(unknown)} run(s) that this spec no longer expands to "
                 "(did the training config's fields or defaults change?); run the study into a "
                 "new --dir"
             )
+    store = Store(store_path)
+    try:
         store.add_runs(runs)
     except BaseException:
         store.close()
