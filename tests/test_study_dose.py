@@ -31,6 +31,7 @@ SPEC = {
     "overrides": {"max_iters": 100},
     "methods": METHODS,
     "dose_response": {"methods": ["rel-0.1", "abs-1e-4"], "references": ["dropout-0.1"]},
+    "findings": {"reference": "dropout-0.1", "metrics": ["val_loss_full"]},
 }
 BASELINE = {"val_loss_full": [2.50, 2.52, 2.48, 2.51], "best_val_loss": [2.40, 2.43, 2.38, 2.41]}
 # method − baseline per seed. abs-1e-4 is clearly better on the final val loss, rel-0.1 is
@@ -168,3 +169,68 @@ def test_wilcoxon_caveat_counts_nonzero_differences(analysis):
     # rel-0.1 has 4 pairs but 3 non-zero final differences: both floors are stated.
     assert "With 3 non-zero paired differences the smallest two-sided Wilcoxon p is 0.25" in caveats
     assert "With 4 non-zero paired differences the smallest two-sided Wilcoxon p is 0.125" in caveats
+
+
+def holm_by_hand(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment, written out: the k-th smallest p times (m − k), running max."""
+    adjusted, running = {}, 0.0
+    for k, (name, p) in enumerate(sorted(p_values.items(), key=lambda item: item[1])):
+        running = max(running, min(1.0, (len(p_values) - k) * p))
+        adjusted[name] = running
+    return adjusted
+
+
+def test_reference_rows_pair_each_method_with_the_reference(analysis):
+    rows = {r.method: r for r in analysis.references}
+    assert set(rows) == {"abs-1e-4", "rel-0.1"} and {r.metric for r in rows.values()} == {"val_loss_full"}
+    raw = {}
+    for method, row in rows.items():
+        diffs = [
+            m - r
+            for m, r in zip(
+                DIFFS[method]["val_loss_full"], DIFFS["dropout-0.1"]["val_loss_full"], strict=True
+            )
+        ]
+        assert row.comparison.mean_diff == pytest.approx(statistics.mean(diffs), abs=1e-12)
+        ours = [b + d for b, d in zip(BASELINE["val_loss_full"], DIFFS[method]["val_loss_full"], strict=True)]
+        theirs = [
+            b + d
+            for b, d in zip(BASELINE["val_loss_full"], DIFFS["dropout-0.1"]["val_loss_full"], strict=True)
+        ]
+        raw[method] = scipy.stats.ttest_rel(ours, theirs).pvalue
+    for method, p in holm_by_hand(raw).items():
+        assert rows[method].t_p_holm == pytest.approx(p, rel=1e-9)
+
+
+def test_findings_say_which_methods_beat_the_baseline_and_the_reference(analysis, study_dir):
+    (sentence,) = tables.findings(analysis, DATASET)
+    vs_baseline = {
+        method: paired_t_p(method, "val_loss_full") for method in ("abs-1e-4", "rel-0.1", "dropout-0.1")
+    }
+    adjusted = holm_by_hand(vs_baseline)
+    better = [m for m, p in adjusted.items() if p < 0.05 and statistics.mean(DIFFS[m]["val_loss_full"]) < 0]
+    assert sentence.startswith(
+        f"final val loss, full pass: {len(better)} of 3 methods are significantly better than baseline"
+    )
+    for method in better:
+        assert f"{method} (mean diff" in sentence.split(" Against ")[0]
+    assert "rel-0.1" not in sentence.split(" Against ")[0]  # not significant either way vs the baseline
+
+    against = sentence.split(" Against dropout-0.1 ")[1]
+    rows = {r.method: r for r in analysis.references}
+    for method, row in rows.items():
+        if row.t_p_holm < 0.05:
+            side = "better" if row.comparison.mean_diff < 0 else "worse"
+            part = against.split(f"significantly {side}: ")[1]
+            assert part.startswith(f"{method} (mean diff {tables.difference(row.comparison)}")
+    assert "findings" in (study_dir / "report" / "report.md").read_text()
+
+
+def test_a_findings_reference_must_be_a_method():
+    from gradnoise.errors import UserError
+    from gradnoise.study.spec import parse_findings
+
+    with pytest.raises(UserError, match="reference='dropout' is not one of the methods"):
+        parse_findings({**SPEC, "findings": {"reference": "dropout"}})
+    with pytest.raises(UserError, match="unknown metric 'val'"):
+        parse_findings({**SPEC, "findings": {"metrics": ["val"]}})

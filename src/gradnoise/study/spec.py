@@ -28,13 +28,16 @@
       methods: [const-1e-4, const-1e-3, rel-0.1, rel-1]   # each at its logged σ (median)
       metrics: [val_loss_full, best_val_loss]             # default: these two
       references: [dropout-0.1]       # other methods drawn beside them (not in the family)
+    findings:                         # optional: sentences on which methods beat the baseline
+      reference: dropout-0.1          # and, paired on seeds, whether they beat this method too
+      metrics: [val_loss_full, best_val_loss]             # default: these two
 
 A run's config is the preset's, then `overrides`, then `dataset_overrides`,
 then the method's, then `set`, then its dataset and seed. A string value may
 name other config values in braces (`{max_iters}`), filled in from the run's
 resolved config. Everything is validated here, before anything runs.
 
-The report keys (description, caveats, published, table, dose_response) change what the report
+The report keys (description, caveats, published, table, dose_response, findings) change what the report
 says, not what runs: a study's store accepts a spec that differs from its own
 in them alone, and takes the new values (see `runner.open_study`).
 """
@@ -69,13 +72,15 @@ SPEC_KEYS = (
     "published",
     "table",
     "dose_response",
+    "findings",
 )
 # What only the report reads: a spec may change these without changing its runs.
-REPORT_KEYS = ("description", "caveats", "published", "table", "dose_response")
+REPORT_KEYS = ("description", "caveats", "published", "table", "dose_response", "findings")
 PUBLISHED_KEYS = ("source", "method", "values", "how")
 TABLE_KEYS = ("title", "caption", "metrics", "labels")
 DOSE_KEYS = ("methods", "metrics", "references")
 DOSE_METRICS = ("val_loss_full", "best_val_loss")
+FINDINGS_KEYS = ("reference", "metrics")
 # The study decides these per run; a spec that set them would fight the expansion.
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
 # Where a run executes does not change what it computes, so it is not part of the run id.
@@ -140,6 +145,17 @@ class DoseLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class FindingsLayout:
+    """What the report's findings say, per dataset and metric: which methods are
+    significantly better (or worse) than the baseline (Holm across all methods), and,
+    if a `reference` method is named (the classical regularizer to beat), how each
+    other method compares with it, paired on seeds (Holm across those comparisons)."""
+
+    reference: str | None
+    metrics: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class StudySpec:
     """A validated spec and its runs. `data` is the spec as given (what the store keeps)."""
 
@@ -155,6 +171,7 @@ class StudySpec:
     published: Published | None = None
     table: TableLayout | None = None
     dose_response: DoseLayout | None = None
+    findings: FindingsLayout | None = None
 
 
 def run_id(config: TrainConfig) -> str:
@@ -287,6 +304,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     published = parse_published(data, source)
     table = parse_table(data, source)
     dose_response = parse_dose_response(data, source)
+    findings = parse_findings(data, source)
 
     runs = []
     for dataset in datasets:
@@ -319,6 +337,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         published=published,
         table=table,
         dose_response=dose_response,
+        findings=findings,
     )
 
 
@@ -439,6 +458,29 @@ def parse_dose_response(data: dict, source: str = "<spec>") -> DoseLayout | None
     for metric in metrics:
         _final_metric(metric, f"{where}.metrics")
     return DoseLayout(methods=family, metrics=tuple(dict.fromkeys(metrics)), references=references)
+
+
+def parse_findings(data: dict, source: str = "<spec>") -> FindingsLayout | None:
+    """The spec's `findings:` block, validated against its methods (None if it has none)."""
+    where = f"study spec {source}: findings"
+    block = data.get("findings")
+    if block is None:
+        return None
+    block = _known_keys(_mapping(block, where), FINDINGS_KEYS, where)
+    methods = data.get("methods") or {}
+    baseline = data.get("baseline", "baseline")
+    reference = block.get("reference")
+    if reference is not None and (reference not in methods or reference == baseline):
+        raise UserError(
+            f"{where}.reference={reference!r} is not one of the methods compared with {baseline} "
+            f"({', '.join(m for m in methods if m != baseline)})"
+        )
+    metrics = block.get("metrics", list(DOSE_METRICS))
+    if not isinstance(metrics, list) or not metrics:
+        raise UserError(f"{where}.metrics={metrics!r} must be a non-empty list of final metrics")
+    for metric in metrics:
+        _final_metric(metric, f"{where}.metrics")
+    return FindingsLayout(reference=reference, metrics=tuple(dict.fromkeys(metrics)))
 
 
 _EXAMPLE = "{shakespeare_char: {val_loss: 1.47}}"

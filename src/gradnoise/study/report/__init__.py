@@ -78,6 +78,9 @@ def _build(analysis: Analysis, directory: Path) -> None:
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
+        if lines := tables.findings(analysis, dataset):
+            sections.append(Section(f"{dataset}: findings", text=lines))
+    for dataset in study.datasets:
         slug = _slug(dataset)
         dose = [
             t

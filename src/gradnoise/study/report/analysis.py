@@ -24,9 +24,11 @@ from gradnoise.study.plan import run_directory
 from gradnoise.study.spec import (
     EXECUTION_KEYS,
     DoseLayout,
+    FindingsLayout,
     Published,
     TableLayout,
     parse_dose_response,
+    parse_findings,
     parse_published,
     parse_table,
 )
@@ -156,6 +158,7 @@ class Study:
     published: Published | None
     table: TableLayout | None
     dose: DoseLayout | None = None
+    findings: FindingsLayout | None = None
 
     def values(self, dataset: str, method: str, metric: str) -> dict[int, float | None]:
         """seed → the metric's value, over the done runs of (dataset, method)."""
@@ -220,6 +223,7 @@ def load_study(store: Store) -> Study:
         published=parse_published(spec, source),
         table=parse_table(spec, source),
         dose=parse_dose_response(spec, source),
+        findings=parse_findings(spec, source),
     )
 
 
@@ -383,6 +387,19 @@ class DoseRow:
 
 
 @dataclass(frozen=True)
+class ReferenceRow:
+    """One method vs the spec's findings reference (e.g. dropout) on one metric, paired on
+    seeds; Holm across the methods compared with the reference on that (dataset, metric)."""
+
+    dataset: str
+    method: str
+    metric: str
+    reference: str
+    comparison: Comparison
+    t_p_holm: float
+
+
+@dataclass(frozen=True)
 class Analysis:
     """Every row of one study's report."""
 
@@ -396,6 +413,7 @@ class Analysis:
     config_diffs: tuple[ConfigDiff, ...] = ()
     gradient_scales: tuple[GradientScale, ...] = ()
     doses: tuple[DoseRow, ...] = ()
+    references: tuple[ReferenceRow, ...] = ()
 
     def summary(self, dataset: str, method: str) -> SummaryRow | None:
         return next((r for r in self.summaries if (r.dataset, r.method) == (dataset, method)), None)
@@ -429,6 +447,7 @@ def analyze(study: Study) -> Analysis:
         config_diffs=tuple(config_diffs(study)),
         gradient_scales=tuple(gradient_scales(study)),
         doses=tuple(dose_rows(study)),
+        references=tuple(reference_rows(study)),
     )
 
 
@@ -692,4 +711,30 @@ def dose_rows(study: Study) -> list[DoseRow]:
                 family, t_holm, w_holm, strict=True
             ):
                 rows.append(DoseRow(dataset, method, metric, relative, level, sigma, c, t_adj, w_adj))
+    return rows
+
+
+def reference_rows(study: Study) -> list[ReferenceRow]:
+    """Every method but the baseline and the reference vs the spec's findings reference
+    (method − reference, paired on seeds); Holm across them per (dataset, metric)."""
+    layout = study.findings
+    if layout is None or layout.reference is None:
+        return []
+    rows = []
+    for dataset in study.datasets:
+        if (dataset, layout.reference) not in study.done:
+            continue
+        others = [
+            m
+            for m in study.methods
+            if m not in (study.baseline, layout.reference) and (dataset, m) in study.done
+        ]
+        for metric in layout.metrics:
+            reference_values = study.values(dataset, layout.reference, metric)
+            family = [
+                (method, paired_comparison(study.values(dataset, method, metric), reference_values))
+                for method in others
+            ]
+            for (method, comparison), t_adj in zip(family, holm([c.t_p for _, c in family]), strict=True):
+                rows.append(ReferenceRow(dataset, method, metric, layout.reference, comparison, t_adj))
     return rows

@@ -543,6 +543,67 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
     return lines
 
 
+def findings(analysis: Analysis, dataset: str) -> list[str]:
+    """One sentence per findings metric, from the numbers: which methods are significantly
+    better or worse than the baseline (paired t-test, Holm across all methods, α = ALPHA),
+    then, against the spec's reference method, which are better or worse than it (paired
+    on seeds, Holm across the methods compared with it)."""
+    study = analysis.study
+    if study.findings is None:
+        return []
+    baseline = study.baseline
+    lines = []
+    for key in study.findings.metrics:
+        rows = [
+            c
+            for c in analysis.comparisons
+            if (c.dataset, c.metric) == (dataset, key) and not math.isnan(c.t_p_holm)
+        ]
+        if not rows:
+            continue
+        family = f"paired t, Holm across {_count(len(rows), 'method')}, α = {ALPHA}"
+        better, worse = _significant(rows, -1), _significant(rows, +1)
+        if better:
+            text = (
+                f"{metric(key).label}: {len(better)} of {_count(len(rows), 'method')} "
+                f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
+                f"({family}): {_effects(better)}."
+            )
+        else:
+            lowest = min(rows, key=lambda r: r.t_p_holm)
+            text = (
+                f"{metric(key).label}: no method is significantly better than {baseline} ({family}); "
+                f"the lowest adjusted p is {_effects([lowest])}."
+            )
+        if worse:
+            text += f" Significantly worse: {_effects(worse)}."
+        references = [
+            r
+            for r in analysis.references
+            if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
+        ]
+        if references:
+            reference = references[0].reference
+            above, below = _significant(references, -1), _significant(references, +1)
+            family = f"method − {reference}, paired on seeds, Holm across {_count(len(references), 'method')}"
+            text += f" Against {reference} ({family}): " + (
+                f"significantly better: {_effects(above)}" if above else "no method is significantly better"
+            )
+            text += f"; significantly worse: {_effects(below)}." if below else "."
+        lines.append(text)
+    return lines
+
+
+def _significant(rows, sign: int) -> list:
+    return [r for r in rows if r.t_p_holm < ALPHA and sign * r.comparison.mean_diff > 0]
+
+
+def _effects(rows) -> str:
+    return "; ".join(
+        f"{r.method} (mean diff {difference(r.comparison)}, t p (Holm) = {p_value(r.t_p_holm)})" for r in rows
+    )
+
+
 def _dose_effect(row: DoseRow) -> str:
     kind = "relative" if row.relative else "absolute"
     return (
