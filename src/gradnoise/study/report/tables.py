@@ -518,10 +518,9 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
                 f"({family}): " + "; ".join(_dose_effect(r) for r in better) + "."
             )
         else:
-            lowest = min(rows, key=lambda r: r.t_p_holm)
             text = (
                 f"{metric(key).label}: no noise level is significantly better than {baseline} "
-                f"({family}); the lowest adjusted p is at {_dose_effect(lowest)}."
+                f"({family}); {_closest(rows, 'noise level', _dose_effect)}."
             )
         if worse:
             text += (
@@ -570,10 +569,9 @@ def findings(analysis: Analysis, dataset: str) -> list[str]:
                 f"({family}): {_effects(better)}."
             )
         else:
-            lowest = min(rows, key=lambda r: r.t_p_holm)
             text = (
                 f"{metric(key).label}: no method is significantly better than {baseline} ({family}); "
-                f"the lowest adjusted p is {_effects([lowest])}."
+                f"{_closest(rows, 'method', lambda r: _effects([r]))}."
             )
         if worse:
             text += f" Significantly worse: {_effects(worse)}."
@@ -592,6 +590,16 @@ def findings(analysis: Analysis, dataset: str) -> list[str]:
             text += f"; significantly worse: {_effects(below)}." if below else "."
         lines.append(text)
     return lines
+
+
+def _closest(rows, noun: str, describe) -> str:
+    """Of the rows whose mean is below the baseline's, the one with the lowest adjusted p; or
+    that there is none (so a worse method is never presented as the nearest to helping)."""
+    lower = [r for r in rows if r.comparison.mean_diff < 0]
+    if not lower:
+        return f"every {noun}'s mean is above the baseline's"
+    closest = min(lower, key=lambda r: r.t_p_holm)
+    return f"the lowest adjusted p among those below the baseline is at {describe(closest)}"
 
 
 def _significant(rows, sign: int) -> list:
