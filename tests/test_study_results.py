@@ -40,7 +40,7 @@ def test_committed_store_holds_its_spec_yaml_with_the_papers_values(study_dir):
         for dataset, values in published.values.items():
             assert values == paper.values[dataset]
         assert published.how == paper.how
-    assert parse_table(stored) is not None
+        assert parse_table(stored) is not None  # the published values sit in the paper's table
 
 
 def test_the_paper_baseline_is_reported_like_for_like():
@@ -58,7 +58,7 @@ def test_the_paper_baseline_is_reported_like_for_like():
 
 
 def test_the_committed_studies_are_there():
-    assert {path.name for path in STUDIES} >= {"quick", "paper-baseline"}
+    assert {path.name for path in STUDIES} >= {"quick", "paper-baseline", "sweep", "placements"}
 
 
 @pytest.mark.parametrize("study_dir", STUDIES, ids=lambda path: path.name)
