@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import test_study_run
 from gradnoise.cli import main
 from gradnoise.lm import checkpoint
 from gradnoise.lm.group import read_group
@@ -22,20 +23,8 @@ from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.store import Store
 
-TINY = {
-    "n_layer": 1,
-    "n_head": 2,
-    "n_embd": 32,
-    "block_size": 32,
-    "batch_size": 4,
-    "max_iters": 20,
-    "eval_interval": 10,
-    "eval_iters": 2,
-    "log_interval": 5,
-    "checkpoint_interval": 10,
-    "final_eval": False,
-    "device": "cpu",
-}
+# test_study_run's tiny study, pinned to the CPU (groups are formed per device).
+TINY = {**test_study_run.TINY, "device": "cpu"}
 # Long enough to be killed after its first checkpoint, short enough to finish soon after.
 LONG = {"max_iters": 200, "eval_interval": 100, "log_interval": 10, "checkpoint_interval": 20}
 # Per-replica settings (the noise, weight decay) may share a process; the learning rate may not.
