@@ -1,4 +1,5 @@
-"""The tests' environment: a private data home, and one thread where two cores are shared."""
+"""The tests' environment: a private data home, one thread where two cores are shared, and
+without a GPU Triton's interpreter, so that the fused CUDA kernel runs on the CPU."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Read when triton is first imported, which must come after this (test_triton_kernel.py).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1132,3 +1132,40 @@ def test_track_stats_on_the_update_measures_the_noise_added_to_the_weights():
     assert gn.last_stats["grad_norm"] == pytest.approx(2.0 * math.sqrt(n))
     # ‖lr·σ·ε‖ = lr·σ·√n (1 ± 1/√(2n)); five standard deviations.
     assert gn.last_stats["noise_norm"] == pytest.approx(0.1 * 0.5 * math.sqrt(n), rel=5 / math.sqrt(2 * n))
+
+
+def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
+    calls = []
+    one_pass = noise._add_noise_cpu
+
+    def counted(jobs):
+        calls.append(len(jobs))
+        one_pass(jobs)
+
+    monkeypatch.setattr(noise, "_add_noise_cpu", counted)
+    sizes = ((3, 120, 80), (3, 80), (3, 30, 20))
+    _trained_params(
+        sizes,
+        None,
+        3,
+        "sgd",
+        schedule="const:sigma=0.1",
+        seed=[1, 2, 3],
+        correlation=["anticorrelated", "independent", "anticorrelated"],
+        replicas=3,
+    )
+    # Per step: σ_t·ε_t of 3 replicas × 2 param groups; from step 1 on, a second call
+    # with the two anticorrelated replicas' −σ_{t−1}·ε_{t−1}.
+    assert calls == [6, 6, 4, 6, 4]
+
+
+def test_update_noise_reaches_large_parameters_from_every_worker_thread(monkeypatch):
+    """Grad mode is per thread: the helper threads that add a big parameter's chunks
+    must write into it under their own no_grad."""
+    monkeypatch.setattr(noise, "_worker_count", lambda: 4)
+    weight = torch.nn.Parameter(torch.zeros(8 * noise._CPU_CHUNK))
+    weight.grad = torch.zeros_like(weight)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    GradientNoise(optimizer, "const:sigma=0.5", placement="update")
+    optimizer.step()
+    _assert_standard_normal_scaled(weight.detach(), 0.1 * 0.5)

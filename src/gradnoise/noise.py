@@ -274,39 +274,50 @@ def _chunk_pieces(numels: tuple[int, ...]) -> tuple[tuple[tuple[int, int, int, i
     return tuple(tuple(pieces) for pieces in chunks)
 
 
-def _add_noise_cpu(tensors: list[torch.Tensor], sigma: float, key: int, stream: int) -> None:
-    """t ← t + σ·ε for CPU tensors of one dtype; ε from the chunk generators of (key, stream).
+def _add_noise_cpu(jobs: list[tuple[list[torch.Tensor], float, int, int]]) -> None:
+    """t ← t + σ_j·ε_j for the CPU tensors (one dtype) of every job j = (tensors, σ_j,
+    key_j, stream_j), in one pass on every core; ε_j from the chunk generators of
+    (key_j, stream_j).
 
-    The threads claim chunks in turn; what a chunk gets depends on its index
-    alone, so the result does not depend on the number of threads.
+    The threads claim (job, chunk) items in turn; what a chunk gets depends on its
+    job and index alone, so the result depends neither on the number of threads
+    nor on the other jobs of the call.
     """
-    targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    flat = [t.view(-1) for t in targets]
-    chunks = _chunk_pieces(tuple(t.numel() for t in flat))
+    targets = [[t if t.is_contiguous() else t.contiguous() for t in tensors] for tensors, *_ in jobs]
+    flats = [[t.view(-1) for t in tensors] for tensors in targets]
+    pieces = [_chunk_pieces(tuple(t.numel() for t in flat)) for flat in flats]
     # One tensor per state: set_state crashes on a view at an offset.
-    states = [state.clone() for state in _chunk_states(key, stream, len(chunks))]
+    states = [
+        [state.clone() for state in _chunk_states(key, stream, len(chunks))]
+        for (_, _, key, stream), chunks in zip(jobs, pieces, strict=True)
+    ]
+    items = [(job, chunk) for job, chunks in enumerate(pieces) for chunk in range(len(chunks))]
     claim = itertools.count().__next__  # atomic under the GIL
 
+    # Grad mode is per thread: the helpers need their own no_grad to write into parameters.
+    @torch.no_grad()
     def work() -> None:
         generator = torch.Generator()
-        scratch = torch.empty(_CPU_CHUNK, dtype=flat[0].dtype)
-        while (index := claim()) < len(chunks):
-            pieces = chunks[index]
-            generator.set_state(states[index])
-            noise = scratch[: pieces[-1][3] + pieces[-1][2] - pieces[-1][1]]
+        scratch = torch.empty(_CPU_CHUNK, dtype=flats[0][0].dtype)
+        while (item := claim()) < len(items):
+            job, chunk = items[item]
+            flat, sigma, chunk_pieces = flats[job], jobs[job][1], pieces[job][chunk]
+            generator.set_state(states[job][chunk])
+            noise = scratch[: chunk_pieces[-1][3] + chunk_pieces[-1][2] - chunk_pieces[-1][1]]
             noise.normal_(generator=generator)
-            for tensor, start, stop, offset in pieces:
+            for tensor, start, stop, offset in chunk_pieces:
                 flat[tensor][start:stop].add_(noise[offset : offset + stop - start], alpha=sigma)
 
-    helpers = [_pool().submit(work) for _ in range(min(_worker_count(), len(chunks)) - 1)]
+    helpers = [_pool().submit(work) for _ in range(min(_worker_count(), len(items)) - 1)]
     try:
         work()
     finally:
         for helper in helpers:
             helper.result()
-    for tensor, target in zip(tensors, targets, strict=True):
-        if target is not tensor:
-            tensor.copy_(target)
+    for (tensors, *_), copies in zip(jobs, targets, strict=True):
+        for tensor, target in zip(tensors, copies, strict=True):
+            if target is not tensor:
+                tensor.copy_(target)
 
 
 # --- other devices ---------------------------------------------------------------------------
@@ -326,11 +337,12 @@ def _add_noise_unfused(tensors, sigma, key: int, stream: int, workspace: dict | 
     The generator is seeded with mix(key, stream), 64 bits (CUDA's Philox keeps them all).
     """
     device, dtype, numels = tensors[0].device, tensors[0].dtype, [t.numel() for t in tensors]
-    buffer = None if workspace is None else workspace.get((device, dtype))
-    if buffer is None or buffer.numel() != sum(numels):
+    slot = (device, dtype, sum(numels))  # a batched model's replicas share one buffer
+    buffer = None if workspace is None else workspace.get(slot)
+    if buffer is None:
         buffer = torch.empty(sum(numels), device=device, dtype=dtype)
         if workspace is not None:
-            workspace[(device, dtype)] = buffer
+            workspace[slot] = buffer
     generator = _device_generators.get(device)
     if generator is None:
         generator = _device_generators[device] = torch.Generator(device)
@@ -356,19 +368,31 @@ def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.
     return [(device, dtype, group) for (device, dtype), group in groups.items()]
 
 
-def _add_noise_to_groups(groups, sigma, key, stream: int, workspace: dict | None) -> None:
-    """t ← t + σ·ε for groups of (device, dtype, tensors); group i is stream `stream + i` of `key`."""
-    for index, (device, dtype, tensors) in enumerate(groups):
+def _add_noise_jobs(jobs, workspace: dict | None) -> None:
+    """t ← t + σ·ε for jobs (device, dtype, tensors, σ, key, stream): per (device, dtype)
+    one fused launch (CUDA) or one pass on every core (CPU) for all its jobs, elsewhere
+    one fill and one add per job. Job j's noise is stream_j of key_j alone, whatever
+    else the call holds; no tensor may be in two jobs of one call."""
+    by_device: dict[tuple[torch.device, torch.dtype], list] = {}
+    for device, dtype, *job in jobs:
+        by_device.setdefault((device, dtype), []).append(job)
+    for (device, dtype), group in by_device.items():
         if _use_triton(device, dtype):
             from gradnoise import _triton
 
             _triton.add_noise_(
-                tensors, sigma, key if isinstance(key, torch.Tensor) else _signed(key), stream + index
+                [
+                    (tensors, sigma, key if isinstance(key, torch.Tensor) else _signed(key), stream)
+                    for tensors, sigma, key, stream in group
+                ]
             )
         elif device.type == "cpu":
-            _add_noise_cpu(tensors, float(sigma), _as_int(key), stream + index)
+            _add_noise_cpu(
+                [(tensors, float(sigma), _as_int(key), stream) for tensors, sigma, key, stream in group]
+            )
         else:
-            _add_noise_unfused(tensors, sigma, _as_int(key), stream + index, workspace)
+            for tensors, sigma, key, stream in group:
+                _add_noise_unfused(tensors, sigma, _as_int(key), stream, workspace)
 
 
 @torch.no_grad()
@@ -409,7 +433,10 @@ def add_noise_(
         key = _draw_key(generator)
     elif not isinstance(key, (int, torch.Tensor)) or isinstance(key, bool):
         raise UserError(f"add_noise_: key={key!r} must be an integer or a 0-d int64 tensor")
-    _add_noise_to_groups(_group_by_device_dtype(tensors), sigma, key, 0, workspace)
+    groups = _group_by_device_dtype(tensors)
+    # (device, dtype) group i is stream i of the key.
+    jobs = [(device, dtype, group, sigma, key, index) for index, (device, dtype, group) in enumerate(groups)]
+    _add_noise_jobs(jobs, workspace)
 
 
 def _global_rms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -483,6 +510,11 @@ def _replica_slices(targets, replica: int):
     ]
 
 
+def _cut(tensors, replica: int | None):
+    """Replica `replica`'s slices t[replica] of stacked tensors (None: the tensors themselves)."""
+    return tensors if replica is None or tensors is None else [t[replica] for t in tensors]
+
+
 def _norm(tensors: list[torch.Tensor]) -> float:
     """‖t‖₂ over all the tensors (0 for none), on the host."""
     if not tensors:
@@ -552,7 +584,8 @@ class GradientNoise:
             keys, streams and chunks, its own σ_{t−1}, and in relative mode σ from
             the RMS of its own gradients (or update). `sigma`, `seed`, `mode`,
             `schedule`, `correlation` and `last_stats` are then per-replica lists.
-            One add per replica (on CUDA one launch each).
+            All replicas' noise goes in one call per term (on CUDA one fused launch,
+            on CPU one pass on every core).
     """
 
     def __init__(
@@ -794,25 +827,39 @@ class GradientNoise:
 
     @torch.no_grad()
     def _apply(self, found_inf: torch.Tensor | None) -> None:
+        """Step t for every replica: each one's σ_t, then all their noise in one call per
+        term (one fused launch on CUDA), the statistics measured around it."""
         targets = self._targets()
         step = self._step_counter(targets)
         noised = [(scale, index, groups) for scale, index, groups in targets if scale > 0]
         # What a replica's slices are cut from: the gradients (for the stats), and Δp
         # (relative update noise), both in the order of _flat(targets) and _flat(noised).
-        on_update = self.placement == "update"
-        grads = [p.grad for p in _flat(targets)] if on_update else _flat(targets)
+        grads = [p.grad for p in _flat(targets)] if self.placement == "update" else _flat(targets)
         updates = self._update(noised) if self._params_before else None
-        results = []
+        lanes = []
         for replica in self._lanes():
-
-            def cut(tensors, replica=replica):
-                return tensors if replica is None or tensors is None else [t[replica] for t in tensors]
-
-            lane_targets = targets if replica is None else _replica_slices(targets, replica)
-            results.append(self._add_lane(replica, lane_targets, cut(grads), cut(updates), step, found_inf))
-        sigmas, stats = [sigma for sigma, _ in results], [stats for _, stats in results]
+            lane_noised = noised if replica is None else _replica_slices(noised, replica)
+            lane_updates = _cut(updates, replica)
+            lanes.append((replica, lane_noised, self._lane_sigma(replica, lane_noised, lane_updates, step)))
         if self.track_stats:
+            grad_norms = [_norm(_cut(grads, replica)) for replica in self._lanes()]
+            before = self._snapshot(noised)
+        # Round r holds every replica's r-th term: no tensor twice in one call.
+        rounds: list[list] = []
+        for replica, lane_noised, sigma in lanes:
+            for term, jobs in enumerate(self._jobs(replica, lane_noised, sigma, step, found_inf)):
+                if term == len(rounds):
+                    rounds.append([])
+                rounds[term].extend(jobs)
+        for jobs in rounds:
+            _add_noise_jobs(jobs, self._workspace)
+        if self.track_stats:
+            stats = [
+                self._stats(norm, lane_noised, _cut(before, replica))
+                for norm, (replica, lane_noised, _) in zip(grad_norms, lanes, strict=True)
+            ]
             self.last_stats = stats[0] if self.replicas == 1 else stats
+        sigmas = [self._kept_sigma(replica, sigma, found_inf, step) for replica, _, sigma in lanes]
         if isinstance(self._step, torch.Tensor):
             # A step a fused optimizer skips (GradScaler found inf) is not counted, without a sync.
             self._step += 1 if found_inf is None else (found_inf == 0).to(torch.int64)
@@ -820,29 +867,29 @@ class GradientNoise:
             self._step += 1
         self._sigma = sigmas[0] if self.replicas == 1 else sigmas
 
-    def _add_lane(self, replica, targets, grads, updates, step, found_inf) -> tuple:
-        """One replica's step t (a single model is one): σ_t from its schedule (relative:
-        times the RMS of its gradients, or of its update Δp), its noise added; (σ_t, stats)."""
-        schedule, previous = self._lane(self.schedule, replica), self._lane(self._sigma, replica)
-        noised = [(scale, index, groups) for scale, index, groups in targets if scale > 0]
+    def _lane_sigma(self, replica, noised, updates, step):
+        """One replica's σ_t (a single model is one): from its schedule; relative mode,
+        times the RMS of its gradients, or of its update Δp."""
+        schedule = self._lane(self.schedule, replica)
         sigma = schedule(step.double() if isinstance(step, torch.Tensor) else step)
         if noised and isinstance(schedule, schedules.Relative):
             rms = _global_rms(updates if updates is not None else _flat(noised))
             # r_t·RMS in the RMS's fp32, whether r_t is a float or (capturable) a tensor.
             sigma = rms * (sigma.to(rms.dtype) if isinstance(sigma, torch.Tensor) else sigma)
-        if self.track_stats:
-            grad_norm, before = _norm(grads), self._snapshot(noised)
-        self._add(replica, noised, sigma, step, found_inf)
-        stats = self._stats(grad_norm, noised, before) if self.track_stats else None
-        if isinstance(step, torch.Tensor) and found_inf is not None:
-            # A step a fused optimizer skips keeps σ_{t−1}, without a sync.
-            device = found_inf.device
-            sigma = torch.where(found_inf == 0, _on(sigma, device), _on(previous, device))
-        return sigma, stats
+        return sigma
 
-    def _add(self, replica, noised, sigma, step, found_inf: torch.Tensor | None) -> None:
+    def _kept_sigma(self, replica, sigma, found_inf, step):
+        """σ_t as the state keeps it: a step a fused optimizer skips keeps σ_{t−1}, without a sync."""
+        if isinstance(step, torch.Tensor) and found_inf is not None:
+            device = found_inf.device
+            previous = self._lane(self._sigma, replica)
+            return torch.where(found_inf == 0, _on(sigma, device), _on(previous, device))
+        return sigma
+
+    def _jobs(self, replica, noised, sigma, step, found_inf: torch.Tensor | None) -> list[list]:
         """The one way noise is added: σ_t·c·ε_t to each group's tensors, ε_t from the key
         of (seed, t); anticorrelated, also −σ_{t−1}·c·ε_{t−1} from the key of (seed, t−1).
+        Per term, its jobs (device, dtype, tensors, σ, key, stream) for `_add_noise_jobs`.
 
         c = s_group, times lr_group in absolute mode on the update. Param group i's
         (device, dtype) group j is stream i·2¹⁶ + j of the step's key.
@@ -861,14 +908,21 @@ class GradientNoise:
             # A step the fused optimizer skips gets 0·ε on the update, without a sync.
             terms = [(term_sigma * (found_inf == 0), term_step) for term_sigma, term_step in terms]
         per_lr = on_update and not isinstance(self._lane(self.schedule, replica), schedules.Relative)
+        rounds = []
         for term_sigma, term_step in terms:
             if not isinstance(term_sigma, torch.Tensor) and term_sigma == 0:
                 continue
             key = _mix(seed, term_step)
+            jobs = []
             for scale, index, groups in noised:
                 if per_lr:
                     scale = scale * self.optimizer.param_groups[index]["lr"]
-                _add_noise_to_groups(groups, term_sigma * scale, key, index << 16, self._workspace)
+                jobs.extend(
+                    (device, dtype, tensors, term_sigma * scale, key, (index << 16) + group)
+                    for group, (device, dtype, tensors) in enumerate(groups)
+                )
+            rounds.append(jobs)
+        return rounds
 
     def _update(self, noised) -> list[torch.Tensor]:
         """Δp = p − p_before of the parameters that get noise (placement "update")."""
