@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradnoise
-from gradnoise import GradientNoise, UserError, add_noise_, noise, schedules
+from gradnoise import GradientNoise, UserError, add_noise_, schedules, streams
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -212,7 +212,7 @@ def test_track_stats_does_not_change_the_noise(schedule):
     def run(track_stats):
         torch.manual_seed(0)
         params = [
-            torch.nn.Parameter(torch.zeros(size)) for size in ((300, 200), (77,), (2 * noise._CPU_CHUNK,))
+            torch.nn.Parameter(torch.zeros(size)) for size in ((300, 200), (77,), (2 * streams._CPU_CHUNK,))
         ]
         optimizer = torch.optim.SGD(
             [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}], lr=0.1
@@ -404,21 +404,21 @@ def test_bad_arguments_raise_user_errors(kwargs, words):
 
 
 def test_add_noise_batches_tensors_independently():
-    big, small = torch.zeros(3 * noise._CPU_CHUNK + 17), torch.zeros(1000)
+    big, small = torch.zeros(3 * streams._CPU_CHUNK + 17), torch.zeros(1000)
     add_noise_([big, small], 1.0, torch.Generator().manual_seed(0))
     _assert_standard_normal_scaled(big, 1.0)
     _assert_standard_normal_scaled(small, 1.0)
-    chunks = big.split(noise._CPU_CHUNK)
+    chunks = big.split(streams._CPU_CHUNK)
     # Chunks come from different generators: their correlation is ~N(0, 1/n).
     correlation = torch.corrcoef(torch.stack([chunks[0], chunks[1]]))[0, 1]
-    assert abs(correlation) < 5 / math.sqrt(noise._CPU_CHUNK)
+    assert abs(correlation) < 5 / math.sqrt(streams._CPU_CHUNK)
     assert not torch.equal(big[:1000], small)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_keys_that_differ_only_in_their_high_32_bits_give_different_noise(dtype):
     def noisy(key):
-        tensors = [torch.zeros(3 * noise._CPU_CHUNK + 5, dtype=dtype), torch.zeros(100, dtype=dtype)]
+        tensors = [torch.zeros(3 * streams._CPU_CHUNK + 5, dtype=dtype), torch.zeros(100, dtype=dtype)]
         add_noise_(tensors, 1.0, key=key)
         return torch.cat(tensors)
 
@@ -441,15 +441,15 @@ def test_chunk_states_of_distinct_streams_differ_in_almost_every_word():
     nearly identical stream)."""
     key = 0xDEADBEEF_01234567
     cases = {
-        "next chunk": (noise._chunk_states(key, 0, 2)[0], noise._chunk_states(key, 0, 2)[1]),
-        "other stream": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key, 1, 1)[0]),
-        "high key bit": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key ^ 1 << 63, 0, 1)[0]),
-        "low key bit": (noise._chunk_states(key, 0, 1)[0], noise._chunk_states(key ^ 1, 0, 1)[0]),
+        "next chunk": (streams._chunk_states(key, 0, 2)[0], streams._chunk_states(key, 0, 2)[1]),
+        "other stream": (streams._chunk_states(key, 0, 1)[0], streams._chunk_states(key, 1, 1)[0]),
+        "high key bit": (streams._chunk_states(key, 0, 1)[0], streams._chunk_states(key ^ 1 << 63, 0, 1)[0]),
+        "low key bit": (streams._chunk_states(key, 0, 1)[0], streams._chunk_states(key ^ 1, 0, 1)[0]),
     }
     for name, (a, b) in cases.items():
-        words_a, words_b = a.view(torch.int64)[noise._STATE_MT], b.view(torch.int64)[noise._STATE_MT]
+        words_a, words_b = a.view(torch.int64)[streams._STATE_MT], b.view(torch.int64)[streams._STATE_MT]
         differing = torch.count_nonzero(words_a != words_b).item()
-        assert differing >= noise._MT_WORDS - 6, name  # all but the verbatim words may differ
+        assert differing >= streams._MT_WORDS - 6, name  # all but the verbatim words may differ
         # And torch accepts each as a generator state whose stream depends on it.
         draws = []
         for state in (a, b):
@@ -460,7 +460,7 @@ def test_chunk_states_of_distinct_streams_differ_in_almost_every_word():
 
 
 def test_a_chunk_state_does_not_depend_on_how_many_chunks_there_are():
-    many, few = noise._chunk_states(99, 3, 130), noise._chunk_states(99, 3, 61)
+    many, few = streams._chunk_states(99, 3, 130), streams._chunk_states(99, 3, 61)
     assert torch.equal(many[:61], few)  # states are built in blocks: block edges change nothing
 
 
@@ -468,20 +468,25 @@ def test_step_keys_can_be_computed_on_a_tensor():
     seeds = [0, 1, (1 << 63) + 5, (1 << 64) - 1, 0x1234_5678_9ABC_DEF0]
     steps = [0, 1, 2, 4999, 10**6, (1 << 40) + 3]
     for seed in seeds:
-        on_tensor = noise._mix(seed, torch.tensor(steps, dtype=torch.int64))
-        assert [v & noise._MASK64 for v in on_tensor.tolist()] == [noise._mix(seed, step) for step in steps]
+        on_tensor = streams._mix(seed, torch.tensor(steps, dtype=torch.int64))
+        assert [v & streams._MASK64 for v in on_tensor.tolist()] == [
+            streams._mix(seed, step) for step in steps
+        ]
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_noise_does_not_depend_on_the_number_of_threads(monkeypatch, workers):
     def noisy():
-        tensors = [torch.zeros(5 * noise._CPU_CHUNK + 3), torch.zeros(7, 9).t()]  # the second not contiguous
+        tensors = [
+            torch.zeros(5 * streams._CPU_CHUNK + 3),
+            torch.zeros(7, 9).t(),
+        ]  # the second not contiguous
         add_noise_(tensors, 0.5, key=11)
         return torch.cat([t.flatten() for t in tensors])
 
-    monkeypatch.setattr(noise, "_worker_count", lambda: 1)
+    monkeypatch.setattr(streams, "_worker_count", lambda: 1)
     serial = noisy()
-    monkeypatch.setattr(noise, "_worker_count", lambda: workers)
+    monkeypatch.setattr(streams, "_worker_count", lambda: workers)
     assert torch.equal(noisy(), serial)
 
 
@@ -552,7 +557,7 @@ def test_cuda_key_and_sigma_on_the_device_equal_host_values(fused, monkeypatch):
     add_noise_(
         [p.grad for p in on_device],
         torch.tensor(0.3, device="cuda"),
-        key=torch.tensor(noise._signed(key), device="cuda"),
+        key=torch.tensor(streams._signed(key), device="cuda"),
     )
     for a, b in zip(on_host, on_device, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
@@ -629,7 +634,7 @@ def test_noise_follows_the_closure_when_step_gets_one(as_keyword):
 
 
 def test_step_keys_are_distinct_across_seeds_and_steps():
-    keys = {noise._mix(seed, step) for seed in range(50) for step in range(2000)}
+    keys = {streams._mix(seed, step) for seed in range(50) for step in range(2000)}
     assert len(keys) == 50 * 2000
     assert all(0 <= key < 1 << 64 for key in keys)
 
@@ -1136,13 +1141,13 @@ def test_track_stats_on_the_update_measures_the_noise_added_to_the_weights():
 
 def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
     calls = []
-    one_pass = noise._add_noise_cpu
+    one_pass = streams._add_noise_cpu
 
     def counted(jobs):
         calls.append(len(jobs))
         one_pass(jobs)
 
-    monkeypatch.setattr(noise, "_add_noise_cpu", counted)
+    monkeypatch.setattr(streams, "_add_noise_cpu", counted)
     sizes = ((3, 120, 80), (3, 80), (3, 30, 20))
     _trained_params(
         sizes,
@@ -1162,8 +1167,8 @@ def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
 def test_update_noise_reaches_large_parameters_from_every_worker_thread(monkeypatch):
     """Grad mode is per thread: the helper threads that add a big parameter's chunks
     must write into it under their own no_grad."""
-    monkeypatch.setattr(noise, "_worker_count", lambda: 4)
-    weight = torch.nn.Parameter(torch.zeros(8 * noise._CPU_CHUNK))
+    monkeypatch.setattr(streams, "_worker_count", lambda: 4)
+    weight = torch.nn.Parameter(torch.zeros(8 * streams._CPU_CHUNK))
     weight.grad = torch.zeros_like(weight)
     optimizer = torch.optim.SGD([weight], lr=0.1)
     GradientNoise(optimizer, "const:sigma=0.5", placement="update")

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from gradnoise import GradientNoise, noise
+from gradnoise import GradientNoise, streams
 from test_noise import _assert_standard_normal_scaled, _trained_params
 
 pytest.importorskip("triton")
@@ -39,7 +39,7 @@ def _zeros(*sizes, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_adds_sigma_times_standard_normal_noise(kernel, dtype):
     tensors = _zeros(20_000, 7, 4097, dtype=dtype)
-    kernel.add_noise_([(tensors, 0.25, noise._signed(2**63 + 5), 3)])
+    kernel.add_noise_([(tensors, 0.25, streams._signed(2**63 + 5), 3)])
     _assert_standard_normal_scaled(torch.cat([t.flatten() for t in tensors]).cpu(), 0.25)
     if dtype == torch.float32:
         # Every element got its own draw: of the largest tensor's 20,000 values only a few
@@ -50,7 +50,7 @@ def test_kernel_adds_sigma_times_standard_normal_noise(kernel, dtype):
 def test_kernel_noise_is_a_function_of_the_whole_key_and_the_stream(kernel):
     def drawn(key: int, stream: int) -> torch.Tensor:
         (tensor,) = _zeros(5000)
-        kernel.add_noise_([([tensor], 1.0, noise._signed(key), stream)])
+        kernel.add_noise_([([tensor], 1.0, streams._signed(key), stream)])
         return tensor
 
     first = drawn(7, 0)
@@ -61,7 +61,7 @@ def test_kernel_noise_is_a_function_of_the_whole_key_and_the_stream(kernel):
 
 def test_one_launch_of_many_jobs_equals_each_job_launched_alone(kernel):
     jobs = [
-        (_zeros(3000, 10), 0.7, noise._signed(2**64 - 3), 65537),
+        (_zeros(3000, 10), 0.7, streams._signed(2**64 - 3), 65537),
         (_zeros(5000), 0.5, 42, 7),
         (
             _zeros(3000, 10),
@@ -90,7 +90,7 @@ def test_kernel_noises_a_non_contiguous_tensor_through_a_copy(kernel):
 
 
 def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alone(kernel, monkeypatch):
-    monkeypatch.setattr(noise, "_use_triton", lambda device, dtype: dtype in kernel.DTYPES)
+    monkeypatch.setattr(streams, "_use_triton", lambda device, dtype: dtype in kernel.DTYPES)
     launches = []
     launch = kernel.add_noise_
 

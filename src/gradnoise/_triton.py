@@ -25,7 +25,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs have no Triton; noise.py falls back.
+except ImportError:  # CPU-only installs have no Triton; streams.py falls back.
     triton = None
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
