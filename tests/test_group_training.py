@@ -13,8 +13,9 @@ from gradnoise.lm import checkpoint, group, replicas
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.distributed import DistributedEnv
 from gradnoise.lm.model import GPT, weights_for_saving
+from gradnoise.lm.setup import new_run
 from gradnoise.lm.state import Clock
-from gradnoise.lm.trainer import new_run, train, train_group
+from gradnoise.lm.trainer import train, train_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

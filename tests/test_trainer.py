@@ -22,7 +22,8 @@ from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.runlog import FINAL_METRICS
-from gradnoise.lm.trainer import build_noise, build_optimizer, learning_rate, train
+from gradnoise.lm.setup import build_noise, build_optimizer
+from gradnoise.lm.trainer import learning_rate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,6 +33,9 @@ tokens/s.
 runs of a preset as one model, seeds 0 … M−1) for each M in turn, in one process:
 ms per step, runs per hour (M runs of the preset's max_iters steps, evaluation not
 counted) and the speed-up in runs per hour over M = 1.
+
+One file (about 600 lines): the three benchmarks share their timing and printing
+helpers, and only the CLI's `gradnoise bench` reads them.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from gradnoise.lm import config, replicas
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.devices import describe_device, resolve_device, sync
 from gradnoise.lm.model import GPT
-from gradnoise.lm.trainer import build_optimizer
+from gradnoise.lm.setup import build_optimizer
 
 PRESETS = tuple(config.PRESETS)
 SIGMA = 0.01
@@ -411,8 +414,9 @@ def bench_batch(
     """
     from gradnoise.lm import data
     from gradnoise.lm.distributed import DistributedEnv
+    from gradnoise.lm.setup import Hyper, new_run, splits
     from gradnoise.lm.state import Clock
-    from gradnoise.lm.trainer import Hyper, _splits, global_batch, new_run, train_step
+    from gradnoise.lm.trainer import global_batch, train_step
 
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
@@ -425,7 +429,7 @@ def bench_batch(
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
     corpus = data.load(base.dataset)
-    tokens = _splits(corpus, base)["train"]
+    tokens = splits(corpus, base)["train"]
     steps = steps or BATCH_STEPS[(torch_device.type, preset)]
     result = {
         "device": describe_device(torch_device),

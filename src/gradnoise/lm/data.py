@@ -18,6 +18,10 @@ directory beside its destination and moved into place with `os.replace`, so a
 failure or an interrupt leaves either the old directory or nothing. Reading and
 decompressing stream and stop at the size the corpus may have (`size_limit`), so
 a small archive that unpacks to gigabytes is refused after reading that much.
+
+One file (about 600 lines) for one idea, a corpus from its source to a run's
+batches: each corpus's registry entry, checksum, unpacking and tokenization are
+read together, and split across files they would be read apart.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ single process's with batch_size · world_size; DDP averages the gradients, and
 GradientNoise uses the same seed on every rank, so the replicas stay identical. Rank 0
 logs and checkpoints.
 
-The pieces: what a resume needs is a `RunState` (gradnoise.lm.state), scoring is
+The pieces: the group at step 0 (model, optimizer, noise, data streams) is built by
+gradnoise.lm.setup, what a resume needs is a `RunState` (gradnoise.lm.state), scoring is
 `Evaluator` (gradnoise.lm.evaluation), ranks and the stop vote are in
 gradnoise.lm.distributed, the outputs (config.json, log.jsonl, result.json) are
 gradnoise.lm.runlog's and checkpoints/ gradnoise.lm.checkpoint's. Timings (`time_s`,
@@ -74,19 +75,17 @@ import contextlib
 import math
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, finite, group, replicas, rundir, runlog
+from gradnoise.lm import checkpoint, data, finite, group, replicas, rundir, runlog, setup
 from gradnoise.lm.config import TrainConfig
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.distributed import DistributedEnv, StopRequest
 from gradnoise.lm.evaluation import Evaluator
-from gradnoise.lm.model import GPT
 from gradnoise.lm.state import (
     Clock,
     PendingLosses,
@@ -163,30 +162,6 @@ def _run(cfgs, run_dirs, group_dir, resume, progress, on_step) -> list[dict]:
         dist_env.close(wait_for_peers=finished)
 
 
-@dataclass
-class Hyper:
-    """The per-replica settings the step needs, as (M,) tensors on the device."""
-
-    label_smoothing: torch.Tensor | float  # 0.0 when no replica smooths: no extra work
-    embedding_noise_alpha: torch.Tensor | float  # a float (0.0: nothing drawn) unless the replicas differ
-    grad_clip: torch.Tensor  # 0: that replica is not clipped
-    clipping: bool  # any replica clips
-
-    @classmethod
-    def of(cls, cfgs: list[TrainConfig], device: torch.device) -> Hyper:
-        smoothing = [c.label_smoothing for c in cfgs]
-        alphas = [c.embedding_noise_alpha for c in cfgs]
-        return cls(
-            label_smoothing=torch.tensor(smoothing, device=device) if any(smoothing) else 0.0,
-            # A plain run's α as a float: its draw is uniform(−b, b), as before groups existed.
-            embedding_noise_alpha=(
-                alphas[0] if len(alphas) == 1 else torch.tensor(alphas, device=device) if any(alphas) else 0.0
-            ),
-            grad_clip=torch.tensor([c.grad_clip for c in cfgs], device=device),
-            clipping=any(c.grad_clip > 0 for c in cfgs),
-        )
-
-
 def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) -> list[dict]:
     clock = Clock()
     cfg = cfgs[0]  # the settings the group shares (config.group_key)
@@ -202,13 +177,13 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
         for directory in run_dirs + ([group_dir] if group_dir is not None else []):
             refuse_existing_run(directory)
     corpus = data.load(cfg.dataset)
-    splits = _splits(corpus, cfg)
+    splits = setup.splits(corpus, cfg)
     logs = [
         runlog.RunLog(d, c, enabled=dist_env.is_main, progress_bar=progress and m == 0)
         for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
     ]
 
-    run = new_run(cfgs, corpus.vocab_size, device, dtype, dist_env, clock)
+    run = setup.new_run(cfgs, corpus.vocab_size, device, dtype, dist_env, clock)
     latest = checkpoint.latest(checkpoint_dir) if resume else None
     if latest is not None:
         weights, saved = checkpoint.load(latest)
@@ -240,7 +215,7 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
         )
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     evaluator = Evaluator(splits, cfg, dist_env, device, autocast, replicas=len(cfgs))
-    hyper = Hyper.of(cfgs, device)
+    hyper = setup.Hyper.of(cfgs, device)
 
     def next_batch():
         return global_batch(run, splits["train"], cfgs, corpus.vocab_size)
@@ -340,95 +315,6 @@ def active(run: RunState) -> list[tuple[int, Replica]]:
     return [(m, r) for m, r in enumerate(run.replicas) if r.progress.diverged is None]
 
 
-# --- set-up ------------------------------------------------------------------------
-
-
-def new_run(cfgs: list[TrainConfig], vocab_size: int, device, dtype, dist_env, clock: Clock) -> RunState:
-    """A group of runs at step 0: replica m's weights initialized from its seed alone
-    (dropout then draws from the first run's seed + rank), the optimizer, each run's weight
-    decay and noise, the GradScaler, and each run's data streams."""
-    cfg = cfgs[0]
-    model = GPT(
-        cfg.model_config(vocab_size),
-        replicas=len(cfgs),
-        seeds=[c.seed for c in cfgs],
-        dropout=[c.dropout for c in cfgs],
-    ).to(device)
-    torch.manual_seed(cfg.seed + dist_env.rank)
-    optimizer = build_optimizer(model, cfg, device)
-    noise = build_noise(optimizer, *cfgs)
-    if any(c.weight_decay > 0 for c in cfgs):  # after the noise's hook: SGD decays after the noise
-        replicas.WeightDecay(optimizer, [c.weight_decay for c in cfgs], decoupled=cfg.optimizer == "adamw")
-    return RunState(
-        model=model,
-        optimizer=optimizer,
-        noise=noise,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        replicas=[
-            Replica(
-                batch_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "batches")),
-                augment_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "augmentation")),
-            )
-            for c in cfgs
-        ],
-        dist_env=dist_env,
-        device=device,
-        clock=clock,
-    )
-
-
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum. Weight decay goes to the matrices and embeddings (param
-    group 0, marked "decay"), not to LayerNorm weights or biases; it is applied per replica by
-    replicas.WeightDecay, so the optimizer's own weight_decay is 0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # a parameter is (replicas, …): a matrix has three dimensions
-        {"params": [p for p in params if p.dim() >= 3], "weight_decay": 0.0, "decay": True},
-        {"params": [p for p in params if p.dim() < 3], "weight_decay": 0.0, "decay": False},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-def build_noise(optimizer: torch.optim.Optimizer, *cfgs: TrainConfig) -> gradnoise.GradientNoise | None:
-    """The configs' noise on `optimizer` (None when every run has noise=none): one config, or
-    one per replica (a run with noise=none gets σ = 0 there). Placed "after_clip" it hooks
-    optimizer.step() before the update, "update" after it; "before_clip" the loop calls
-    apply() itself."""
-    parsed = [gradnoise.schedules.parse(c.noise) for c in cfgs]
-    if all(schedule is None for schedule in parsed):
-        return None
-    lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
-    seeds = [data.derive_seed(c.seed, "noise") for c in cfgs]
-    modes = [c.noise_mode for c in cfgs]
-    correlations = [c.noise_correlation for c in cfgs]
-    return gradnoise.GradientNoise(
-        optimizer,
-        lanes[0] if len(cfgs) == 1 else lanes,
-        seed=seeds[0] if len(cfgs) == 1 else seeds,
-        mode=modes[0] if len(cfgs) == 1 else modes,
-        attach=cfgs[0].noise_placement != "before_clip",
-        correlation=correlations[0] if len(cfgs) == 1 else correlations,
-        placement="update" if cfgs[0].noise_placement == "update" else "gradient",
-        replicas=len(cfgs),
-    )
-
-
-def _splits(corpus: data.Corpus, cfg: TrainConfig) -> dict:
-    """The corpus's splits; of the train split only its first train_fraction."""
-    splits = {name: corpus.splits[name] for name in ("train", "val", "test") if name in corpus.splits}
-    splits["train"] = splits["train"][: int(len(splits["train"]) * cfg.train_fraction)]
-    for name, tokens in splits.items():
-        if len(tokens) <= cfg.block_size:
-            fraction = f" (train_fraction={cfg.train_fraction})" if name == "train" else ""
-            raise UserError(
-                f"the {name} split of {cfg.dataset} has {len(tokens):,} tokens{fraction}, too few "
-                f"for block_size={cfg.block_size}"
-            )
-    return splits
-
-
 # --- one step ----------------------------------------------------------------------
 
 
@@ -464,7 +350,7 @@ def global_batch(
     return torch.stack(xs), torch.stack(ys)
 
 
-def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: Hyper, next_batch, autocast):
+def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: setup.Hyper, next_batch, autocast):
     """One optimizer step from `step` to step + 1 (see the module docstring).
 
     Returns each run's loss, (M,) (mean over micro-batches, on the device: not read back),
@@ -513,7 +399,7 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: Hyper, 
     return step_loss, batches, gradient_stats(run, norms, hyper) if measure else None
 
 
-def gradient_stats(run: RunState, norms: torch.Tensor | None, hyper: Hyper) -> list[dict]:
+def gradient_stats(run: RunState, norms: torch.Tensor | None, hyper: setup.Hyper) -> list[dict]:
     """runlog.GRADIENT_FIELDS of the step just taken, per run: GradientNoise's own
     measurement (it tracked this step), or without noise ‖g‖ after clipping and no noise."""
     if run.noise is not None:
