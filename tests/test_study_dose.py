@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import tables, write_report
+from gradnoise.study.report import sentences, tables, write_report
 from gradnoise.study.report.analysis import analyze, load_study
 from gradnoise.study.store import Store
 
@@ -135,7 +135,7 @@ def test_the_gradient_rms_is_the_baselines_median_norm_over_root_n(analysis):
 
 
 def test_the_sentence_says_what_the_numbers_say(analysis):
-    final, best = tables.dose_findings(analysis, DATASET)
+    final, best = sentences.dose_findings(analysis, DATASET)
     p_abs = tables.p_value(min(1, 2 * paired_t_p("abs-1e-4", "val_loss_full")))
     assert final.startswith(
         "final val loss, full pass: 1 noise level of 2 is significantly better than baseline"
@@ -171,7 +171,7 @@ def test_dose_table_and_plot(study_dir, analysis):
 
 
 def test_wilcoxon_caveat_counts_nonzero_differences(analysis):
-    caveats = "\n".join(tables.caveats(analysis))
+    caveats = "\n".join(sentences.caveats(analysis))
     # rel-0.1 has 4 pairs but 3 non-zero final differences: both floors are stated.
     assert "With 3 non-zero paired differences the smallest two-sided Wilcoxon p is 0.25" in caveats
     assert "With 4 non-zero paired differences the smallest two-sided Wilcoxon p is 0.125" in caveats
@@ -209,7 +209,7 @@ def test_reference_rows_pair_each_method_with_the_reference(analysis):
 
 
 def test_findings_say_which_methods_beat_the_baseline_and_the_reference(analysis, study_dir):
-    (sentence,) = tables.findings(analysis, DATASET)
+    (sentence,) = sentences.findings(analysis, DATASET)
     vs_baseline = {
         method: paired_t_p(method, "val_loss_full") for method in ("abs-1e-4", "rel-0.1", "dropout-0.1")
     }

@@ -14,7 +14,7 @@ import pytest
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import render, tables, write_report
+from gradnoise.study.report import render, sentences, tables, write_report
 from gradnoise.study.report.analysis import analyze, load_study
 from gradnoise.study.stats import summarize
 from gradnoise.study.store import Store
@@ -311,12 +311,12 @@ def test_gradient_scale_is_the_baselines_median_norm_over_root_n(analysis):
     logged = [GRAD_NORMS[(s // 50) % 3] for s in range(50, MAX_ITERS + 1, 50)] * 3
     assert scale.grad_norm == statistics.median(logged) and scale.points == len(logged)
     assert scale.rms == pytest.approx(statistics.median(logged) / math.sqrt(PARAMETERS))
-    note = tables.gradient_note(analysis, DATASET)
+    note = sentences.gradient_note(analysis, DATASET)
     assert f"RMS(g) = ‖g‖/√N = {scale.rms:.3g}" in note and "after clipping at 1" in note
 
 
 def test_caveats_state_budget_runs_power_and_horizons(analysis):
-    caveats = "\n".join(tables.caveats(analysis))
+    caveats = "\n".join(sentences.caveats(analysis))
     assert "A made-up study for the tests." in caveats
     assert "preset `tiny`" in caveats and "max_iters 600" in caveats
     assert "6 done, 1 diverged, 1 failed" in caveats
@@ -381,7 +381,7 @@ def test_markdown_holds_what_the_rows_say(study_dir, analysis):
         assert render.table_markdown(table) in markdown
     assert "[exp-1](../runs/exp-1/)" in markdown and "{max_iters}" not in markdown
     caveats = markdown.split("## Caveats", 1)[1].split("\n## ", 1)[0]
-    assert [line[2:] for line in caveats.strip().splitlines()] == tables.caveats(analysis)
+    assert [line[2:] for line in caveats.strip().splitlines()] == sentences.caveats(analysis)
     assert "test loss" not in markdown  # no test split, so no test-loss column or comparison
 
 

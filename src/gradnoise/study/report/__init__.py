@@ -43,7 +43,7 @@ from pathlib import Path
 import gradnoise
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic
-from gradnoise.study.report import plots, render, tables
+from gradnoise.study.report import plots, render, sentences, tables
 from gradnoise.study.report.analysis import Analysis, analyze, load_study
 from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
@@ -78,7 +78,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
-        if lines := tables.findings(analysis, dataset):
+        if lines := sentences.findings(analysis, dataset):
             sections.append(Section(f"{dataset}: findings", text=lines))
     for dataset in study.datasets:
         slug = _slug(dataset)
@@ -88,11 +88,11 @@ def _build(analysis: Analysis, directory: Path) -> None:
             if (t := tables.dose_table(analysis, dataset, key))
         ]
         if dose:
-            note = tables.gradient_note(analysis, dataset)
+            note = sentences.gradient_note(analysis, dataset)
             sections.append(
                 Section(
                     f"{dataset}: does any amount of noise help?",
-                    text=[*tables.dose_findings(analysis, dataset), *([note] if note else [])],
+                    text=[*sentences.dose_findings(analysis, dataset), *([note] if note else [])],
                     tables=dose,
                     plots=_drawn(
                         plots.dose_response(analysis, dataset, directory / f"dose_response_{slug}.png")
@@ -102,7 +102,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
     for dataset in study.datasets:
         slug = _slug(dataset)
         speed = tables.speed_table(analysis, dataset)
-        note = None if study.dose else tables.gradient_note(analysis, dataset)
+        note = None if study.dose else sentences.gradient_note(analysis, dataset)
         sections.append(
             Section(
                 dataset,
@@ -141,7 +141,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
         )
     )
 
-    caveats = tables.caveats(analysis)
+    caveats = sentences.caveats(analysis)
     description = str(study.spec.get("description") or "").strip()
     stamp = (
         f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}"

@@ -7,6 +7,9 @@ every table, CSV file and plot of the report is drawn from.
 
 Only runs with status "done" enter summaries, comparisons and speeds; the
 others are counted. The statistics themselves come from `stats`.
+
+One file (about 750 lines) for one idea, the report's numbers: each row type sits
+beside the function that computes it, and every table, plot and sentence reads them.
 """
 
 from __future__ import annotations

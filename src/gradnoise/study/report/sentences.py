@@ -1,0 +1,267 @@
+"""What the report says in words, generated from its numbers: which methods beat the
+baseline and the reference regularizer (`findings`), the dose-response sentences, the
+gradient's scale, and the caveats. Every sentence names the levels, metric and budget it
+covers, and says nothing its numbers do not show."""
+
+from __future__ import annotations
+
+import math
+
+from gradnoise.lm.config import resolve_config
+from gradnoise.study.report.analysis import (
+    HORIZON_FRACTION,
+    LOSS_METRICS,
+    Analysis,
+    DoseRow,
+    Study,
+    metric,
+)
+from gradnoise.study.report.tables import MISSING, difference, p_value, scientific, value_text
+from gradnoise.study.stats import wilcoxon_min_p
+
+#: The significance level of the report's sentences (on Holm-adjusted p).
+ALPHA = 0.05
+
+
+def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
+    """One sentence per dose-response metric, from the numbers: whether any noise level is
+    significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
+    baseline, then the reference methods' differences on the same metric."""
+    study = analysis.study
+    if study.dose is None:
+        return []
+    baseline = study.baseline
+    lines = []
+    for key in study.dose.metrics:
+        rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)]
+        if not rows:
+            continue
+        better = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff < 0]
+        worse = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff > 0]
+        family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
+        if better:
+            text = (
+                f"{metric(key).label}: {_count(len(better), 'noise level')} of {len(rows)} "
+                f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
+                f"({family}): " + "; ".join(_dose_effect(r) for r in better) + "."
+            )
+        else:
+            text = (
+                f"{metric(key).label}: no noise level is significantly better than {baseline} "
+                f"({family}); {_closest(rows, 'noise level', _dose_effect)}."
+            )
+        if worse:
+            text += (
+                f" {_count(len(worse), 'level')} {'is' if len(worse) == 1 else 'are'} significantly "
+                "worse: " + ", ".join(f"{r.method} (σ ≈ {scientific(r.sigma)})" for r in worse) + "."
+            )
+        references = [
+            c
+            for method in study.dose.references
+            if (c := analysis.comparison(dataset, method, key)) is not None
+        ]
+        if references:
+            compared = [
+                f"{c.method}: {difference(c.comparison)}, t p (Holm over all methods) = {p_value(c.t_p_holm)}"
+                for c in references
+            ]
+            text += " For comparison, " + "; ".join(compared) + "."
+        lines.append(text)
+    return lines
+
+
+def findings(analysis: Analysis, dataset: str) -> list[str]:
+    """One sentence per findings metric, from the numbers: which methods are significantly
+    better or worse than the baseline (paired t-test, Holm across all methods, α = ALPHA),
+    then, against the spec's reference method, which are better or worse than it (paired
+    on seeds, Holm across the methods compared with it)."""
+    study = analysis.study
+    if study.findings is None:
+        return []
+    baseline = study.baseline
+    lines = []
+    for key in study.findings.metrics:
+        rows = [
+            c
+            for c in analysis.comparisons
+            if (c.dataset, c.metric) == (dataset, key) and not math.isnan(c.t_p_holm)
+        ]
+        if not rows:
+            continue
+        family = f"paired t, Holm across {_count(len(rows), 'method')}, α = {ALPHA}"
+        better, worse = _significant(rows, -1), _significant(rows, +1)
+        if better:
+            text = (
+                f"{metric(key).label}: {len(better)} of {_count(len(rows), 'method')} "
+                f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
+                f"({family}): {_effects(better)}."
+            )
+        else:
+            text = (
+                f"{metric(key).label}: no method is significantly better than {baseline} ({family}); "
+                f"{_closest(rows, 'method', lambda r: _effects([r]))}."
+            )
+        if worse:
+            text += f" Significantly worse: {_effects(worse)}."
+        references = [
+            r
+            for r in analysis.references
+            if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
+        ]
+        if references:
+            reference = references[0].reference
+            above, below = _significant(references, -1), _significant(references, +1)
+            family = f"method − {reference}, paired on seeds, Holm across {_count(len(references), 'method')}"
+            text += f" Against {reference} ({family}): " + (
+                f"significantly better: {_effects(above)}" if above else "no method is significantly better"
+            )
+            text += f"; significantly worse: {_effects(below)}." if below else "."
+        lines.append(text)
+    return lines
+
+
+def _closest(rows, noun: str, describe) -> str:
+    """Of the rows whose mean is below the baseline's, the one with the lowest adjusted p; or
+    that there is none (so a worse method is never presented as the nearest to helping)."""
+    lower = [r for r in rows if r.comparison.mean_diff < 0]
+    if not lower:
+        return f"every {noun}'s mean is above the baseline's"
+    closest = min(lower, key=lambda r: r.t_p_holm)
+    return f"the lowest adjusted p among those below the baseline is at {describe(closest)}"
+
+
+def _significant(rows, sign: int) -> list:
+    return [r for r in rows if r.t_p_holm < ALPHA and sign * r.comparison.mean_diff > 0]
+
+
+def _effects(rows) -> str:
+    return "; ".join(
+        f"{r.method} (mean diff {difference(r.comparison)}, t p (Holm) = {p_value(r.t_p_holm)})" for r in rows
+    )
+
+
+def _dose_effect(row: DoseRow) -> str:
+    kind = "relative" if row.relative else "absolute"
+    return (
+        f"{row.method} ({kind}, σ ≈ {scientific(row.sigma)}): mean diff "
+        f"{difference(row.comparison)}, t p (Holm) = {p_value(row.t_p_holm)}"
+    )
+
+
+def gradient_note(analysis: Analysis, dataset: str) -> str | None:
+    """The baseline's gradient scale on `dataset`, as the runs logged it."""
+    scale = analysis.gradient_scale(dataset)
+    if scale is None:
+        return None
+    study = analysis.study
+    clip = (study.config(dataset, study.baseline) or {}).get("grad_clip")
+    clipped = f" after clipping at {value_text(clip)}" if clip else ""
+    return (
+        f"{study.baseline}'s gradient on {dataset}: median ‖g‖ = {scale.grad_norm:.3g}{clipped} "
+        f"(over {scale.points} logged steps of its runs), over N = {scale.parameters:,} parameters: "
+        f"RMS(g) = ‖g‖/√N = {scale.rms:.3g}. Absolute noise of σ = {scale.rms:.2g} is as large as the "
+        "gradient (‖noise‖/‖g‖ ≈ 1); relative noise r has ‖noise‖/‖g‖ ≈ r."
+    )
+
+
+def caveats(analysis: Analysis) -> list[str]:
+    study = analysis.study
+    preset = study.spec.get("preset", "tiny")
+    lines = [_budget(study, preset)]
+    lines += [str(line) for line in study.spec.get("caveats") or []]
+
+    counts = {s: sum(r["status"] == s for r in study.runs) for s in ("done", "diverged", "failed")}
+    unfinished = len(study.runs) - sum(counts.values())
+    lines.append(
+        f"Runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed, "
+        f"{unfinished} unfinished (pending or running), of {len(study.runs)}. Only done runs "
+        "enter the means, tests and plots; the others are listed at the end."
+    )
+    if counts["diverged"]:
+        lines.append(
+            "Diverged runs are left out of the means, so a method that diverged on some seeds "
+            "looks better in the tables than it is."
+        )
+
+    seeds = sorted({row.done for row in analysis.summaries if row.done})
+    if seeds:
+        lines.append(
+            f"Seeds per method: {_choices(seeds)}. So few seeds give the tests little power: "
+            "a non-significant difference is not evidence of no effect. Read the 95% CI of the "
+            "difference: it bounds the effects the data are consistent with."
+        )
+    if any(row.summary(key).n == 1 for row in analysis.summaries for key in LOSS_METRICS):
+        lines.append(f"Where only one seed finished, sd and CI are undefined (shown as {MISSING}).")
+    # Counted over the comparisons that ran a test: the Wilcoxon test drops zero differences.
+    tested = [r.comparison for r in analysis.comparisons if not math.isnan(r.comparison.wilcoxon_p)]
+    for n in sorted({c.n_nonzero for c in tested}):
+        min_p = wilcoxon_min_p(n)
+        line = f"With {n} non-zero paired differences the smallest two-sided Wilcoxon p is {min_p:.4g}"
+        if min_p > 0.05:
+            line += ", so the Wilcoxon test cannot reach 0.05 here, whatever the effect"
+        lines.append(line + ".")
+    if analysis.comparisons:
+        lines.append(
+            "p-values marked Holm are adjusted across the methods compared in the same table "
+            "(one dataset, one metric); the unadjusted ones are shown beside them."
+        )
+
+    for use in analysis.schedules:
+        where = f"`{use.spec}` ({', '.join(use.methods)})"
+        if use.schedule(0) == 0:
+            lines.append(f"{where}: σ is zero from the start, so this adds no noise at all.")
+        elif use.data_driven:
+            lines.append(
+                f"{where}: σ follows the validation loss, so it has no horizon known in advance; "
+                "the σ_t plot shows what the runs logged."
+            )
+        elif use.horizon is not None and use.horizon < use.max_iters:
+            silent = 100 * (1 - use.horizon / use.max_iters)
+            lines.append(
+                f"{where}: σ_t falls below {HORIZON_FRACTION:.0%} of σ0 at step {use.horizon} of "
+                f"{use.max_iters}, so the noise is effectively zero for the last {silent:.0f}% "
+                "of training."
+            )
+    lines.append(
+        "Step times are the runs' own; runs that shared the machine (--jobs, --per-device) "
+        "slowed each other, so overhead % is indicative. `gradnoise bench noise` measures the "
+        "cost interleaved in one process."
+    )
+    return lines
+
+
+def _budget(study: Study, preset: str) -> str:
+    parts = []
+    reduced = preset != "paper"
+    for dataset in study.datasets:
+        iters = sorted({int(r["config"]["max_iters"]) for r in study.runs if r["dataset"] == dataset})
+        seeds = sorted({r["seed"] for r in study.runs if r["dataset"] == dataset})
+        fractions = sorted(
+            {r["config"].get("train_fraction", 1.0) for r in study.runs if r["dataset"] == dataset}
+        )
+        paper_iters = resolve_config(dataset, "paper").max_iters
+        reduced = reduced or max(iters) < paper_iters or fractions != [1.0]
+        data = (
+            ""
+            if fractions == [1.0]
+            else f", train_fraction {_choices(fractions)} (the first part of the train split)"
+        )
+        parts.append(
+            f"{dataset}: max_iters {_choices(iters)} (the paper's: {paper_iters}){data}, "
+            f"{_count(len(seeds), 'seed')}"
+        )
+    line = f"Budget: preset `{preset}`; " + "; ".join(parts) + "."
+    if reduced:
+        line += (
+            " This is a reduced budget: the numbers are not comparable with the seed paper's, "
+            "only the methods with each other."
+        )
+    return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _choices(values: list) -> str:
+    return " / ".join(str(v) for v in values)
