@@ -1139,15 +1139,21 @@ def test_track_stats_on_the_update_measures_the_noise_added_to_the_weights():
     assert gn.last_stats["noise_norm"] == pytest.approx(0.1 * 0.5 * math.sqrt(n), rel=5 / math.sqrt(2 * n))
 
 
-def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
+def _count_jobs(monkeypatch, module, name: str) -> list[int]:
+    """Wrap module.name(jobs) to record how many jobs each call gets."""
     calls = []
-    one_pass = streams._add_noise_cpu
+    original = getattr(module, name)
 
     def counted(jobs):
         calls.append(len(jobs))
-        one_pass(jobs)
+        original(jobs)
 
-    monkeypatch.setattr(streams, "_add_noise_cpu", counted)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
+    calls = _count_jobs(monkeypatch, streams, "_add_noise_cpu")
     sizes = ((3, 120, 80), (3, 80), (3, 30, 20))
     _trained_params(
         sizes,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gradnoise import GradientNoise, streams
-from test_noise import _assert_standard_normal_scaled, _trained_params
+from test_noise import _assert_standard_normal_scaled, _count_jobs, _trained_params
 
 pytest.importorskip("triton")
 
@@ -91,14 +91,7 @@ def test_kernel_noises_a_non_contiguous_tensor_through_a_copy(kernel):
 
 def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alone(kernel, monkeypatch):
     monkeypatch.setattr(streams, "_use_triton", lambda device, dtype: dtype in kernel.DTYPES)
-    launches = []
-    launch = kernel.add_noise_
-
-    def counted(jobs):
-        launches.append(len(jobs))
-        launch(jobs)
-
-    monkeypatch.setattr(kernel, "add_noise_", counted)
+    launches = _count_jobs(monkeypatch, kernel, "add_noise_")
     sizes, specs, seeds = (
         ((3, 60, 40), (3, 40), (3, 30, 20)),
         ["const:sigma=0.2", "exp:sigma0=0.3,gamma=0.5", "const:sigma=0.05"],

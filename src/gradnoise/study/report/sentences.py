@@ -36,8 +36,7 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
         rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)]
         if not rows:
             continue
-        better = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff < 0]
-        worse = [r for r in rows if r.t_p_holm < ALPHA and r.comparison.mean_diff > 0]
+        better, worse = _significant(rows, -1), _significant(rows, +1)
         family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
         if better:
             text = (
