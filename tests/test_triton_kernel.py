@@ -10,10 +10,14 @@ where there is one.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import gradnoise
 from gradnoise import GradientNoise, streams
 from test_noise import _assert_standard_normal_scaled, _count_jobs, _trained_params
 
@@ -119,3 +123,31 @@ def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alo
         for p, q in zip(batched, alone, strict=True):
             assert torch.equal(p[m], q), m
     assert isinstance(gn, GradientNoise)
+
+
+COMPILE_FOR_H100 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gradnoise import _triton
+
+signature = {"table": "*i64", "n_tensors": "i32", "n_jobs": "i32", "keys": "*i64", "sigmas": "*fp32",
+             "DTYPE": "constexpr", "BLOCK": "constexpr"}
+for dtype in (tl.float32, tl.bfloat16, tl.float16):
+    source = ASTSource(_triton._add_noise_kernel, signature, {"DTYPE": dtype, "BLOCK": _triton._BLOCK})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], dtype
+"""
+
+
+def test_kernel_compiles_for_an_h100_on_any_machine():
+    """What the interpreter cannot check: that Triton compiles the kernel (to sm_90 machine
+    code, with the ptxas Triton ships; no GPU needed), for every dtype it is used with."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    # The gradnoise under test, wherever the installed one points.
+    source = str(Path(gradnoise.__file__).parents[1])
+    environment["PYTHONPATH"] = os.pathsep.join([source, environment.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_H100], env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

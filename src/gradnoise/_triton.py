@@ -46,17 +46,21 @@ if triton is not None:
         gradient = tl.load(pointer + offsets, mask=mask)
         tl.store(pointer + offsets, (gradient.to(tl.float32) + sigma * noise).to(DTYPE), mask=mask)
 
-    @triton.jit
+    # Not specialized on the counts: one compiled kernel serves any number of tensors and jobs.
+    @triton.jit(do_not_specialize=["n_tensors", "n_jobs"])
     def _add_noise_kernel(table, n_tensors, n_jobs, keys, sigmas, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         # table = [addresses (n_tensors), numels (n_tensors), streams (n_jobs),
         #          per program: tensor, start, job, the program's rank within its job]
         program = tl.program_id(0)
         entry = table + 2 * n_tensors + n_jobs + 4 * program
-        tensor, start = tl.load(entry), tl.load(entry + 1)
-        job, rank = tl.load(entry + 2), tl.load(entry + 3)
+        tensor = tl.load(entry)
+        start = tl.load(entry + 1)
+        job = tl.load(entry + 2)
+        rank = tl.load(entry + 3)
         pointer = tl.load(table + tensor).to(tl.pointer_type(DTYPE))
         numel = tl.load(table + n_tensors + tensor)
-        key, sigma = tl.load(keys + job), tl.load(sigmas + job)
+        key = tl.load(keys + job)
+        sigma = tl.load(sigmas + job)
         stream = tl.load(table + 2 * n_tensors + job).to(tl.uint64)
         # One Philox call gives four normals: this program's quadruples are
         # rank·BLOCK/4 + i, unique within its job; the stream fills the
