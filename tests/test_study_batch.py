@@ -235,17 +235,8 @@ def test_batched_study_stores_the_same_rows_as_one_run_per_process(tmp_path):
 
 
 def group_pids(group_dir: Path) -> list[int]:
-    """Processes training the group in group_dir (from /proc)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--group" in command and str(group_dir).encode() in command:
-                pids.append(int(entry.name))
-    return pids
+    """Processes training the group in group_dir."""
+    return test_study_run.processes_with("--group", str(group_dir))
 
 
 def latest_checkpoint_step(directory: Path) -> int | None:

@@ -67,8 +67,9 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
     return int(latest.read_text().strip().rsplit("_", 1)[-1]) if latest.exists() else None
 
 
-def worker_pids(run_dir: Path) -> list[int]:
-    """Processes training into run_dir (from /proc)."""
+def processes_with(*arguments: str) -> list[int]:
+    """Processes whose command line holds every one of `arguments` (from /proc)."""
+    wanted = [argument.encode() for argument in arguments]
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -76,9 +77,14 @@ def worker_pids(run_dir: Path) -> list[int]:
                 command = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"train" in command and str(run_dir).encode() in command:
+            if all(argument in command for argument in wanted):
                 pids.append(int(entry.name))
     return pids
+
+
+def worker_pids(run_dir: Path) -> list[int]:
+    """Processes training into run_dir."""
+    return processes_with("train", str(run_dir))
 
 
 def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
