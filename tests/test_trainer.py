@@ -70,6 +70,19 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if k not in ("time_s", "tokens_per_s")} for r in records]
 
 
+def assert_resumed_as_whole(whole: dict, resumed: dict, whole_dir: Path, parts_dir: Path, *, weights=True):
+    """The run stopped and resumed in parts_dir ended as the uninterrupted one in whole_dir:
+    the same final losses, the same log (no duplicates), and (weights) the same last checkpoint."""
+    for key in LOSS_KEYS:
+        assert resumed["finals"][key] == whole["finals"][key], key
+    assert without_timing(read_log(parts_dir)) == without_timing(read_log(whole_dir))
+    if weights:
+        final_whole, _ = checkpoint.load(checkpoint.latest(whole_dir))
+        final_parts, _ = checkpoint.load(checkpoint.latest(parts_dir))
+        for key, value in final_whole.items():
+            assert torch.equal(final_parts[key], value), key
+
+
 # --- config -------------------------------------------------------------------------
 
 
@@ -449,14 +462,7 @@ def test_resume_continues_exactly(tmp_path):
     resumed = train(cfg, tmp_path / "parts", resume=True, progress=False)
 
     assert resumed["status"] == "done"
-    for key in LOSS_KEYS:
-        assert resumed["finals"][key] == whole["finals"][key], key
-    # The log continues without duplicates and equals the uninterrupted one.
-    assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
-    final_whole, _ = checkpoint.load(checkpoint.latest(tmp_path / "whole"))
-    final_parts, _ = checkpoint.load(checkpoint.latest(tmp_path / "parts"))
-    for key, value in final_whole.items():
-        assert torch.equal(final_parts[key], value), key
+    assert_resumed_as_whole(whole, resumed, tmp_path / "whole", tmp_path / "parts")
 
     # A finished run resumes to its result at once; a changed config is refused.
     assert train(cfg, tmp_path / "parts", resume=True, progress=False) == resumed
@@ -477,9 +483,7 @@ def test_resume_from_a_checkpoint_written_before_run_state(tmp_path):
     state["book"] = {**state.pop("progress"), **state.pop("clock")}
     torch.save(state, state_path)
     resumed = train(cfg, tmp_path / "parts", resume=True, progress=False)
-    for key in LOSS_KEYS:
-        assert resumed["finals"][key] == whole["finals"][key], key
-    assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
+    assert_resumed_as_whole(whole, resumed, tmp_path / "whole", tmp_path / "parts", weights=False)
 
 
 @pytest.mark.parametrize(
@@ -498,13 +502,7 @@ def test_resume_continues_exactly_with_the_noise_beyond_the_gradient(tmp_path, c
     stopped = train(cfg, tmp_path / "parts", progress=False, on_step=lambda step, x, y: step == 7)
     assert stopped["status"] == "interrupted"
     resumed = train(cfg, tmp_path / "parts", resume=True, progress=False)
-    for key in LOSS_KEYS:
-        assert resumed["finals"][key] == whole["finals"][key], key
-    assert without_timing(read_log(tmp_path / "parts")) == without_timing(read_log(tmp_path / "whole"))
-    final_whole, _ = checkpoint.load(checkpoint.latest(tmp_path / "whole"))
-    final_parts, _ = checkpoint.load(checkpoint.latest(tmp_path / "parts"))
-    for key, value in final_whole.items():
-        assert torch.equal(final_parts[key], value), key
+    assert_resumed_as_whole(whole, resumed, tmp_path / "whole", tmp_path / "parts")
 
 
 def test_a_checkpoint_from_before_the_later_keys_resumes(tmp_path):
