@@ -87,6 +87,7 @@ code { overflow-wrap: anywhere; background: #f4f4f4; padding: 0 0.2em; border-ra
 img { display: block; max-width: 100%; height: auto; margin: 1em 0; }
 @media (max-width: 700px) {
   .wide img { max-width: 900px; width: auto; }
+  .lead .wide img { max-width: 100%; width: 100%; }  /* the answer's figure: whole, on one screen */
   table { font-size: 0.8em; }
 }
 """

@@ -18,7 +18,15 @@ from gradnoise.study.report.analysis import (
     headline_metric,
     metric,
 )
-from gradnoise.study.report.tables import MISSING, difference, p_value, scientific, signed, value_text
+from gradnoise.study.report.tables import (
+    MISSING,
+    difference,
+    p_equals,
+    p_value,
+    scientific,
+    signed,
+    value_text,
+)
 from gradnoise.study.stats import summarize, wilcoxon_min_p
 
 #: The significance level of the report's sentences (on Holm-adjusted p).
@@ -90,8 +98,8 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     text = (
         f"Best-supported finding ({dataset}, {metric(key).label}): {best.method} vs {study.baseline}: "
         f"**{word}**, Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} (95% CI {signed(c.ci_low, 3)} to "
-        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {len(rows)} methods p = "
-        f"{p_value(best.t_p_holm)}."
+        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {len(rows)} methods: "
+        f"{p_equals(best.t_p_holm)}."
     )
     reference = next(
         (r for r in analysis.references if (r.dataset, r.method, r.metric) == (dataset, best.method, key)),
@@ -101,7 +109,7 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
         r = reference.comparison
         text += (
             f" Against {reference.reference}: Δ = {signed(r.mean_diff, 3)} (95% CI {signed(r.ci_low, 3)} "
-            f"to {signed(r.ci_high, 3)}), Holm p = {p_value(reference.t_p_holm)}"
+            f"to {signed(r.ci_high, 3)}), Holm {p_equals(reference.t_p_holm)}"
             f"{'' if reference.t_p_holm < ALPHA else ' (inconclusive: not a demonstration of equality)'}."
         )
     return text + " Exploratory: no hypothesis was fixed in advance."

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gradnoise.study.hypotheses import Contrast, Hypothesis
 from gradnoise.study.report.analysis import LOSS_UNIT, Study, metric
-from gradnoise.study.report.tables import MISSING, Table, p_value, signed
+from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
 from gradnoise.study.stats import (
     Comparison,
     Equivalence,
@@ -144,7 +144,7 @@ def _paragraph(row: HypothesisRow, several_datasets: bool) -> str:
     test = f"TOST vs ±{h.margin:g}, " if row.equivalence is not None else ""
     return (
         f"{head}. Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} ({label} {signed(low, 3)} to "
-        f"{signed(high, 3)}, n = {c.n_pairs}), {test}Holm p = {p_value(row.p_holm)}."
+        f"{signed(high, 3)}, n = {c.n_pairs}), {test}Holm {p_equals(row.p_holm)}."
     )
 
 
@@ -262,7 +262,11 @@ def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]
     ax.invert_yaxis()
     key = study.hypotheses.metric
     ax.set_xlabel(f"Δ {metric(key).label} ({LOSS_UNIT}); < 0: the first lowers the loss")
-    titles = ["confirmatory: green better, red worse, grey inconclusive; dashes ±margin"] if rows else []
+    titles = (
+        ["confirmatory: green better, red worse, blue equivalent, grey inconclusive; dashes ±margin"]
+        if rows
+        else []
+    )
     titles += ["exploratory contrasts (grey, 95% CI)"] if contrasts else []
     ax.set_title("\n".join(titles), fontsize="small")
     ax.grid(axis="x", alpha=0.3)
