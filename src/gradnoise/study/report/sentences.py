@@ -34,9 +34,10 @@ ALPHA = 0.05
 
 
 def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
-    """One sentence per dose-response metric, from the numbers: whether any noise level is
-    significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
-    baseline, then the reference methods' differences on the same metric."""
+    """One short sentence per dose-response metric, from the numbers: how many noise levels
+    are significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
+    baseline, and the largest effect among the better ones. The per-level numbers are in the
+    table beside it; the references, paired with each level, in the plot."""
     study = analysis.study
     if study.dose is None:
         return []
@@ -49,10 +50,12 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
         better, worse = _significant(rows, -1), _significant(rows, +1)
         family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
         if better:
+            largest = min(better, key=lambda r: r.comparison.mean_diff)
             text = (
                 f"{metric(key).label}: {_count(len(better), 'noise level')} of {len(rows)} "
                 f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
-                f"({family}): " + "; ".join(_dose_effect(r) for r in better) + "."
+                f"({family}): {', '.join(r.method for r in better)}; the largest effect is "
+                f"{_dose_effect(largest)}."
             )
         else:
             text = (
@@ -64,17 +67,6 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
                 f" {_count(len(worse), 'level')} {'is' if len(worse) == 1 else 'are'} significantly "
                 "worse: " + ", ".join(f"{r.method} (σ ≈ {scientific(r.sigma)})" for r in worse) + "."
             )
-        references = [
-            c
-            for method in study.dose.references
-            if (c := analysis.comparison(dataset, method, key)) is not None
-        ]
-        if references:
-            compared = [
-                f"{c.method}: {difference(c.comparison)}, t p (Holm over all methods) = {p_value(c.t_p_holm)}"
-                for c in references
-            ]
-            text += " For comparison, " + "; ".join(compared) + "."
         lines.append(text)
     return lines
 
