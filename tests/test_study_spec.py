@@ -603,3 +603,22 @@ def test_transfer_varies_width_and_data_against_controls_of_the_same_condition()
         treated, control = config[contrast.treatment], config[contrast.control]
         assert (treated.n_embd, treated.train_fraction) == (control.n_embd, control.train_fraction)
         assert control.noise == "none" and control.dropout == 0.0
+
+
+def test_paper_tries_noise_at_1x_and_3x_its_gradient_rms_alone_and_on_top_of_dropout():
+    paper = load_spec("paper")
+    cfg = resolve_config("shakespeare_char", "paper")
+    model = GPT(cfg.model_config(data.load("shakespeare_char").vocab_size))
+    rms = cfg.grad_clip / math.sqrt(sum(p.numel() for p in model.parameters()))  # ≈ 3.05e-4
+    constant = {}
+    for run in paper.runs:
+        schedule = schedules.parse(run.config.noise)
+        relative = isinstance(schedule, schedules.Relative)
+        inner = schedule.inner if relative else schedule
+        if isinstance(inner, schedules.Constant) and run.config.noise_correlation == "independent":
+            multiple = inner(0) if relative else inner(0) / rms
+            constant.setdefault((relative, round(multiple)), set()).add(run.config.dropout)
+    for relative in (False, True):
+        for multiple in (1, 3):
+            assert constant.get((relative, multiple)) == {0.0, 0.2}, (relative, multiple)
+    assert cfg.dropout == 0.2  # "on top of dropout" is the preset's own

@@ -90,7 +90,7 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     text = (
         f"Best-supported finding ({dataset}, {metric(key).label}): {best.method} vs {study.baseline}: "
         f"**{word}**, Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} (95% CI {signed(c.ci_low, 3)} to "
-        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {len(rows)} methods: "
+        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {_count(len(rows), 'method')}: "
         f"{p_equals(best.t_p_holm)}."
     )
     reference = next(
