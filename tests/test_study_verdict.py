@@ -5,13 +5,16 @@ Store writer API, the words worked out here from scipy's t distribution and Holm
 import math
 import re
 import statistics
+import zlib
 
 import pytest
 import scipy.stats
 
+from gradnoise import schedules
 from gradnoise.lm.config import resolve_config
 from gradnoise.study.report import verdict, write_report
 from gradnoise.study.report.analysis import load_study
+from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 
 DATASET = "shakespeare_char"
@@ -161,3 +164,68 @@ def test_the_interaction_is_reported_with_its_ci(study_dir):
     assert row.comparison.ci_high - row.comparison.ci_low == pytest.approx(2 * half)
     markdown = (study_dir / "report" / "report.md").read_text()
     assert "| inter | (rel+drop − drop) − (rel − baseline) |" in markdown
+
+
+def fill_packaged(directory, name: str, offset) -> dict:
+    """A packaged spec's runs, each done with made-up finals: val_loss_full = 2.7 +
+    offset(config) + a seed effect + a small jitter; best val 0.1 (no noise) or 0.05
+    (noise) lower."""
+    spec = load_spec(name)
+    finals_of = {}
+    with Store(directory / "study.sqlite") as store:
+        store.create_study(spec.name, spec.data)
+        store.add_runs([(r.run_id, r.dataset, r.method, r.seed, r.config.to_dict()) for r in spec.runs])
+        for run in spec.runs:
+            # A seed effect shared by every method, and a jitter of ≤ 0.004 of each run's own.
+            jitter = 0.001 * (zlib.crc32(f"{run.method}/{run.seed}".encode()) % 5)
+            full = 2.7 + offset(run.config) + 0.01 * (run.seed % 5) + jitter
+            gap = 0.1 if run.config.noise == "none" else 0.05
+            finals = {"steps": 1200, "val_loss_full": full, "best_val_loss": full - gap, "val_loss": full}
+            store.mark_running(run.run_id, "test", "cpu")
+            store.record_result(run.run_id, {"status": "done", "finals": finals}, [])
+            finals_of[run.method] = finals
+    write_report(directory)
+    return finals_of
+
+
+def test_the_transfer_report_draws_each_width_by_noise_level(tmp_path):
+    def offset(config) -> float:  # noise helps at width 64, not at 256
+        r = schedules.parse(config.noise).inner(0) if config.noise != "none" else 0.0
+        return -0.02 * r if config.n_embd == 64 else 0.0
+
+    fill_packaged(tmp_path, "transfer", offset)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    first = markdown.split("\n## ")[1]
+    assert first.startswith("The answer\n") and "No confirmatory hypothesis" in first
+    assert "(answer_levels.png)" in first and (tmp_path / "report" / "answer_levels.png").is_file()
+    # Each contrast's control overfits by its best-val gap: 0.1 (no noise) in every made-up run.
+    assert re.search(r"\| w64-r3 \| w64-r3 − w64-r0 \| val_loss_full \| 5 \| -0\.06\d\d \|", markdown)
+    assert re.search(r"\| w64-r3 \| [^\n]*\| \+0\.100 \|", markdown)
+
+
+def test_the_confirm_report_answers_its_four_hypotheses(tmp_path):
+    def offset(config) -> float:  # relative noise −0.2 at every dropout; dropout −0.2 per 0.1
+        return (-0.2 if config.noise.startswith("relative") else 0.0) - 2 * config.dropout
+
+    fill_packaged(tmp_path, "confirm", offset)
+    first = (tmp_path / "report" / "report.md").read_text().split("\n## ")[1]
+    paragraphs = [line for line in first.splitlines() if re.match(r"\([a-d]\) ", line)]
+    # Effects of 0.2 against a jitter of ≤ 0.004; rel-3 and dropout-0.1 differ by the jitter alone.
+    words = [re.search(r"\*\*(.+?)\*\*", p).group(1) for p in paragraphs]
+    assert words == ["better", "better", "better", "equivalent within ±0.05"]
+
+
+def test_a_hypothesis_without_enough_seeds_gets_no_word_but_its_reason(tmp_path):
+    spec = {**SPEC, "seeds": 1}
+    with Store(tmp_path / "study.sqlite") as store:
+        store.create_study(spec["name"], spec)
+        for method, overrides in METHODS.items():
+            config = resolve_config(DATASET, "tiny", {"max_iters": 100, **overrides, "seed": 0})
+            store.add_runs([(f"{method}-0", DATASET, method, 0, config.to_dict())])
+            finals = {"steps": 100, "val_loss_full": values(method)[0]}
+            store.record_result(f"{method}-0", {"status": "done", "finals": finals}, [])
+        study = load_study(store)
+    rows = verdict.hypothesis_rows(study)
+    paragraphs = verdict.verdict_paragraphs(study, rows)
+    assert [r.word for r in rows] == ["no test"] * 4
+    assert all("at least 2 are needed for a test" in p for p in paragraphs)

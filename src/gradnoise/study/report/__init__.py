@@ -87,7 +87,8 @@ def _answer(analysis: Analysis, directory: Path) -> Section | None:
             ]
         )
         forest = verdict.forest(study, rows, contrasts, directory / "answer.png")
-        return Section("The answer", text=text, plots=_drawn(forest))
+        levels = verdict.contrasts_by_level(study, contrasts, directory / "answer_levels.png")
+        return Section("The answer", text=text, plots=_drawn(forest, levels))
     if not study.datasets:
         return None
     dataset = study.datasets[0]

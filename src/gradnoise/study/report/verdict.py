@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradnoise import schedules
 from gradnoise.study.hypotheses import Contrast, Hypothesis
 from gradnoise.study.report.analysis import LOSS_UNIT, Study, metric
 from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
@@ -28,9 +29,9 @@ from gradnoise.study.stats import (
     paired_comparison,
 )
 
-BETTER, WORSE, INCONCLUSIVE, UNMEASURED = "better", "worse", "inconclusive", "not measured"
+BETTER, WORSE, INCONCLUSIVE, UNTESTED = "better", "worse", "inconclusive", "no test"
 #: The colour each word is drawn in (the forest plot).
-WORD_COLORS = {BETTER: "tab:green", WORSE: "tab:red", INCONCLUSIVE: "tab:gray", UNMEASURED: "tab:gray"}
+WORD_COLORS = {BETTER: "tab:green", WORSE: "tab:red", INCONCLUSIVE: "tab:gray", UNTESTED: "tab:gray"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class HypothesisRow:
     @property
     def word(self) -> str:
         if math.isnan(self.p_holm):
-            return UNMEASURED
+            return UNTESTED
         if self.p_holm >= self.alpha:
             return INCONCLUSIVE
         if self.equivalence is not None:
@@ -138,8 +139,9 @@ def _paragraph(row: HypothesisRow, several_datasets: bool) -> str:
     claim = h.claim or f"{h.treatment} vs {h.control}"
     where = f" on {row.dataset}" if several_datasets else ""
     head = f"({h.id}) {claim}{where}: **{row.word}**"
-    if c.n_pairs < 2:
-        return f"{head}: {c.n_pairs} paired seed(s) of {h.treatment} and {h.control} so far."
+    if math.isnan(row.p):
+        note = row.equivalence.note if row.equivalence is not None else c.note
+        return f"{head}: {h.treatment} − {h.control}: {note}."
     low, high, label = row.interval
     test = f"TOST vs ±{h.margin:g}, " if row.equivalence is not None else ""
     return (
@@ -270,5 +272,45 @@ def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]
     titles += ["exploratory contrasts (grey, 95% CI)"] if contrasts else []
     ax.set_title("\n".join(titles), fontsize="small")
     ax.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    return path
+
+
+def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -> Path | None:
+    """The simple contrasts (no `versus`) whose treatment adds constant-shape noise, as Δ
+    (mean, 95% CI) against the treatment's noise level (σ, or r for relative noise), one line
+    per control, e.g. one per model width. None unless some control has two levels or more."""
+    from matplotlib.figure import Figure
+
+    lines: dict[tuple[str, str, bool], list[tuple[float, Comparison]]] = {}
+    for row in contrasts:
+        config = study.config(row.dataset, row.contrast.treatment) or {}
+        schedule = schedules.parse(config.get("noise", "none"))
+        if row.contrast.versus is not None or schedule is None or row.comparison.n_pairs < 2:
+            continue
+        relative = isinstance(schedule, schedules.Relative)
+        level = float((schedule.inner if relative else schedule)(0))
+        lines.setdefault((row.contrast.control, row.contrast.metric, relative), []).append(
+            (level, row.comparison)
+        )
+    if not any(len(points) > 1 for points in lines.values()):
+        return None
+    figure = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = figure.subplots()
+    for (control, key, relative), points in lines.items():
+        points.sort(key=lambda point: point[0])
+        xs = [level for level, _ in points]
+        means = [c.mean_diff for _, c in points]
+        errors = [[c.mean_diff - c.ci_low for _, c in points], [c.ci_high - c.mean_diff for _, c in points]]
+        unit = "r" if relative else "σ"
+        label = f"vs {control}" + ("" if key == study.hypotheses.metric else f" ({metric(key).label})")
+        ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=f"{label}, {unit}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("noise level of the treatment (σ, or r for relative noise)")
+    ax.set_ylabel(f"Δ {metric(study.hypotheses.metric).label} ({LOSS_UNIT})")
+    ax.set_title("exploratory: treatment − its control by noise level, mean and 95% CI", fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
     figure.savefig(path, dpi=110, metadata={"Software": None})
     return path
