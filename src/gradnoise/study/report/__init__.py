@@ -88,7 +88,9 @@ def _answer(analysis: Analysis, directory: Path) -> Section | None:
         )
         forest = verdict.forest(study, rows, contrasts, directory / "answer.png")
         levels = verdict.contrasts_by_level(study, contrasts, directory / "answer_levels.png")
-        return Section("The answer", text=text, plots=_drawn(forest, levels))
+        # Without confirmatory tests, the contrasts by noise level are the figure to read first.
+        figures = (forest, levels) if rows else (levels, forest)
+        return Section("The answer", text=text, plots=_drawn(*figures))
     if not study.datasets:
         return None
     dataset = study.datasets[0]

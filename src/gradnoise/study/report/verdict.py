@@ -295,7 +295,7 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
         )
     if not any(len(points) > 1 for points in lines.values()):
         return None
-    figure = Figure(figsize=(7.0, 4.2), layout="constrained")
+    figure = Figure(figsize=(7.0, 3.8), layout="constrained")
     ax = figure.subplots()
     for (control, key, relative), points in lines.items():
         points.sort(key=lambda point: point[0])
