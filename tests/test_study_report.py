@@ -476,8 +476,9 @@ def test_without_hypotheses_the_report_opens_with_the_best_supported_finding(stu
     assert html.index("The answer") < html.index("<details") < html.index("Caveats")
 
 
-def test_best_val_note_measures_the_estimate_against_the_full_pass(analysis):
+def test_best_val_note_measures_the_estimate_against_the_full_pass(analysis, study_dir):
     # The fabricated runs' last estimate is the full pass − 0.001 on every run.
     note = sentences.best_val_note(analysis, DATASET)
     assert "read -0.001 nats/char against the full pass" in note and "6 runs" in note
     assert "selection bias is unmeasured" in note
+    assert note in (study_dir / "report" / "report.md").read_text()  # beside the tables of best val

@@ -208,7 +208,9 @@ def test_the_confirm_report_answers_its_four_hypotheses(tmp_path):
         return (-0.2 if config.noise.startswith("relative") else 0.0) - 2 * config.dropout
 
     fill_packaged(tmp_path, "confirm", offset)
-    first = (tmp_path / "report" / "report.md").read_text().split("\n## ")[1]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "Exploratory: not among the pre-registered tests." in markdown  # the findings tables
+    first = markdown.split("\n## ")[1]
     paragraphs = [line for line in first.splitlines() if re.match(r"\([a-d]\) ", line)]
     # Effects of 0.2 against a jitter of ≤ 0.004; rel-3 and dropout-0.1 differ by the jitter alone.
     words = [re.search(r"\*\*(.+?)\*\*", p).group(1) for p in paragraphs]

@@ -154,7 +154,11 @@ def _build(analysis: Analysis, directory: Path) -> None:
     for dataset in study.datasets:
         slug = _slug(dataset)
         speed = tables.speed_table(analysis, dataset)
-        note = None if study.dose else sentences.gradient_note(analysis, dataset)
+        notes = [
+            None if study.dose else sentences.gradient_note(analysis, dataset),
+            # Beside the first table of best val: the findings' if there are any, else here.
+            None if study.findings else sentences.best_val_note(analysis, dataset),
+        ]
         sections.append(
             Section(
                 dataset,
@@ -171,7 +175,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
                     else plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
                     plots.gradient_norms(analysis, dataset, directory / f"gradients_{slug}.png"),
                 ),
-                text=[note] if note else [],
+                text=[note for note in notes if note],
             )
         )
     sections.append(

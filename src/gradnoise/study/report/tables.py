@@ -553,6 +553,7 @@ def findings_tables(analysis: Analysis, dataset: str, alpha: float = 0.05) -> li
                     f"Δ: method − the column's method ({LOSS_UNIT}); negative is a lower loss. "
                     f"Verdict: the paired t-test's Holm-adjusted p against α = {alpha:g} "
                     "(inconclusive is not evidence of no effect; read the CI)."
+                    + (" Exploratory: not among the pre-registered tests." if study.hypotheses else "")
                 ],
             )
         )
