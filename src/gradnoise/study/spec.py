@@ -28,7 +28,7 @@
       methods: [const-1e-4, const-1e-3, rel-0.1, rel-1]   # each at its logged σ (median)
       metrics: [val_loss_full, best_val_loss]             # default: these two
       references: [dropout-0.1]       # other methods drawn beside them (not in the family)
-    findings:                         # optional: sentences on which methods beat the baseline
+    findings:                         # optional: a table of which methods beat the baseline
       reference: dropout-0.1          # and, paired on seeds, whether they beat this method too
       metrics: [val_loss_full, best_val_loss]             # default: these two
     hypotheses:                       # optional: pre-registered tests (see `hypotheses`)
