@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import sentences, tables, write_report
+from gradnoise.study.report import sentences, tables, verdict, write_report
 from gradnoise.study.report.analysis import analyze, load_study
 from gradnoise.study.store import Store
 
@@ -210,7 +210,7 @@ def test_reference_rows_pair_each_method_with_the_reference(analysis):
 
 def test_findings_table_gives_each_method_the_word_its_test_allows(analysis, study_dir):
     """A compact row per method: Δ, CI, Holm p and verdict vs the baseline and vs the reference."""
-    (table,) = tables.findings_tables(analysis, DATASET)
+    (table,) = verdict.findings_tables(analysis, DATASET)
     assert table.columns == [
         "method",
         "Δ vs baseline",

@@ -129,7 +129,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
-        if found := tables.findings_tables(analysis, dataset, sentences.ALPHA):
+        if found := verdict.findings_tables(analysis, dataset, sentences.ALPHA):
             note = sentences.best_val_note(analysis, dataset)
             sections.append(Section(f"{dataset}: findings", tables=found, text=[note] if note else []))
     for dataset in study.datasets:

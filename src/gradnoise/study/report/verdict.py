@@ -1,5 +1,6 @@
 """The report's answer: the spec's pre-registered hypotheses tested (one Holm family), its
-exploratory contrasts estimated, the word each test allows, and the figure that shows them.
+exploratory contrasts estimated, the word each test allows, and the figure that shows them;
+and the findings tables (each method vs the baseline and the reference, with its word).
 
     rows = hypothesis_rows(study)     # one per (dataset, confirmatory hypothesis)
     verdict_paragraphs(study, rows)   # one paragraph each, generated from the numbers
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.study.hypotheses import Contrast, Hypothesis
-from gradnoise.study.report.analysis import LOSS_UNIT, Study, metric
+from gradnoise.study.report.analysis import LOSS_UNIT, Analysis, Study, metric
 from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
 from gradnoise.study.stats import (
     Comparison,
@@ -314,3 +315,54 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
     ax.legend(fontsize="small")
     figure.savefig(path, dpi=110, metadata={"Software": None})
     return path
+
+
+def findings_tables(analysis: Analysis, dataset: str, alpha: float = 0.05) -> list[Table]:
+    """Per findings metric: each method vs the baseline (Holm across all methods) and, if
+    the spec names a reference, vs it (Holm across the methods compared with it), with the
+    word each paired t-test allows at `alpha`."""
+    study = analysis.study
+    if study.findings is None:
+        return []
+    reference = study.findings.reference
+    tables = []
+    for key in study.findings.metrics:
+        rows = [c for c in analysis.comparisons if (c.dataset, c.metric) == (dataset, key)]
+        if not rows:
+            continue
+        against = {r.method: r for r in analysis.references if (r.dataset, r.metric) == (dataset, key)}
+        columns = ["method", f"Δ vs {study.baseline}", "95% CI", "p (Holm)", "verdict"]
+        if reference:
+            columns += [f"Δ vs {reference}", "95% CI", "p (Holm)", "verdict"]
+        body = []
+        for r in rows:
+            line = [r.method, *_finding_cells(r.comparison, r.t_p_holm, alpha)]
+            if reference:
+                other = against.get(r.method)
+                line += _finding_cells(other.comparison, other.t_p_holm, alpha) if other else [MISSING] * 4
+            body.append(line)
+        tables.append(
+            Table(
+                title=f"{dataset}: {metric(key).label}, each method paired on seeds",
+                columns=columns,
+                rows=body,
+                notes=[
+                    f"Δ: method − the column's method ({LOSS_UNIT}); negative is a lower loss. "
+                    f"Verdict: the paired t-test's Holm-adjusted p against α = {alpha:g} "
+                    "(inconclusive is not evidence of no effect; read the CI)."
+                    + (" Exploratory: not among the pre-registered tests." if study.hypotheses else "")
+                ],
+            )
+        )
+    return tables
+
+
+def _finding_cells(c: Comparison, p_holm: float, alpha: float) -> list[str]:
+    if math.isnan(p_holm):
+        word = "no test"
+    elif p_holm >= alpha:
+        word = "inconclusive"
+    else:
+        word = "better" if c.mean_diff < 0 else "worse"
+    ci = MISSING if math.isnan(c.ci_low) else f"[{signed(c.ci_low)}, {signed(c.ci_high)}]"
+    return [signed(c.mean_diff), ci, p_value(p_holm), word]
