@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report import sentences, tables, write_report
+from gradnoise.study.report import sentences, tables, verdict, write_report
 from gradnoise.study.report.analysis import analyze, load_study
 from gradnoise.study.store import Store
 
@@ -144,8 +144,8 @@ def test_the_sentence_says_what_the_numbers_say(analysis):
         "abs-1e-4 (absolute, σ ≈ 0.0001): mean diff -0.0501 [" in final and f"t p (Holm) = {p_abs}" in final
     )
     assert "rel-0.1 (" not in final  # neither better nor worse on the final val loss
-    dropout = analysis.comparison(DATASET, "dropout-0.1", "val_loss_full")
-    assert f"For comparison, dropout-0.1: {tables.difference(dropout.comparison)}" in final
+    assert "the largest effect is abs-1e-4 (absolute" in final
+    assert "dropout-0.1" not in final  # the reference is in the plot and the findings table
 
     assert best.startswith("best val loss: no noise level is significantly better than baseline")
     # Of the levels below the baseline on best val (abs-1e-4 alone: rel-0.1 is above), the nearest.
@@ -208,27 +208,48 @@ def test_reference_rows_pair_each_method_with_the_reference(analysis):
         assert rows[method].t_p_holm == pytest.approx(p, rel=1e-9)
 
 
-def test_findings_say_which_methods_beat_the_baseline_and_the_reference(analysis, study_dir):
-    (sentence,) = sentences.findings(analysis, DATASET)
-    vs_baseline = {
-        method: paired_t_p(method, "val_loss_full") for method in ("abs-1e-4", "rel-0.1", "dropout-0.1")
-    }
-    adjusted = holm_by_hand(vs_baseline)
-    better = [m for m, p in adjusted.items() if p < 0.05 and statistics.mean(DIFFS[m]["val_loss_full"]) < 0]
-    assert sentence.startswith(
-        f"final val loss, full pass: {len(better)} of 3 methods are significantly better than baseline"
+def test_findings_table_gives_each_method_the_word_its_test_allows(analysis, study_dir):
+    """A compact row per method: Δ, CI, Holm p and verdict vs the baseline and vs the reference."""
+    (table,) = verdict.findings_tables(analysis, DATASET)
+    assert table.columns == [
+        "method",
+        "Δ vs baseline",
+        "95% CI",
+        "p (Holm)",
+        "verdict",
+        "Δ vs dropout-0.1",
+        "95% CI",
+        "p (Holm)",
+        "verdict",
+    ]
+    rows = {row[0]: row for row in table.rows}
+    assert set(rows) == {"abs-1e-4", "rel-0.1", "dropout-0.1"}
+    vs_baseline = holm_by_hand(
+        {method: paired_t_p(method, "val_loss_full") for method in ("abs-1e-4", "rel-0.1", "dropout-0.1")}
     )
-    for method in better:
-        assert f"{method} (mean diff" in sentence.split(" Against ")[0]
-    assert "rel-0.1" not in sentence.split(" Against ")[0]  # not significant either way vs the baseline
 
-    against = sentence.split(" Against dropout-0.1 ")[1]
-    rows = {r.method: r for r in analysis.references}
-    for method, row in rows.items():
-        if row.t_p_holm < 0.05:
-            side = "better" if row.comparison.mean_diff < 0 else "worse"
-            part = against.split(f"significantly {side}: ")[1]
-            assert part.startswith(f"{method} (mean diff {tables.difference(row.comparison)}")
+    def word(p: float, diffs: list[float]) -> str:
+        if p >= 0.05:
+            return "inconclusive"
+        return "better" if statistics.mean(diffs) < 0 else "worse"
+
+    for method, p in vs_baseline.items():
+        diffs = DIFFS[method]["val_loss_full"]
+        assert rows[method][1] == f"{statistics.mean(diffs):+.4f}"
+        assert rows[method][3:5] == [tables.p_value(p), word(p, diffs)]
+    assert rows["abs-1e-4"][4] == "better"  # −0.05 on every seed
+    assert rows["rel-0.1"][4] == "inconclusive"
+    assert rows["dropout-0.1"][5:] == [tables.MISSING] * 4  # the reference itself
+
+    def ours(method: str) -> list[float]:
+        return [b + d for b, d in zip(BASELINE["val_loss_full"], DIFFS[method]["val_loss_full"], strict=True)]
+
+    vs_reference = holm_by_hand(
+        {m: scipy.stats.ttest_rel(ours(m), ours("dropout-0.1")).pvalue for m in ("abs-1e-4", "rel-0.1")}
+    )
+    for method, p in vs_reference.items():
+        diffs = [m - r for m, r in zip(ours(method), ours("dropout-0.1"), strict=True)]
+        assert rows[method][7:] == [tables.p_value(p), word(p, diffs)]
     assert "findings" in (study_dir / "report" / "report.md").read_text()
 
 

@@ -459,3 +459,26 @@ def test_missing_store_is_a_user_error_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match=r"study\.sqlite"):
         write_report(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_hypotheses_the_report_opens_with_the_best_supported_finding(study_dir):
+    markdown = (study_dir / "report" / "report.md").read_text()
+    first = markdown.split("\n## ")[1]
+    assert first.startswith("The answer\n")
+    # exp − baseline on the full pass: −0.02 per seed on average, t = VAL_T, one method: Holm = raw.
+    p = student_t_p(VAL_T)
+    word = "better" if p < 0.05 else "inconclusive"
+    assert f"exp vs baseline: **{word}**, Δ = -0.020 nats/char" in first
+    assert f"Holm over 1 method: p = {p:.3f}" in first
+    assert "![final_val_shakespeare_char](final_val_shakespeare_char.png)" in first
+    assert markdown.count("final_val_shakespeare_char.png") == 1  # not drawn twice
+    html = (study_dir / "report" / "index.html").read_text()
+    assert html.index("The answer") < html.index("<details") < html.index("Caveats")
+
+
+def test_best_val_note_measures_the_estimate_against_the_full_pass(analysis, study_dir):
+    # The fabricated runs' last estimate is the full pass − 0.001 on every run.
+    note = sentences.best_val_note(analysis, DATASET)
+    assert "read -0.001 nats/char against the full pass" in note and "6 runs" in note
+    assert "selection bias is unmeasured" in note
+    assert note in (study_dir / "report" / "report.md").read_text()  # beside the tables of best val

@@ -346,7 +346,15 @@ def noise_levels(spec) -> dict[str, tuple[bool, float, str]]:
 
 
 def test_packaged_specs_are_valid_and_shaped_as_issue_4_says():
-    assert set(packaged_specs()) == {"quick", "paper", "paper-small", "sweep", "placements"}
+    assert set(packaged_specs()) == {
+        "quick",
+        "paper",
+        "paper-small",
+        "sweep",
+        "placements",
+        "confirm",
+        "transfer",
+    }
     quick, paper, small = (load_spec(n) for n in ("quick", "paper", "paper-small"))
     for spec in (quick, paper, small):
         assert spec.caveats and spec.description and spec.baseline in spec.methods
@@ -468,3 +476,149 @@ def test_quick_noise_acts_during_its_run():
         horizon = schedule.horizon(0.01)
         assert horizon is None or horizon >= run.config.max_iters // 4, run.method
         assert schedule(0) > 0
+
+
+# ---- pre-registered hypotheses -----------------------------------------------------------
+
+HYPOTHESES = {
+    "metric": "val_loss_full",
+    "confirmatory": [
+        {"id": "a", "kind": "better", "treatment": "exp", "control": "baseline"},
+        {"id": "d", "kind": "equivalent", "margin": 0.05, "treatment": "exp", "control": "baseline"},
+    ],
+    "contrasts": [{"id": "x", "treatment": "exp", "control": "baseline", "metric": "best_val_loss"}],
+}
+
+
+def test_hypotheses_are_parsed_with_the_blocks_defaults():
+    spec = parse_spec(base_spec(hypotheses=HYPOTHESES))
+    block = spec.hypotheses
+    assert (block.metric, block.alpha, block.correction) == ("val_loss_full", 0.05, "holm")
+    assert [(h.id, h.kind, h.margin, h.metric) for h in block.confirmatory] == [
+        ("a", "better", None, "val_loss_full"),
+        ("d", "equivalent", 0.05, "val_loss_full"),
+    ]
+    (contrast,) = block.contrasts
+    assert (contrast.metric, contrast.versus) == ("best_val_loss", None)
+    assert parse_spec(base_spec()).hypotheses is None
+
+
+def _with_test(**changes) -> dict:
+    test = {"id": "a", "kind": "better", "treatment": "exp", "control": "baseline", **changes}
+    return {**HYPOTHESES, "confirmatory": [{k: v for k, v in test.items() if v is not None}]}
+
+
+@pytest.mark.parametrize(
+    ("hypotheses", "words"),
+    [
+        (_with_test(treatment="nope"), ["treatment='nope'", "exp"]),
+        (_with_test(control="missing"), ["control='missing'"]),
+        (_with_test(kind="equivalent"), ["margin=None", "margin > 0"]),
+        (_with_test(kind="equivalent", margin=-0.1), ["margin=-0.1"]),
+        (_with_test(margin=0.1), ["only kind equivalent"]),
+        (_with_test(kind="superior"), ["kind='superior'", "better, equivalent"]),
+        (_with_test(metric="val_lost"), ["val_lost", "val_loss_full"]),
+        (_with_test(control="exp"), ["both 'exp'"]),
+        (_with_test(id=None), ["id=None"]),
+        (_with_test(colour="red"), ["colour"]),
+        ({**HYPOTHESES, "metric": "accuracy"}, ["metric='accuracy'"]),
+        ({**HYPOTHESES, "alpha": 0.5}, ["alpha=0.5"]),
+        ({**HYPOTHESES, "correction": "bonferroni"}, ["bonferroni", "holm"]),
+        ({"metric": "val_loss_full"}, ["at least one"]),
+        (
+            {**HYPOTHESES, "contrasts": [{"id": "a", "treatment": "exp", "control": "baseline"}]},
+            ["'a'", "twice"],
+        ),
+        (
+            {
+                **HYPOTHESES,
+                "contrasts": [{"id": "x", "treatment": "exp", "control": "baseline", "versus": ["exp"]}],
+            },
+            ["versus", "two methods"],
+        ),
+    ],
+)
+def test_hypotheses_errors_name_the_value(hypotheses, words):
+    with pytest.raises(UserError) as error:
+        parse_spec(base_spec(hypotheses=hypotheses))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_changed_hypotheses_count_as_a_different_study():
+    """Pre-registered: unlike the report keys, a store refuses new hypotheses."""
+    stored = base_spec(hypotheses=HYPOTHESES)
+    assert runs_differ(stored, base_spec(hypotheses={**HYPOTHESES, "alpha": 0.1}))
+    assert not runs_differ(stored, {**stored, "caveats": ["new"]})
+
+
+def test_confirm_is_the_preregistered_factorial_on_fresh_seeds():
+    confirm, sweep = load_spec("confirm"), load_spec("sweep")
+    regime = ("train_fraction", "max_iters", "eval_interval", "eval_iters", "checkpoint_interval")
+    sweep_regime = {tuple(getattr(r.config, k) for k in regime) for r in sweep.runs}
+    assert {tuple(getattr(r.config, k) for k in regime) for r in confirm.runs} == sweep_regime
+    seeds = {r.seed for r in confirm.runs}
+    assert seeds == set(range(100, 110)) and not seeds & {r.seed for r in sweep.runs}
+    cells = {(r.config.noise, r.config.dropout) for r in confirm.runs}
+    noises = {"none", "const:sigma=0.003", "relative:const:sigma=3.0"}
+    assert cells == {(n, d) for n in noises for d in (0.0, 0.1, 0.2)}
+    block = confirm.hypotheses
+    assert (block.metric, block.alpha, block.correction) == ("val_loss_full", 0.05, "holm")
+    config = {m: next(r.config for r in confirm.runs if r.method == m) for m in confirm.methods}
+    tests = {
+        (
+            h.kind,
+            config[h.treatment].noise,
+            config[h.treatment].dropout,
+            config[h.control].noise,
+            config[h.control].dropout,
+        )
+        for h in block.confirmatory
+    }
+    relative = "relative:const:sigma=3.0"
+    assert tests == {
+        ("better", relative, 0.0, "none", 0.0),
+        ("better", relative, 0.1, "none", 0.1),
+        ("better", relative, 0.2, "none", 0.2),
+        ("equivalent", relative, 0.0, "none", 0.1),
+    }
+    (equivalence,) = [h for h in block.confirmatory if h.kind == "equivalent"]
+    assert 0 < equivalence.margin <= 0.1
+    assert any(c.versus for c in block.contrasts)  # the interaction is reported
+
+
+def test_transfer_varies_width_and_data_against_controls_of_the_same_condition():
+    transfer = load_spec("transfer")
+    assert {r.seed for r in transfer.runs} == set(range(5))
+    config = {m: next(r.config for r in transfer.runs if r.method == m) for m in transfer.methods}
+    assert {c.n_embd for c in config.values()} == {64, 128, 256}
+    assert {c.train_fraction for c in config.values()} == {0.02, 0.1, 1.0}
+    levels = {
+        (c.n_embd, schedules.parse(c.noise).inner(0) if c.noise != "none" else 0.0)
+        for c in config.values()
+        if c.train_fraction == 0.02
+    }
+    assert levels == {(w, r) for w in (64, 256) for r in (0.0, 1.0, 3.0, 10.0)}
+    for contrast in transfer.hypotheses.contrasts:
+        treated, control = config[contrast.treatment], config[contrast.control]
+        assert (treated.n_embd, treated.train_fraction) == (control.n_embd, control.train_fraction)
+        assert control.noise == "none" and control.dropout == 0.0
+
+
+def test_paper_tries_noise_at_1x_and_3x_its_gradient_rms_alone_and_on_top_of_dropout():
+    paper = load_spec("paper")
+    cfg = resolve_config("shakespeare_char", "paper")
+    model = GPT(cfg.model_config(data.load("shakespeare_char").vocab_size))
+    rms = cfg.grad_clip / math.sqrt(sum(p.numel() for p in model.parameters()))  # ≈ 3.05e-4
+    constant = {}
+    for run in paper.runs:
+        schedule = schedules.parse(run.config.noise)
+        relative = isinstance(schedule, schedules.Relative)
+        inner = schedule.inner if relative else schedule
+        if isinstance(inner, schedules.Constant) and run.config.noise_correlation == "independent":
+            multiple = inner(0) if relative else inner(0) / rms
+            constant.setdefault((relative, round(multiple)), set()).add(run.config.dropout)
+    for relative in (False, True):
+        for multiple in (1, 3):
+            assert constant.get((relative, multiple)) == {0.0, 0.2}, (relative, multiple)
+    assert cfg.dropout == 0.2  # "on top of dropout" is the preset's own

@@ -6,7 +6,9 @@ import pytest
 import scipy.stats
 
 from gradnoise.study.stats import (
+    equivalence_test,
     holm,
+    interaction_contrast,
     paired_comparison,
     step_time_overhead,
     steps_to_target,
@@ -164,3 +166,64 @@ def test_step_time_overhead_from_medians():
     assert overhead.percent == pytest.approx(20.0)
     assert (overhead.n_method, overhead.n_baseline) == (3, 3)
     assert math.isnan(step_time_overhead([0.01], [None]).percent)
+
+
+def _t2_cdf(t: float) -> float:
+    """Student t with 2 df in closed form: F(t) = 1/2 + t / (2·sqrt(2 + t²))."""
+    return 0.5 + t / (2 * math.sqrt(2 + t * t))
+
+
+def test_equivalence_test_matches_hand_computed_tost():
+    treatment = {0: 1.01, 1: 1.03, 2: 1.02, 5: 7.0}  # seed 5 has no partner: left out
+    control = {0: 1.0, 1: 1.0, 2: 1.0}
+    # d = 0.01, 0.03, 0.02: mean 0.02, squared deviations 1e-4 + 1e-4 + 0 → var 1e-4, sd 0.01.
+    se = 0.01 / math.sqrt(3)
+    p_lower = 1 - _t2_cdf((0.02 + 0.05) / se)  # t = 7·√3
+    p_upper = _t2_cdf((0.02 - 0.05) / se)  # t = −3·√3
+    # t_{0.95, 2} from the closed form's inverse: (2q − 1) / sqrt(2q(1 − q)), q = 0.95.
+    quantile = 0.9 / math.sqrt(2 * 0.95 * 0.05)
+    result = equivalence_test(treatment, control, margin=0.05, alpha=0.05)
+    assert result.n_pairs == 3 and result.seeds == (0, 1, 2)
+    assert result.estimate == pytest.approx(0.02)
+    assert result.p_lower == pytest.approx(p_lower)
+    assert result.p_upper == pytest.approx(p_upper)
+    assert result.p == pytest.approx(max(p_lower, p_upper)) and result.p == pytest.approx(p_upper)
+    assert result.ci_low == pytest.approx(0.02 - quantile * se)
+    assert result.ci_high == pytest.approx(0.02 + quantile * se)
+    assert result.equivalent  # p ≈ 0.018 < 0.05, and the 90% CI [0.003, 0.037] is inside ±0.05
+
+
+def test_equivalence_fails_when_the_interval_reaches_the_margin():
+    treatment, control = {0: 1.01, 1: 1.03, 2: 1.02}, {0: 1.0, 1: 1.0, 2: 1.0}
+    # margin 0.02 = the mean: t_upper = 0, so p_upper = 1/2.
+    result = equivalence_test(treatment, control, margin=0.02)
+    assert result.p == pytest.approx(0.5)
+    assert not result.equivalent
+
+
+def test_equivalence_degenerate_inputs_give_nan_with_a_reason():
+    one = equivalence_test({0: 1.0}, {0: 2.0}, margin=0.1)
+    assert math.isnan(one.p) and "at least 2" in one.note
+    flat = equivalence_test({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0}, margin=0.1)
+    assert math.isnan(flat.p) and "zero spread" in flat.note
+    with pytest.raises(ValueError):
+        equivalence_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.5}, margin=0.0)
+
+
+def test_interaction_contrast_matches_hand_computed_paired_t():
+    treatment, control = {0: 1.0, 1: 2.0, 2: 3.5}, {0: 1.5, 1: 2.25, 2: 4.0}
+    versus_treatment = {0: 2.0, 1: 2.1, 2: 2.2, 3: 9.0}  # seed 3 is not in all four: left out
+    versus_control = {0: 2.1, 1: 2.0, 2: 2.4, 3: 1.0}
+    # (t − c) = −0.5, −0.25, −0.5;  (vt − vc) = −0.1, +0.1, −0.2;  contrast = −0.4, −0.35, −0.3:
+    # mean −0.35, squared deviations 0.0025 + 0 + 0.0025 → var 0.0025, sd 0.05.
+    se = 0.05 / math.sqrt(3)
+    t = -0.35 / se  # −7·√3
+    half_width = (0.95 / math.sqrt(2 * 0.975 * 0.025)) * se  # t_{0.975, 2} by the closed form
+    result = interaction_contrast(treatment, control, versus_treatment, versus_control)
+    assert result.n_pairs == 3 and result.seeds == (0, 1, 2)
+    assert result.mean_diff == pytest.approx(-0.35)
+    assert result.sd_diff == pytest.approx(0.05)
+    assert result.t_stat == pytest.approx(t)
+    assert result.t_p == pytest.approx(2 * _t2_cdf(t))
+    assert result.ci_low == pytest.approx(-0.35 - half_width)
+    assert result.ci_high == pytest.approx(-0.35 + half_width)

@@ -28,9 +28,12 @@
       methods: [const-1e-4, const-1e-3, rel-0.1, rel-1]   # each at its logged σ (median)
       metrics: [val_loss_full, best_val_loss]             # default: these two
       references: [dropout-0.1]       # other methods drawn beside them (not in the family)
-    findings:                         # optional: sentences on which methods beat the baseline
+    findings:                         # optional: a table of which methods beat the baseline
       reference: dropout-0.1          # and, paired on seeds, whether they beat this method too
       metrics: [val_loss_full, best_val_loss]             # default: these two
+    hypotheses:                       # optional: pre-registered tests (see `hypotheses`)
+      metric: val_loss_full
+      confirmatory: [{id: a, kind: better, treatment: exp, control: baseline}]
 
 A run's config is the preset's, then `overrides`, then `dataset_overrides`,
 then the method's, then `set`, then its dataset and seed. A string value may
@@ -40,7 +43,9 @@ resolved config. Everything is validated here, before anything runs: one file
 
 The report keys (description, caveats, published, table, dose_response, findings) change what the report
 says, not what runs: a study's store accepts a spec that differs from its own
-in them alone, and takes the new values (see `runner.open_study`).
+in them alone, and takes the new values (see `runner.open_study`). `hypotheses`
+(pre-registered tests, parsed in `gradnoise.study.hypotheses`) is not one of them:
+it changes no run, but a study's store refuses to change it after it was created.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import yaml
 from gradnoise.errors import UserError
 from gradnoise.lm.config import DATASETS, LATER_KEYS, MAX_SEED, PRESETS, TrainConfig, resolve_config
 from gradnoise.lm.runlog import FINAL_METRICS
+from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
 
 SPEC_KEYS = (
     "name",
@@ -74,6 +80,7 @@ SPEC_KEYS = (
     "table",
     "dose_response",
     "findings",
+    "hypotheses",
 )
 # What only the report reads: a spec may change these without changing its runs.
 REPORT_KEYS = ("description", "caveats", "published", "table", "dose_response", "findings")
@@ -173,6 +180,7 @@ class StudySpec:
     table: TableLayout | None = None
     dose_response: DoseLayout | None = None
     findings: FindingsLayout | None = None
+    hypotheses: Hypotheses | None = None
 
 
 def run_id(config: TrainConfig) -> str:
@@ -306,6 +314,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     table = parse_table(data, source)
     dose_response = parse_dose_response(data, source)
     findings = parse_findings(data, source)
+    hypotheses = parse_hypotheses(data, source)
 
     runs = []
     for dataset in datasets:
@@ -339,6 +348,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         table=table,
         dose_response=dose_response,
         findings=findings,
+        hypotheses=hypotheses,
     )
 
 

@@ -236,3 +236,98 @@ def step_time_overhead(
     baseline_median = float(np.median(baseline))
     percent = 100.0 * (method_median / baseline_median - 1.0) if baseline_median > 0 else NAN
     return Overhead(percent, method_median, baseline_median, len(method), len(baseline))
+
+
+@dataclass(frozen=True)
+class Equivalence:
+    """Two one-sided paired t-tests (TOST) of |treatment − control| < margin.
+
+    `ci_low`/`ci_high` are the (1 − 2α) interval of the mean difference: the test
+    concludes equivalence at level α exactly when that interval lies inside ±margin."""
+
+    n_pairs: int
+    seeds: tuple
+    estimate: float
+    sd_diff: float
+    ci_low: float
+    ci_high: float
+    p_lower: float
+    p_upper: float
+    p: float
+    margin: float
+    alpha: float
+    note: str = ""
+
+    @property
+    def equivalent(self) -> bool:
+        return self.p < self.alpha
+
+
+def paired_differences(
+    treatment: Mapping[int, float | None], control: Mapping[int, float | None]
+) -> dict[int, float]:
+    """seed → treatment_s − control_s, on the seeds measured in both."""
+    common = sorted(
+        seed
+        for seed in treatment.keys() & control.keys()
+        if _measured(treatment[seed]) and _measured(control[seed])
+    )
+    return {seed: float(treatment[seed]) - float(control[seed]) for seed in common}
+
+
+def equivalence_test(
+    treatment: Mapping[int, float | None],
+    control: Mapping[int, float | None],
+    margin: float,
+    alpha: float = 0.05,
+) -> Equivalence:
+    """TOST on the paired differences d_s = treatment_s − control_s, n pairs:
+
+        se = sd(d) / √n,   t_lower = (mean + margin) / se,   t_upper = (mean − margin) / se
+        p_lower = P(T_{n−1} ≥ t_lower)   (H0: mean ≤ −margin)
+        p_upper = P(T_{n−1} ≤ t_upper)   (H0: mean ≥ +margin)
+        p = max(p_lower, p_upper);  CI = mean ± t_{1−α, n−1} · se   (the (1 − 2α) interval)
+
+    Fewer than two pairs or zero spread give NaN p-values and a `note`."""
+    if not margin > 0:
+        raise ValueError(f"margin={margin!r} must be > 0")
+    diffs = paired_differences(treatment, control)
+    values = np.array(list(diffs.values()), dtype=float)
+    n = len(values)
+    mean = float(values.mean()) if n else NAN
+    sd = float(values.std(ddof=1)) if n > 1 else NAN
+
+    def result(ci_low, ci_high, p_lower, p_upper, note=""):
+        p = max(p_lower, p_upper) if not (math.isnan(p_lower) or math.isnan(p_upper)) else NAN
+        return Equivalence(
+            n, tuple(diffs), mean, sd, ci_low, ci_high, p_lower, p_upper, p, float(margin), alpha, note
+        )
+
+    if n < 2:
+        return result(NAN, NAN, NAN, NAN, f"{n} paired seed(s): at least 2 are needed for a test")
+    if not sd > 0:
+        return result(mean, mean, NAN, NAN, f"every paired difference equals {mean:.6g}: zero spread")
+    se = sd / math.sqrt(n)
+    half_width = float(scipy.stats.t.ppf(1 - alpha, n - 1)) * se
+    p_lower = float(scipy.stats.t.sf((mean + margin) / se, n - 1))
+    p_upper = float(scipy.stats.t.cdf((mean - margin) / se, n - 1))
+    return result(mean - half_width, mean + half_width, p_lower, p_upper)
+
+
+def interaction_contrast(
+    treatment: Mapping[int, float | None],
+    control: Mapping[int, float | None],
+    versus_treatment: Mapping[int, float | None],
+    versus_control: Mapping[int, float | None],
+) -> Comparison:
+    """The interaction of a 2 × k factorial, paired on seeds: per seed
+
+        c_s = (treatment_s − control_s) − (versus_treatment_s − versus_control_s)
+
+    e.g. (noise − none at dropout 0.1) − (noise − none at dropout 0), then the paired
+    comparison of the two differences (mean of c, its 95% t CI, paired t and Wilcoxon
+    tests), on the seeds present in all four. Negative: the treatment helps more (its
+    loss drops further) in the first setting than in the second."""
+    return paired_comparison(
+        paired_differences(treatment, control), paired_differences(versus_treatment, versus_control)
+    )

@@ -12,7 +12,12 @@ reads DIR/study.sqlite through `Store` and writes
                      loss, median step time, overhead %
     runs.csv         per run: its finals, wall time, and its directory and log (relative links)
     curves_*.png, final_val_*.png, gradients_*.png, dose_response_*.png (a spec with
-    dose_response:), sigma_schedules.png, overhead.png
+    dose_response:), sigma_schedules.png, overhead.png, and the answer's figure:
+    answer.png (a spec with hypotheses:, see `verdict`) or answer_*.png (dose-response)
+
+The report opens with the answer: with hypotheses, a paragraph per confirmatory test
+(the word it allows, estimate, CI, Holm p) and their forest plot; without, the
+best-supported finding and its figure. The caveats follow, folded, then the tables.
 
 Only runs with status "done" enter means, tests and plots; failed, diverged and
 unfinished runs are counted and listed. The directory is built aside and
@@ -43,8 +48,8 @@ from pathlib import Path
 import gradnoise
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic
-from gradnoise.study.report import plots, render, sentences, tables
-from gradnoise.study.report.analysis import Analysis, analyze, load_study
+from gradnoise.study.report import plots, render, sentences, tables, verdict
+from gradnoise.study.report.analysis import Analysis, analyze, headline_metric, load_study
 from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
 
@@ -67,19 +72,66 @@ def write_report(study_dir: Path) -> Path:
     return report_dir
 
 
+def _answer(analysis: Analysis, directory: Path) -> Section | None:
+    """What the report opens with. With hypotheses: a paragraph per confirmatory test and
+    the forest plot of the tested differences and exploratory contrasts. Without: the
+    best-supported finding and the figure that shows it (dose-response, else final val)."""
+    study = analysis.study
+    if study.hypotheses is not None:
+        rows, contrasts = verdict.hypothesis_rows(study), verdict.contrast_rows(study)
+        text = (
+            [verdict.family_sentence(study, rows), *verdict.verdict_paragraphs(study, rows)]
+            if rows
+            else [
+                "No confirmatory hypothesis: these contrasts are exploratory, each against its own control."
+            ]
+        )
+        forest = verdict.forest(study, rows, contrasts, directory / "answer.png")
+        levels = verdict.contrasts_by_level(study, contrasts, directory / "answer_levels.png")
+        # Without confirmatory tests, the contrasts by noise level are the figure to read first.
+        figures = (forest, levels) if rows else (levels, forest)
+        return Section("The answer", text=text, plots=_drawn(*figures))
+    if not study.datasets:
+        return None
+    dataset = study.datasets[0]
+    text = [line for d in study.datasets if (line := sentences.lead_finding(analysis, d))]
+    slug = _slug(dataset)
+    figure = (
+        plots.dose_response(analysis, dataset, directory / f"answer_{slug}.png", (headline_metric(study),))
+        if study.dose
+        else plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png")
+    )
+    return Section("The answer", text=text, plots=_drawn(figure)) if text or figure else None
+
+
+def _tests_in_full(analysis: Analysis) -> Section | None:
+    study = analysis.study
+    if study.hypotheses is None:
+        return None
+    rows, contrasts = verdict.hypothesis_rows(study), verdict.contrast_rows(study)
+    found = [
+        *([verdict.hypotheses_table(rows)] if rows else []),
+        *([verdict.contrasts_table(study, contrasts)] if contrasts else []),
+    ]
+    return Section("The tests in full", tables=found)
+
+
 def _build(analysis: Analysis, directory: Path) -> None:
     study = analysis.study
     render.write_csvs(directory, analysis)
+    answer = _answer(analysis, directory)
+    lead = [answer] if answer else []
 
-    sections = []
+    sections = [s for s in (_tests_in_full(analysis),) if s is not None]
     paper_table, published = tables.paper_table(analysis), tables.published_table(analysis)
     if paper_table is not None:
         sections.append(Section(study.table.title, tables=[paper_table, *([published] if published else [])]))
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
-        if lines := sentences.findings(analysis, dataset):
-            sections.append(Section(f"{dataset}: findings", text=lines))
+        if found := verdict.findings_tables(analysis, dataset, sentences.ALPHA):
+            note = sentences.best_val_note(analysis, dataset)
+            sections.append(Section(f"{dataset}: findings", tables=found, text=[note] if note else []))
     for dataset in study.datasets:
         slug = _slug(dataset)
         dose = [
@@ -102,7 +154,11 @@ def _build(analysis: Analysis, directory: Path) -> None:
     for dataset in study.datasets:
         slug = _slug(dataset)
         speed = tables.speed_table(analysis, dataset)
-        note = None if study.dose else sentences.gradient_note(analysis, dataset)
+        notes = [
+            None if study.dose else sentences.gradient_note(analysis, dataset),
+            # Beside the first table of best val: the findings' if there are any, else here.
+            None if study.findings else sentences.best_val_note(analysis, dataset),
+        ]
         sections.append(
             Section(
                 dataset,
@@ -113,10 +169,13 @@ def _build(analysis: Analysis, directory: Path) -> None:
                 ],
                 plots=_drawn(
                     plots.curves(analysis, dataset, directory / f"curves_{slug}.png"),
-                    plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
+                    # Drawn here unless the answer above already shows it.
+                    None
+                    if (directory / f"final_val_{slug}.png").exists()
+                    else plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
                     plots.gradient_norms(analysis, dataset, directory / f"gradients_{slug}.png"),
                 ),
-                text=[note] if note else [],
+                text=[note for note in notes if note],
             )
         )
     sections.append(
@@ -147,10 +206,10 @@ def _build(analysis: Analysis, directory: Path) -> None:
         f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}"
     )
     (directory / "report.md").write_text(
-        render.markdown(study.name, description, stamp, caveats, sections), encoding="utf-8"
+        render.markdown(study.name, description, stamp, caveats, sections, lead), encoding="utf-8"
     )
     (directory / "index.html").write_text(
-        render.page(study.name, description, stamp, caveats, sections), encoding="utf-8"
+        render.page(study.name, description, stamp, caveats, sections, lead), encoding="utf-8"
     )
 
 

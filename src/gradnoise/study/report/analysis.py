@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.lm.runlog import FINAL_METRICS, GRADIENT_FIELDS
+from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
 from gradnoise.study.plan import run_directory
 from gradnoise.study.spec import (
     EXECUTION_KEYS,
@@ -162,6 +163,7 @@ class Study:
     table: TableLayout | None
     dose: DoseLayout | None = None
     findings: FindingsLayout | None = None
+    hypotheses: Hypotheses | None = None
 
     def values(self, dataset: str, method: str, metric: str) -> dict[int, float | None]:
         """seed → the metric's value, over the done runs of (dataset, method)."""
@@ -227,6 +229,7 @@ def load_study(store: Store) -> Study:
         table=parse_table(spec, source),
         dose=parse_dose_response(spec, source),
         findings=parse_findings(spec, source),
+        hypotheses=parse_hypotheses(spec, source),
     )
 
 

@@ -20,6 +20,7 @@ from gradnoise.study.report.analysis import (
     headline_metric,
     metric,
 )
+from gradnoise.study.stats import paired_comparison
 
 #: The zoomed panels of the loss curves show this last part of the run.
 ZOOM_FRACTION = 0.6
@@ -340,98 +341,69 @@ def gradient_norms(analysis: Analysis, dataset: str, path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def dose_response(analysis: Analysis, dataset: str, path: Path) -> Path | None:
-    """Δ vs the baseline (mean and 95% CI, paired on seeds) against the σ each noise level
-    used (log axis), absolute (circles) and relative (squares) on one chart per metric;
-    the baseline's gradient RMS marked; the spec's reference methods as horizontal bands.
-    A star marks a level whose Holm-adjusted t-test p is below 0.05."""
+#: The dose-response plot's colour and marker per mode: one colour each, not one per level.
+MODE_STYLE = {False: ("tab:blue", "o", "absolute σ"), True: ("tab:orange", "s", "relative σ = r·RMS(g)")}
+
+
+def dose_response(
+    analysis: Analysis, dataset: str, path: Path, metrics: tuple[str, ...] | None = None
+) -> Path | None:
+    """Per metric (a row of panels): Δ vs the baseline (mean and 95% CI, paired on seeds)
+    against the σ each noise level used (log axis), coloured by mode (absolute, relative);
+    beside it, if the spec names references, each level minus the first reference, paired
+    on seeds (below zero: better than it). The gradient's RMS is marked; a star marks a
+    level whose Holm-adjusted t p (the family's, vs the baseline) is below 0.05."""
     study = analysis.study
     layout = study.dose
     if layout is None:
         return None
-    metrics = [key for key in layout.metrics if analysis.dose(dataset, key)]
+    metrics = [key for key in (metrics or layout.metrics) if analysis.dose(dataset, key)]
     if not metrics:
         return None
-    colors = method_colors(study)
-    figure = _figure(6.2 * len(metrics), 5.4)
-    axes = np.atleast_1d(figure.subplots(1, len(metrics)))
+    reference = next((m for m in layout.references if (dataset, m) in study.done), None)
+    columns = 2 if reference else 1
+    figure = _figure(5.6 * columns, 3.9 * len(metrics) + 0.5)
+    axes = np.array(figure.subplots(len(metrics), columns, squeeze=False))
     scale = analysis.gradient_scale(dataset)
-    for ax, key in zip(axes, metrics, strict=True):
-        rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.sigma) and r.sigma > 0]
-        for relative, marker, line in ((False, "o", "-"), (True, "s", "--")):
-            family = [r for r in rows if r.relative == relative]
-            if not family:
-                continue
-            xs = [r.sigma for r in family]
-            ax.plot(
-                xs,
-                [r.comparison.mean_diff for r in family],
-                color="gray",
-                linestyle=line,
-                linewidth=1,
-                label="relative (σ = r·RMS(g), as logged)" if relative else "absolute σ",
-                marker=marker,
-                markerfacecolor="none",
-            )
-            for r in family:
-                c = r.comparison
-                low = c.mean_diff - c.ci_low if not math.isnan(c.ci_low) else 0
-                high = c.ci_high - c.mean_diff if not math.isnan(c.ci_high) else 0
-                ax.errorbar(
-                    r.sigma,
-                    c.mean_diff,
-                    yerr=[[low], [high]],
-                    fmt=marker,
-                    color=colors[r.method],
-                    capsize=3,
-                    markersize=6,
-                )
-                if r.t_p_holm < 0.05:
-                    ax.annotate(
-                        "*", (r.sigma, c.mean_diff), xytext=(5, 2), textcoords="offset points", fontsize=14
-                    )
-        for method in layout.references:
-            compared = analysis.comparison(dataset, method, key)
-            if compared is None:
-                continue
-            c = compared.comparison
-            ax.axhline(
-                c.mean_diff,
-                color=colors[method],
-                linestyle="-.",
-                linewidth=1.2,
-                label=f"{method} (not a noise level)",
-            )
-            if not math.isnan(c.ci_low):
-                ax.axhspan(c.ci_low, c.ci_high, color=colors[method], alpha=0.12, linewidth=0)
-        ax.axhline(0, color="black", linewidth=0.8)
-        if scale is not None:
-            ax.axvline(
-                scale.rms,
-                color="black",
-                linestyle=":",
-                linewidth=1.2,
-                label=f"RMS(g) of {study.baseline}: {scale.rms:.2g}",
-            )
-        ax.set_xscale("log")
+    for row, key in zip(axes, metrics, strict=True):
+        levels = [r for r in analysis.dose(dataset, key) if not math.isnan(r.sigma) and r.sigma > 0]
+        panels = [(row[0], study.baseline, [(r, r.comparison, r.t_p_holm < 0.05) for r in levels])]
+        if reference:
+            against = study.values(dataset, reference, key)
+            paired = [
+                (r, paired_comparison(study.values(dataset, r.method, key), against), False) for r in levels
+            ]
+            panels.append((row[1], reference, paired))
+        for ax, control, points in panels:
+            _dose_panel(ax, points)
+            if scale is not None:
+                ax.axvline(scale.rms, color="black", linestyle=":", linewidth=1.2, label="RMS(g)")
+            ax.set_ylabel(f"Δ {metric(key).label} ({LOSS_UNIT})")
+            ax.set_title(f"noise level − {control}, paired on seeds", fontsize="medium")
+    for ax in axes[-1]:
         ax.set_xlabel("σ used (median of the logged σ)")
-        ax.set_ylabel(f"Δ {metric(key).label} vs {study.baseline} ({LOSS_UNIT})")
-        ax.set_title(
-            f"{dataset}: {metric(key).label}\nmethod − {study.baseline}, mean and 95% CI; * Holm p < 0.05"
-        )
-        ax.grid(alpha=0.3, which="both")
-    levels = {
-        r.method: _marker_handle(colors[r.method], "s" if r.relative else "o")
-        for r in analysis.dose(dataset, metrics[0])
-    }
-    _legend_below(figure, axes, columns=4, extra=levels)
+    figure.suptitle(f"{dataset}: mean and 95% CI; * Holm p < 0.05 vs {study.baseline}", fontsize="medium")
+    _legend_below(figure, axes, columns=4)
     return _save(figure, path)
 
 
-def _marker_handle(color, marker: str):
-    from matplotlib.lines import Line2D
-
-    return Line2D([], [], color=color, marker=marker, linestyle="none")
+def _dose_panel(ax, points: list) -> None:
+    """One mode per line, its levels' mean differences with 95% CIs, zero marked."""
+    for relative, (color, marker, label) in MODE_STYLE.items():
+        family = [(r, c, star) for r, c, star in points if r.relative == relative]
+        if not family:
+            continue
+        xs = [r.sigma for r, _, _ in family]
+        means = np.array([c.mean_diff for _, c, _ in family])
+        lows = np.array([c.mean_diff - c.ci_low if not math.isnan(c.ci_low) else 0 for _, c, _ in family])
+        highs = np.array([c.ci_high - c.mean_diff if not math.isnan(c.ci_high) else 0 for _, c, _ in family])
+        ax.errorbar(xs, means, yerr=[lows, highs], fmt=f"{marker}-", color=color, capsize=3, label=label)
+        for (_, c, star), x in zip(family, xs, strict=True):
+            if star:
+                ax.annotate("*", (x, c.mean_diff), xytext=(5, 2), textcoords="offset points", fontsize=14)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3, which="both")
 
 
 def overhead(analysis: Analysis, path: Path) -> Path | None:

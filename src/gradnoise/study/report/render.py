@@ -32,18 +32,33 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(name: str, description: str, stamp: str, caveats: list[str], sections: list[Section]) -> str:
+def markdown(
+    name: str,
+    description: str,
+    stamp: str,
+    caveats: list[str],
+    sections: list[Section],
+    lead: list[Section] = (),
+) -> str:
+    """The answer (`lead`) first, then what the study asks, the caveats and the sections."""
     parts = [f"# Study `{name}`: report", ""]
+    for section in lead:
+        parts += _section_markdown(section)
     if description:
         parts += [description, ""]
     parts += [f"*{stamp}*", "", "## Caveats", ""]
     parts += [f"- {line}" for line in caveats] + [""]
     for section in sections:
-        parts += [f"## {section.title}", ""]
-        parts += [line + "\n" for line in section.text]
-        parts += [table_markdown(table) for table in section.tables]
-        parts += [f"![{plot.stem}]({plot.name})\n" for plot in section.plots]
+        parts += _section_markdown(section)
     return "\n".join(parts)
+
+
+def _section_markdown(section: Section) -> list[str]:
+    parts = [f"## {section.title}", ""]
+    parts += [line + "\n" for line in section.text]
+    parts += [table_markdown(table) for table in section.tables]
+    parts += [f"![{plot.stem}]({plot.name})\n" for plot in section.plots]
+    return parts
 
 
 # ---- HTML -----------------------------------------------------------------------------------
@@ -64,11 +79,15 @@ th[aria-sort="ascending"]::after { content: " ▲"; }
 th[aria-sort="descending"]::after { content: " ▼"; }
 code { overflow-wrap: anywhere; background: #f4f4f4; padding: 0 0.2em; border-radius: 3px; }
 .note { font-size: 0.85em; color: #555; margin: 0.2em 0; }
-.caveats { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1.2em; }
+.caveats { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5em 1.2em; margin: 1em 0; }
+.caveats summary { cursor: pointer; font-weight: 600; }
 .caveats ul { padding-left: 1.2em; }
+.lead { border-left: 4px solid #2b6cb0; padding: 0 1em; }
+.lead p { margin: 0.4em 0; }
 img { display: block; max-width: 100%; height: auto; margin: 1em 0; }
 @media (max-width: 700px) {
   .wide img { max-width: 900px; width: auto; }
+  .lead .wide img { max-width: 100%; width: 100%; }  /* the answer's figure: whole, on one screen */
   table { font-size: 0.8em; }
 }
 """
@@ -124,28 +143,27 @@ def table_html(table: Table) -> str:
     )
 
 
-def page(name: str, description: str, stamp: str, caveats: list[str], sections: list[Section]) -> str:
+def page(
+    name: str,
+    description: str,
+    stamp: str,
+    caveats: list[str],
+    sections: list[Section],
+    lead: list[Section] = (),
+) -> str:
     """One HTML file with everything in it: the plots are embedded as data: URLs, the
-    style and the sorting script inline; it requests nothing from anywhere."""
-
-    def image(path: Path) -> str:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return (
-            f'<div class="wide"><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></div>'
-        )
-
+    style and the sorting script inline; it requests nothing from anywhere. The answer
+    (`lead`) opens it; the caveats follow, folded."""
     body = [f"<h1>Study {html.escape(name)}: report</h1>"]
+    for section in lead:
+        body.append(f'<div class="lead">{_section_html(section)}</div>')
     if description:
         body.append(f"<p>{_inline_code(html.escape(description))}</p>")
     body.append(f'<p class="note">{html.escape(stamp)}</p>')
-    body.append('<div class="caveats"><h2>Caveats</h2><ul>')
+    body.append(f'<details class="caveats"><summary>Caveats ({len(caveats)})</summary><ul>')
     body += [f"<li>{_inline_code(html.escape(line))}</li>" for line in caveats]
-    body.append("</ul></div>")
-    for section in sections:
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
-        body += [f"<p>{_inline_code(html.escape(line))}</p>" for line in section.text]
-        body += [table_html(table) for table in section.tables]
-        body += [image(plot) for plot in section.plots]
+    body.append("</ul></details>")
+    body += [_section_html(section) for section in sections]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -154,8 +172,22 @@ def page(name: str, description: str, stamp: str, caveats: list[str], sections: 
     )
 
 
+def _section_html(section: Section) -> str:
+    parts = [f"<h2>{html.escape(section.title)}</h2>"]
+    parts += [f"<p>{_inline_code(html.escape(line))}</p>" for line in section.text]
+    parts += [table_html(table) for table in section.tables]
+    parts += [_image(plot) for plot in section.plots]
+    return "".join(parts)
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<div class="wide"><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></div>'
+
+
 def _inline_code(escaped: str) -> str:
-    """Markdown's `code` spans, as HTML."""
+    """Markdown's `code` and **strong** spans, as HTML."""
+    escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
 
 

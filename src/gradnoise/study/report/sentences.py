@@ -1,5 +1,5 @@
-"""What the report says in words, generated from its numbers: which methods beat the
-baseline and the reference regularizer (`findings`), the dose-response sentences, the
+"""What the report says in words, generated from its numbers: the lead finding of a
+study without hypotheses, the dose-response sentences, how optimistic best val is, the
 gradient's scale, and the caveats. Every sentence names the levels, metric and budget it
 covers, and says nothing its numbers do not show."""
 
@@ -11,22 +11,33 @@ from gradnoise.lm.config import resolve_config
 from gradnoise.study.report.analysis import (
     HORIZON_FRACTION,
     LOSS_METRICS,
+    LOSS_UNIT,
     Analysis,
     DoseRow,
     Study,
+    headline_metric,
     metric,
 )
-from gradnoise.study.report.tables import MISSING, difference, p_value, scientific, value_text
-from gradnoise.study.stats import wilcoxon_min_p
+from gradnoise.study.report.tables import (
+    MISSING,
+    difference,
+    p_equals,
+    p_value,
+    scientific,
+    signed,
+    value_text,
+)
+from gradnoise.study.stats import summarize, wilcoxon_min_p
 
 #: The significance level of the report's sentences (on Holm-adjusted p).
 ALPHA = 0.05
 
 
 def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
-    """One sentence per dose-response metric, from the numbers: whether any noise level is
-    significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
-    baseline, then the reference methods' differences on the same metric."""
+    """One short sentence per dose-response metric, from the numbers: how many noise levels
+    are significantly better (Holm-adjusted paired t-test, α = ALPHA) or worse than the
+    baseline, and the largest effect among the better ones. The per-level numbers are in the
+    table beside it; the references, paired with each level, in the plot."""
     study = analysis.study
     if study.dose is None:
         return []
@@ -39,10 +50,12 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
         better, worse = _significant(rows, -1), _significant(rows, +1)
         family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
         if better:
+            largest = min(better, key=lambda r: r.comparison.mean_diff)
             text = (
                 f"{metric(key).label}: {_count(len(better), 'noise level')} of {len(rows)} "
                 f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
-                f"({family}): " + "; ".join(_dose_effect(r) for r in better) + "."
+                f"({family}): {', '.join(r.method for r in better)}; the largest effect is "
+                f"{_dose_effect(largest)}."
             )
         else:
             text = (
@@ -54,69 +67,70 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
                 f" {_count(len(worse), 'level')} {'is' if len(worse) == 1 else 'are'} significantly "
                 "worse: " + ", ".join(f"{r.method} (σ ≈ {scientific(r.sigma)})" for r in worse) + "."
             )
-        references = [
-            c
-            for method in study.dose.references
-            if (c := analysis.comparison(dataset, method, key)) is not None
-        ]
-        if references:
-            compared = [
-                f"{c.method}: {difference(c.comparison)}, t p (Holm over all methods) = {p_value(c.t_p_holm)}"
-                for c in references
-            ]
-            text += " For comparison, " + "; ".join(compared) + "."
         lines.append(text)
     return lines
 
 
-def findings(analysis: Analysis, dataset: str) -> list[str]:
-    """One sentence per findings metric, from the numbers: which methods are significantly
-    better or worse than the baseline (paired t-test, Holm across all methods, α = ALPHA),
-    then, against the spec's reference method, which are better or worse than it (paired
-    on seeds, Holm across the methods compared with it)."""
+def lead_finding(analysis: Analysis, dataset: str) -> str | None:
+    """The best-supported finding of a study without hypotheses: on the headline metric, the
+    method whose difference from the baseline has the lowest Holm-adjusted p, the word its
+    test allows, and, where the spec names a reference, the same method against it."""
     study = analysis.study
-    if study.findings is None:
-        return []
-    baseline = study.baseline
-    lines = []
-    for key in study.findings.metrics:
-        rows = [
-            c
-            for c in analysis.comparisons
-            if (c.dataset, c.metric) == (dataset, key) and not math.isnan(c.t_p_holm)
-        ]
-        if not rows:
-            continue
-        family = f"paired t, Holm across {_count(len(rows), 'method')}, α = {ALPHA}"
-        better, worse = _significant(rows, -1), _significant(rows, +1)
-        if better:
-            text = (
-                f"{metric(key).label}: {len(better)} of {_count(len(rows), 'method')} "
-                f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
-                f"({family}): {_effects(better)}."
-            )
-        else:
-            text = (
-                f"{metric(key).label}: no method is significantly better than {baseline} ({family}); "
-                f"{_closest(rows, 'method', lambda r: _effects([r]))}."
-            )
-        if worse:
-            text += f" Significantly worse: {_effects(worse)}."
-        references = [
-            r
-            for r in analysis.references
-            if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
-        ]
-        if references:
-            reference = references[0].reference
-            above, below = _significant(references, -1), _significant(references, +1)
-            family = f"method − {reference}, paired on seeds, Holm across {_count(len(references), 'method')}"
-            text += f" Against {reference} ({family}): " + (
-                f"significantly better: {_effects(above)}" if above else "no method is significantly better"
-            )
-            text += f"; significantly worse: {_effects(below)}." if below else "."
-        lines.append(text)
-    return lines
+    key = headline_metric(study)
+    rows = [
+        r
+        for r in analysis.comparisons
+        if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
+    ]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: (r.t_p_holm, r.comparison.mean_diff))
+    c = best.comparison
+    word = "inconclusive" if best.t_p_holm >= ALPHA else ("better" if c.mean_diff < 0 else "worse")
+    text = (
+        f"Best-supported finding ({dataset}, {metric(key).label}): {best.method} vs {study.baseline}: "
+        f"**{word}**, Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} (95% CI {signed(c.ci_low, 3)} to "
+        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {_count(len(rows), 'method')}: "
+        f"{p_equals(best.t_p_holm)}."
+    )
+    reference = next(
+        (r for r in analysis.references if (r.dataset, r.method, r.metric) == (dataset, best.method, key)),
+        None,
+    )
+    if reference is not None:
+        r = reference.comparison
+        text += (
+            f" Against {reference.reference}: Δ = {signed(r.mean_diff, 3)} (95% CI {signed(r.ci_low, 3)} "
+            f"to {signed(r.ci_high, 3)}), Holm {p_equals(reference.t_p_holm)}"
+            f"{'' if reference.t_p_holm < ALPHA else ' (inconclusive: not a demonstration of equality)'}."
+        )
+    return text + " Exploratory: no hypothesis was fixed in advance."
+
+
+def best_val_note(analysis: Analysis, dataset: str) -> str | None:
+    """How optimistic the best val loss (the lowest periodic estimate on a fixed set of
+    eval_iters batches) is, as far as the logs measure it: at the last step both the
+    estimate and the full pass were made, so their difference is the fixed batches' bias
+    there. The minimum's own selection bias needs a full pass at the best step: unmeasured."""
+    study = analysis.study
+    gaps = [
+        row["val_loss"] - row["val_loss_full"]
+        for (d, _), runs in study.done.items()
+        if d == dataset
+        for row in runs.values()
+        if row.get("val_loss") is not None and row.get("val_loss_full") is not None
+    ]
+    if not gaps:
+        return None
+    iters = sorted({int(r["config"]["eval_iters"]) for r in study.runs if r["dataset"] == dataset})
+    spread = summarize(gaps)
+    return (
+        f"How optimistic best val is: at the last step the {_choices(iters)}-batch estimate read "
+        f"{signed(spread.mean, 3)} {LOSS_UNIT} against the full pass (sd {spread.sd:.3f}, "
+        f"range {signed(min(gaps), 3)} to {signed(max(gaps), 3)}, {len(gaps)} runs). Best val is "
+        "the minimum of such estimates on the same batches, so it is lower by at least about that "
+        "much; the minimum's own selection bias is unmeasured (no full pass at the best step)."
+    )
 
 
 def _closest(rows, noun: str, describe) -> str:
@@ -131,12 +145,6 @@ def _closest(rows, noun: str, describe) -> str:
 
 def _significant(rows, sign: int) -> list:
     return [r for r in rows if r.t_p_holm < ALPHA and sign * r.comparison.mean_diff > 0]
-
-
-def _effects(rows) -> str:
-    return "; ".join(
-        f"{r.method} (mean diff {difference(r.comparison)}, t p (Holm) = {p_value(r.t_p_holm)})" for r in rows
-    )
 
 
 def _dose_effect(row: DoseRow) -> str:

@@ -86,6 +86,13 @@ def p_value(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def p_equals(p: float) -> str:
+    """A p-value inside a sentence: "p = 0.012", "p < 0.001" or "p n/a"."""
+    if math.isnan(p):
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def signed(x: float, digits: int = 4) -> str:
     return MISSING if math.isnan(x) else f"{x:+.{digits}f}"
 

@@ -1,0 +1,368 @@
+"""The report's answer: the spec's pre-registered hypotheses tested (one Holm family), its
+exploratory contrasts estimated, the word each test allows, and the figure that shows them;
+and the findings tables (each method vs the baseline and the reference, with its word).
+
+    rows = hypothesis_rows(study)     # one per (dataset, confirmatory hypothesis)
+    verdict_paragraphs(study, rows)   # one paragraph each, generated from the numbers
+
+Words: a `better` hypothesis is "better" (or "worse") where its Holm-adjusted two-sided
+paired t p is below α, else "inconclusive"; an `equivalent` one is "equivalent within
+±margin" where its Holm-adjusted TOST p is below α, else "inconclusive". Losses: lower
+is better, so a negative difference (treatment − control) is the treatment helping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradnoise import schedules
+from gradnoise.study.hypotheses import Contrast, Hypothesis
+from gradnoise.study.report.analysis import LOSS_UNIT, Analysis, Study, metric
+from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
+from gradnoise.study.stats import (
+    Comparison,
+    Equivalence,
+    equivalence_test,
+    holm,
+    interaction_contrast,
+    paired_comparison,
+)
+
+BETTER, WORSE, INCONCLUSIVE, UNTESTED = "better", "worse", "inconclusive", "no test"
+#: The colour each word is drawn in (the forest plot).
+WORD_COLORS = {BETTER: "tab:green", WORSE: "tab:red", INCONCLUSIVE: "tab:gray", UNTESTED: "tab:gray"}
+
+
+@dataclass(frozen=True)
+class HypothesisRow:
+    """One confirmatory hypothesis on one dataset: the paired comparison (95% CI, t test),
+    the TOST for an equivalence hypothesis, the p it is judged by and its Holm adjustment
+    across the whole confirmatory family."""
+
+    dataset: str
+    hypothesis: Hypothesis
+    comparison: Comparison
+    equivalence: Equivalence | None
+    p: float
+    p_holm: float
+    alpha: float
+
+    @property
+    def word(self) -> str:
+        if math.isnan(self.p_holm):
+            return UNTESTED
+        if self.p_holm >= self.alpha:
+            return INCONCLUSIVE
+        if self.equivalence is not None:
+            return f"equivalent within ±{self.hypothesis.margin:g}"
+        return BETTER if self.comparison.mean_diff < 0 else WORSE
+
+    @property
+    def interval(self) -> tuple[float, float, str]:
+        """The interval the verdict is read from: (1 − 2α) for TOST, 95% otherwise."""
+        if self.equivalence is not None:
+            e = self.equivalence
+            return e.ci_low, e.ci_high, f"{1 - 2 * e.alpha:.0%} CI"
+        return self.comparison.ci_low, self.comparison.ci_high, "95% CI"
+
+
+@dataclass(frozen=True)
+class ContrastRow:
+    """One exploratory contrast on one dataset (a difference, or an interaction), paired on
+    seeds; Holm across the spec's contrasts (their own family, not the confirmatory one)."""
+
+    dataset: str
+    contrast: Contrast
+    comparison: Comparison
+    p_holm: float
+
+
+def hypothesis_rows(study: Study) -> list[HypothesisRow]:
+    block = study.hypotheses
+    if block is None or not block.confirmatory:
+        return []
+    tested = []
+    for dataset in study.datasets:
+        for h in block.confirmatory:
+            treatment = study.values(dataset, h.treatment, h.metric)
+            control = study.values(dataset, h.control, h.metric)
+            comparison = paired_comparison(treatment, control)
+            if h.kind == "equivalent":
+                equivalence = equivalence_test(treatment, control, h.margin, block.alpha)
+                tested.append((dataset, h, comparison, equivalence, equivalence.p))
+            else:
+                tested.append((dataset, h, comparison, None, comparison.t_p))
+    adjusted = holm([p for *_, p in tested])
+    return [
+        HypothesisRow(dataset, h, c, e, p, p_adj, block.alpha)
+        for (dataset, h, c, e, p), p_adj in zip(tested, adjusted, strict=True)
+    ]
+
+
+def contrast_rows(study: Study) -> list[ContrastRow]:
+    block = study.hypotheses
+    if block is None:
+        return []
+    estimated = []
+    for dataset in study.datasets:
+        for c in block.contrasts:
+            treatment, control = (study.values(dataset, m, c.metric) for m in (c.treatment, c.control))
+            if c.versus is None:
+                comparison = paired_comparison(treatment, control)
+            else:
+                versus = [study.values(dataset, m, c.metric) for m in c.versus]
+                comparison = interaction_contrast(treatment, control, *versus)
+            estimated.append((dataset, c, comparison))
+    adjusted = holm([comparison.t_p for *_, comparison in estimated])
+    return [ContrastRow(d, c, comp, p) for (d, c, comp), p in zip(estimated, adjusted, strict=True)]
+
+
+def family_sentence(study: Study, rows: list[HypothesisRow]) -> str:
+    block = study.hypotheses
+    return (
+        f"{len(rows)} pre-registered {'test' if len(rows) == 1 else 'tests'}, one "
+        f"{block.correction.capitalize()} family at α = {block.alpha:g}, on "
+        f"{metric(block.metric).label} (lower is better); the rest of this report is exploratory."
+    )
+
+
+def verdict_paragraphs(study: Study, rows: list[HypothesisRow]) -> list[str]:
+    """One short paragraph per confirmatory hypothesis: the claim, the word the test
+    allows, the estimate with the interval it is read from, and the Holm-adjusted p."""
+    several = len(study.datasets) > 1
+    return [_paragraph(row, several) for row in rows]
+
+
+def _paragraph(row: HypothesisRow, several_datasets: bool) -> str:
+    h, c = row.hypothesis, row.comparison
+    claim = h.claim or f"{h.treatment} vs {h.control}"
+    where = f" on {row.dataset}" if several_datasets else ""
+    head = f"({h.id}) {claim}{where}: **{row.word}**"
+    if math.isnan(row.p):
+        note = row.equivalence.note if row.equivalence is not None else c.note
+        return f"{head}: {h.treatment} − {h.control}: {note}."
+    low, high, label = row.interval
+    test = f"TOST vs ±{h.margin:g}, " if row.equivalence is not None else ""
+    return (
+        f"{head}. Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} ({label} {signed(low, 3)} to "
+        f"{signed(high, 3)}, n = {c.n_pairs}), {test}Holm {p_equals(row.p_holm)}."
+    )
+
+
+def hypotheses_table(rows: list[HypothesisRow]) -> Table:
+    return Table(
+        title="Confirmatory hypotheses (one Holm family)",
+        columns=["id", "treatment − control", "metric", "pairs", "Δ", "CI", "p", "p (Holm)", "verdict"],
+        rows=[
+            [
+                r.hypothesis.id,
+                f"{r.hypothesis.treatment} − {r.hypothesis.control}",
+                r.hypothesis.metric,
+                str(r.comparison.n_pairs),
+                signed(r.comparison.mean_diff),
+                _interval(*r.interval),
+                p_value(r.p),
+                p_value(r.p_holm),
+                r.word,
+            ]
+            for r in rows
+        ],
+        notes=["Equivalence rows: two one-sided t-tests (TOST), p the larger of the two, CI at 1 − 2α."],
+    )
+
+
+def contrasts_table(study: Study, rows: list[ContrastRow]) -> Table:
+    """The contrasts, with the control's overfitting (final − best val) beside each: how much
+    room the regularizer had."""
+    return Table(
+        title="Exploratory contrasts (not pre-registered tests)",
+        columns=[
+            "id",
+            "contrast",
+            "metric",
+            "pairs",
+            "Δ",
+            "95% CI",
+            "p (Holm)",
+            "control's final − best val",
+        ],
+        rows=[
+            [
+                r.contrast.id,
+                _contrast_text(r.contrast),
+                r.contrast.metric,
+                str(r.comparison.n_pairs),
+                signed(r.comparison.mean_diff),
+                _interval(r.comparison.ci_low, r.comparison.ci_high),
+                p_value(r.p_holm),
+                signed(_overfit(study, r.dataset, r.contrast.control), 3),
+            ]
+            for r in rows
+        ],
+        notes=[
+            "Holm across these contrasts only. An interaction (a − b) − (c − d) is negative where "
+            "the treatment helps more in the first setting than in the second."
+        ],
+    )
+
+
+def _contrast_text(c: Contrast) -> str:
+    if c.versus is None:
+        return f"{c.treatment} − {c.control}"
+    return f"({c.treatment} − {c.control}) − ({c.versus[0]} − {c.versus[1]})"
+
+
+def _interval(low: float, high: float, label: str = "") -> str:
+    if math.isnan(low):
+        return MISSING
+    return f"[{signed(low)}, {signed(high)}]"
+
+
+def _overfit(study: Study, dataset: str, method: str) -> float:
+    """Mean over seeds of val_loss_full − best_val_loss: how far past its best the run ended."""
+    full = study.values(dataset, method, "val_loss_full")
+    best = study.values(dataset, method, "best_val_loss")
+    gaps = [full[s] - best[s] for s in full if full[s] is not None and best.get(s) is not None]
+    return sum(gaps) / len(gaps) if gaps else math.nan
+
+
+def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow], path: Path) -> Path | None:
+    """Each confirmatory difference with the interval its verdict reads (coloured by the
+    word, the equivalence margin drawn as dashed lines), then the exploratory contrasts in
+    grey below a rule; zero marked."""
+    from matplotlib.figure import Figure
+
+    items = [
+        (
+            f"({r.hypothesis.id}) {r.hypothesis.treatment} − {r.hypothesis.control}",
+            r.comparison.mean_diff,
+            *r.interval[:2],
+            WORD_COLORS.get(r.word, "tab:blue"),
+            r.hypothesis.margin,
+        )
+        for r in rows
+    ] + [
+        (f"{c.contrast.id}", c.comparison.mean_diff, c.comparison.ci_low, c.comparison.ci_high, "0.55", None)
+        for c in contrasts
+    ]
+    items = [item for item in items if not math.isnan(item[1])]
+    if not items:
+        return None
+    figure = Figure(figsize=(7.5, 0.32 * len(items) + 1.3), layout="constrained")
+    ax = figure.subplots()
+    for y, (_, mean, low, high, color, margin) in enumerate(items):
+        error = [[mean - low], [high - mean]] if not math.isnan(low) else None
+        ax.errorbar(mean, y, xerr=error, fmt="o", color=color, capsize=3)
+        if margin:
+            ax.plot([-margin, -margin], [y - 0.4, y + 0.4], color=color, linestyle="--", linewidth=1)
+            ax.plot([margin, margin], [y - 0.4, y + 0.4], color=color, linestyle="--", linewidth=1)
+    if rows and contrasts:
+        ax.axhline(len(rows) - 0.5, color="black", linewidth=0.6)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(items)), [item[0] for item in items], fontsize="small")
+    ax.invert_yaxis()
+    key = study.hypotheses.metric
+    ax.set_xlabel(f"Δ {metric(key).label} ({LOSS_UNIT}); < 0: the first lowers the loss")
+    titles = (
+        ["confirmatory: green better, red worse, blue equivalent, grey inconclusive; dashes ±margin"]
+        if rows
+        else []
+    )
+    titles += ["exploratory contrasts (grey, 95% CI)"] if contrasts else []
+    ax.set_title("\n".join(titles), fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    return path
+
+
+def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -> Path | None:
+    """The simple contrasts (no `versus`) whose treatment adds constant-shape noise, as Δ
+    (mean, 95% CI) against the treatment's noise level (σ, or r for relative noise), one line
+    per control, e.g. one per model width. None unless some control has two levels or more."""
+    from matplotlib.figure import Figure
+
+    lines: dict[tuple[str, str, bool], list[tuple[float, Comparison]]] = {}
+    for row in contrasts:
+        config = study.config(row.dataset, row.contrast.treatment) or {}
+        schedule = schedules.parse(config.get("noise", "none"))
+        if row.contrast.versus is not None or schedule is None or row.comparison.n_pairs < 2:
+            continue
+        relative = isinstance(schedule, schedules.Relative)
+        level = float((schedule.inner if relative else schedule)(0))
+        lines.setdefault((row.contrast.control, row.contrast.metric, relative), []).append(
+            (level, row.comparison)
+        )
+    if not any(len(points) > 1 for points in lines.values()):
+        return None
+    figure = Figure(figsize=(7.0, 3.8), layout="constrained")
+    ax = figure.subplots()
+    for (control, key, relative), points in lines.items():
+        points.sort(key=lambda point: point[0])
+        xs = [level for level, _ in points]
+        means = [c.mean_diff for _, c in points]
+        errors = [[c.mean_diff - c.ci_low for _, c in points], [c.ci_high - c.mean_diff for _, c in points]]
+        unit = "r" if relative else "σ"
+        label = f"vs {control}" + ("" if key == study.hypotheses.metric else f" ({metric(key).label})")
+        ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=f"{label}, {unit}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("noise level of the treatment (σ, or r for relative noise)")
+    ax.set_ylabel(f"Δ {metric(study.hypotheses.metric).label} ({LOSS_UNIT})")
+    ax.set_title("exploratory: treatment − its control by noise level, mean and 95% CI", fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    return path
+
+
+def findings_tables(analysis: Analysis, dataset: str, alpha: float = 0.05) -> list[Table]:
+    """Per findings metric: each method vs the baseline (Holm across all methods) and, if
+    the spec names a reference, vs it (Holm across the methods compared with it), with the
+    word each paired t-test allows at `alpha`."""
+    study = analysis.study
+    if study.findings is None:
+        return []
+    reference = study.findings.reference
+    tables = []
+    for key in study.findings.metrics:
+        rows = [c for c in analysis.comparisons if (c.dataset, c.metric) == (dataset, key)]
+        if not rows:
+            continue
+        against = {r.method: r for r in analysis.references if (r.dataset, r.metric) == (dataset, key)}
+        columns = ["method", f"Δ vs {study.baseline}", "95% CI", "p (Holm)", "verdict"]
+        if reference:
+            columns += [f"Δ vs {reference}", "95% CI", "p (Holm)", "verdict"]
+        body = []
+        for r in rows:
+            line = [r.method, *_finding_cells(r.comparison, r.t_p_holm, alpha)]
+            if reference:
+                other = against.get(r.method)
+                line += _finding_cells(other.comparison, other.t_p_holm, alpha) if other else [MISSING] * 4
+            body.append(line)
+        tables.append(
+            Table(
+                title=f"{dataset}: {metric(key).label}, each method paired on seeds",
+                columns=columns,
+                rows=body,
+                notes=[
+                    f"Δ: method − the column's method ({LOSS_UNIT}); negative is a lower loss. "
+                    f"Verdict: the paired t-test's Holm-adjusted p against α = {alpha:g} "
+                    "(inconclusive is not evidence of no effect; read the CI)."
+                    + (" Exploratory: not among the pre-registered tests." if study.hypotheses else "")
+                ],
+            )
+        )
+    return tables
+
+
+def _finding_cells(c: Comparison, p_holm: float, alpha: float) -> list[str]:
+    if math.isnan(p_holm):
+        word = "no test"
+    elif p_holm >= alpha:
+        word = "inconclusive"
+    else:
+        word = "better" if c.mean_diff < 0 else "worse"
+    ci = MISSING if math.isnan(c.ci_low) else f"[{signed(c.ci_low)}, {signed(c.ci_high)}]"
+    return [signed(c.mean_diff), ci, p_value(p_holm), word]
