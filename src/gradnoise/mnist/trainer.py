@@ -67,7 +67,7 @@ def train_group(
     with rundir.claim(Path(group_dir)):
         for run_dir, cfg in zip(run_dirs, cfgs, strict=True):
             _prepare_run_dir(Path(run_dir), cfg, resume)
-        return _Training(cfgs, [Path(d) for d in run_dirs], Path(group_dir)).run(resume)
+        return Training(cfgs, [Path(d) for d in run_dirs], Path(group_dir)).run(resume)
 
 
 def _prepare_run_dir(run_dir: Path, cfg: MnistConfig, resume: bool) -> None:
@@ -80,7 +80,10 @@ def _prepare_run_dir(run_dir: Path, cfg: MnistConfig, resume: bool) -> None:
     atomic.write_text(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
-class _Training:
+class Training:
+    """A group at step 0 (or, after run(resume=True), at its checkpoint): the model, the
+    optimizer, each run's noise and clipping, and the data on the device."""
+
     def __init__(self, cfgs: list[MnistConfig], run_dirs: list[Path], group_dir: Path):
         self.cfgs, self.run_dirs, self.group_dir = cfgs, run_dirs, group_dir
         cfg = self.cfg = cfgs[0]
@@ -289,7 +292,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm(training: _Training):
+def _stop_on_sigterm(training: Training):
     """SIGTERM asks the loop to stop after the current step (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
