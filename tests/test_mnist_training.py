@@ -131,6 +131,19 @@ def test_a_killed_run_resumes_exactly(tmp_path, small_mnist, one_thread, monkeyp
         ]
 
 
+def test_a_diverged_replica_is_frozen_and_the_others_go_on(tmp_path, small_mnist, one_thread):
+    # At lr 10⁴ without clipping He-initialized weights overflow within steps; a zero network's
+    # only moving weights are the output biases, whose gradient is bounded: it stays finite.
+    base = small_mnist.replace(lr=1e4, grad_clip=0.0, epochs=2)
+    cfgs = [base.replace(seed=0, init="he"), base.replace(seed=1, init="zero")]
+    group = trainer.train_group(cfgs, [tmp_path / "g0", tmp_path / "g1"], tmp_path / "g")
+    alone = trainer.train(cfgs[1], tmp_path / "alone")
+    assert group[0]["status"] == "diverged" and group[0]["finals"]["steps"] < 5
+    assert group[0]["finals"]["test_acc"] is None  # no evaluation before it diverged
+    assert not (tmp_path / "g0" / "log.jsonl").exists() or not (tmp_path / "g0" / "log.jsonl").read_text()
+    assert group[1] == alone and alone["status"] == "done"
+
+
 def test_runs_that_differ_in_a_shared_key_cannot_be_a_group(tmp_path):
     cfgs = [MnistConfig(lr=0.1), MnistConfig(lr=0.01)]
     with pytest.raises(UserError, match="differ in lr"):

@@ -19,7 +19,8 @@ Outputs: each run directory gets config.json, log.jsonl (an "eval" line every
 eval_every steps: step, epoch, test_acc, test_loss, train_loss over the window, sigma)
 and result.json (status, finals: steps, test_acc, test_loss, best_test_acc,
 train_loss, escape_step = the first evaluated step with test accuracy above
-ESCAPE_ACCURACY, or None). The group's checkpoints (weights as safetensors, the rest
+ESCAPE_ACCURACY, or None; a diverged run's are those of its last evaluation before it
+diverged, with steps = the step it diverged at). The group's checkpoints (weights as safetensors, the rest
 loaded with weights_only) go to group_dir/checkpoints; `resume=True` continues exactly,
 and SIGTERM checkpoints and returns status "interrupted".
 """
@@ -191,8 +192,8 @@ class Training:
         self.window_steps = 0
         sigmas = self.sigmas()
         for m, run_dir in enumerate(self.run_dirs):
-            if m in self.diverged and self.diverged[m] < self.step - self.cfg.eval_every:
-                continue  # frozen since before this window: nothing new to log
+            if m in self.diverged:
+                continue  # frozen: its last evaluation before the divergence stands
             record = {
                 "kind": "eval",
                 "step": self.step,
@@ -223,7 +224,7 @@ class Training:
             "error": None if m not in self.diverged else f"non-finite loss at step {self.diverged[m]}",
             "device": describe_device(self.device),
             "finals": {
-                "steps": self.step,
+                "steps": self.diverged.get(m, self.step),
                 "test_acc": evals[-1]["test_acc"],
                 "test_loss": evals[-1]["test_loss"],
                 "train_loss": evals[-1]["train_loss"],
