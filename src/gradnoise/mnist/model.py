@@ -56,8 +56,8 @@ class DeepMLP(nn.Module):
     """M replicas of an MLP inputs → depth × width ReLU → classes, as one module.
 
     inits[m] and seeds[m] give replica m's initialization (its generator draws layer after
-    layer, W then nothing for b: biases are 0). forward takes (M, B, inputs) and returns
-    logits (M, B, classes); `dropout` is an (M,) tensor of rates or None.
+    layer, W then nothing for b: biases are 0). forward takes (M, B, inputs) or (B, inputs)
+    and returns logits (M, B, classes); `dropout` is an (M,) tensor of rates or None.
     """
 
     def __init__(
@@ -98,9 +98,16 @@ class DeepMLP(nn.Module):
     def forward(
         self, x: torch.Tensor, dropout: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        """x: (M, B, inputs), each replica its own batch, or (B, inputs), one batch for all
+        (the test split: its first layer is then one matmul, without M copies of x)."""
         last = len(self.weights) - 1
         for layer, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            if x.dim() == 2:
+                replicas, out, fan_in = weight.shape
+                shared = x @ weight.reshape(replicas * out, fan_in).T  # (B, M·out)
+                x = shared.view(len(x), replicas, out).transpose(0, 1).contiguous() + bias.unsqueeze(1)
+            else:
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
             if layer < last:
                 x = torch.relu(x)
                 if dropout is not None and self.training:

@@ -178,8 +178,7 @@ class Training:
     def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(test accuracy, test loss) of every replica on the whole test split, (M,) each."""
         self.model.eval()
-        x = self.test_x.expand(len(self.cfgs), -1, -1)
-        logits = self.model(x)
+        logits = self.model(self.test_x)
         y = self.test_y.expand(len(self.cfgs), -1)
         loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(dim=1)
         accuracy = (logits.argmax(dim=2) == y).double().mean(dim=1)
