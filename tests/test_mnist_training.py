@@ -177,3 +177,15 @@ def test_train_mnist_on_the_command_line(tmp_path, small_mnist, capsys):
     assert main(argv) == 2  # the run directory holds a finished run: not overwritten
     assert "already holds a run" in capsys.readouterr().err
     assert np.isclose(json.loads((run_dir / "config.json").read_text())["lr"], 0.1)
+
+
+def test_train_mnist_trains_a_group_file(tmp_path, small_mnist, capsys):
+    cfgs = [small_mnist.replace(seed=s, epochs=1, noise=noise) for s, noise in ((0, "none"), (1, NOISE))]
+    dirs = [tmp_path / "runs" / "a", tmp_path / "runs" / "b"]
+    write_group(tmp_path / "group", ["a", "b"], dirs, cfgs)
+    assert main(["train-mnist", "--group", str(tmp_path / "group"), "seed=3"]) == 2
+    assert "drop --run-dir and KEY=VALUE" in capsys.readouterr().err
+    assert main(["train-mnist", "--group", str(tmp_path / "group"), "-q"]) == 0
+    results = [json.loads((d / "result.json").read_text()) for d in dirs]
+    assert [r["finals"]["steps"] for r in results] == [12, 12]
+    assert (tmp_path / "group" / "checkpoints" / "LATEST").is_file()
