@@ -67,7 +67,7 @@ def small_mnist(tmp_path, monkeypatch):
 def test_a_zero_network_moves_its_hidden_weights_only_with_noise(tmp_path, small_mnist, one_thread, noise):
     cfg = small_mnist.replace(init="zero", noise=noise)
     training = trainer.Training([cfg], [tmp_path / "run"], tmp_path / "run")
-    training._train_step()
+    training.train_step()
     hidden = [w.detach() for w in training.model.weights[:-1]]
     moved = [torch.count_nonzero(w).item() for w in hidden]
     if noise == "none":
@@ -86,9 +86,9 @@ def test_a_batched_group_equals_its_runs_trained_alone(tmp_path, small_mnist, on
     group = trainer.Training(cfgs, [tmp_path / f"g{m}" for m in range(3)], tmp_path / "g")
     alone = [trainer.Training([c], [tmp_path / f"a{m}"], tmp_path / f"a{m}") for m, c in enumerate(cfgs)]
     for _ in range(2 * group.steps_per_epoch):
-        group._train_step()
+        group.train_step()
         for run in alone:
-            run._train_step()
+            run.train_step()
     accuracy, loss = group.evaluate()
     for m, run in enumerate(alone):
         for batched, single in zip(group.model.parameters(), run.model.parameters(), strict=True):
@@ -104,14 +104,14 @@ def test_a_batched_group_equals_its_runs_trained_alone(tmp_path, small_mnist, on
 def test_a_killed_run_resumes_exactly(tmp_path, small_mnist, one_thread, monkeypatch):
     cfgs = [small_mnist.replace(seed=s, noise=NOISE, dropout=0.1 * s) for s in range(2)]
     whole = trainer.train_group(cfgs, [tmp_path / "w0", tmp_path / "w1"], tmp_path / "w")
-    step = trainer.Training._train_step
+    step = trainer.Training.train_step
 
     def killed_at_step_9(self):
         step(self)
         if self.step == 9:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer.Training, "_train_step", killed_at_step_9)
+    monkeypatch.setattr(trainer.Training, "train_step", killed_at_step_9)
     dirs = [tmp_path / "k0", tmp_path / "k1"]
     stopped = trainer.train_group(cfgs, dirs, tmp_path / "k")
     assert [r["status"] for r in stopped] == ["interrupted"] * 2 and stopped[0]["finals"]["steps"] == 9

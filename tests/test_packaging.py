@@ -68,6 +68,7 @@ def test_help_names_the_extras_and_what_is_missing():
     [
         (["numpy"], ["data", "list"], "lm"),
         (["numpy"], ["train", "--run-dir", "RUN", "max_iters=1"], "lm"),
+        (["numpy"], ["train-mnist", "--run-dir", "RUN", "epochs=1"], "lm"),
         (["tqdm"], ["bench", "train", "--max-iters", "1"], "lm"),
         (["yaml"], ["study", "list"], "study"),
         (["scipy", "matplotlib"], ["study", "report", "STUDY"], "study"),

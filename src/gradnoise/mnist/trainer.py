@@ -128,7 +128,7 @@ class Training:
         started = time.monotonic()
         with _stop_on_sigterm(self):
             while self.step < self.total_steps and not self.stop:
-                self._train_step()
+                self.train_step()
                 if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
                     self._evaluate(time.monotonic() - started)
                 if self.step % self.cfg.checkpoint_every == 0 and self.step < self.total_steps:
@@ -148,7 +148,9 @@ class Training:
         rows = self._order[1][:, index * size : (index + 1) * size]
         return self.train_x[rows], self.train_y[rows]
 
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
+        """One optimizer step of every replica (the module docstring's recipe); a replica whose
+        loss is non-finite is frozen and recorded diverged at this step."""
         x, y = self.batch(self.step)
         self.model.train()
         generator = None
