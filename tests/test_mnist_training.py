@@ -17,7 +17,7 @@ from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.mnist import data, trainer
 from gradnoise.mnist.config import MnistConfig, parse_overrides, write_group
-from gradnoise.mnist.model import DeepMLP
+from gradnoise.mnist.model import DeepMLP, drop
 from test_mnist_data import md5s, write_mnist
 
 NOISE = "neelakantan:eta=0.01,gamma=0.55"
@@ -53,6 +53,16 @@ def test_zero_init_is_exactly_zero_and_replicas_are_their_runs_alone():
     alone = DeepMLP(["he"], [6])
     assert all(torch.equal(a[0], b[1]) for a, b in zip(alone.weights, zero.weights, strict=True))
     assert not torch.equal(DeepMLP(["he"], [7]).weights[0], alone.weights[0])
+
+
+def test_dropout_drops_each_replica_at_its_own_rate():
+    x = torch.ones(2, 1000, 50)
+    dropped = drop(x, torch.tensor([0.0, 0.3]), torch.Generator().manual_seed(0))
+    assert torch.equal(dropped[0], x[0])
+    kept = dropped[1] != 0
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - 0.7) < 5 * math.sqrt(0.7 * 0.3 / n)
+    assert torch.allclose(dropped[1][kept], torch.tensor(1 / 0.7))
 
 
 @pytest.fixture

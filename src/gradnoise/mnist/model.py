@@ -121,12 +121,3 @@ def drop(x: torch.Tensor, rates: torch.Tensor, generator: torch.Generator | None
     keep = (1.0 - rates).to(x.dtype).view(-1, 1, 1)
     mask = torch.rand(x.shape, generator=generator, device=x.device) < keep
     return torch.where(mask, x / keep, torch.zeros_like(x))
-
-
-def replica_weights(model: DeepMLP, replica: int) -> dict[str, torch.Tensor]:
-    """Replica `replica`'s weights and biases as plain tensors, by layer."""
-    tensors = {}
-    for layer, (weight, bias) in enumerate(zip(model.weights, model.biases, strict=True)):
-        tensors[f"layer{layer}.weight"] = weight[replica].detach().clone()
-        tensors[f"layer{layer}.bias"] = bias[replica].detach().clone()
-    return tensors
