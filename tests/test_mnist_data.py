@@ -164,3 +164,26 @@ def test_sha256_is_refused_for_mnist(tmp_path, capsys):
     assert main(argv) == 2
     assert "mnist verifies the pinned MD5" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()
+
+
+def test_download_falls_back_to_the_second_host(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "files")
+    monkeypatch.setattr(data, "PINNED_MD5", md5s(tmp_path / "files"))
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        if url.startswith(data.URLS[0]):
+            raise data.urllib.error.URLError("refused")
+        return io.BytesIO((tmp_path / "files" / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    data.prepare(home=tmp_path / "home")
+    assert asked[:2] == [
+        data.URLS[0] + "train-images-idx3-ubyte.gz",
+        data.URLS[1] + "train-images-idx3-ubyte.gz",
+    ]
+    meta = json.loads((tmp_path / "home" / "mnist" / "digits.json").read_text())
+    name = "t10k-labels-idx1-ubyte.gz"
+    assert meta["source"] == "download" and meta["files"][name]["origin"] == data.URLS[1] + name
+    assert len(data.load("mnist", home=tmp_path / "home").test_labels) == 12

@@ -132,7 +132,12 @@ def digits_from_idx(packed: dict[str, bytes], origins: dict[str, str], expected_
     arrays, record = {}, {}
     for key, name, magic in IDX_FILES:
         sha256 = check_checksum(packed[name], expected_md5[name], origins[name])
-        record[name] = {"md5": expected_md5[name], "sha256": sha256, "bytes": len(packed[name])}
+        record[name] = {
+            "origin": origins[name],
+            "md5": expected_md5[name],
+            "sha256": sha256,
+            "bytes": len(packed[name]),
+        }
         arrays[key] = parse_idx(_gunzip(packed[name], origins[name]), magic, origins[name])
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"].ravel()
@@ -170,7 +175,7 @@ def prepare(source: str | None = None, *, home: Path | None = None, expected_md5
     meta = {
         "format_version": FORMAT_VERSION,
         "name": "mnist",
-        "source": source or URLS[0],
+        "source": str(Path(source).expanduser().resolve()) if source is not None else "download",
         "files": json.loads(digits.source),
     }
 
