@@ -68,6 +68,7 @@ def test_help_names_the_extras_and_what_is_missing():
     [
         (["numpy"], ["data", "list"], "lm"),
         (["numpy"], ["train", "--run-dir", "RUN", "max_iters=1"], "lm"),
+        (["numpy"], ["train-mnist", "--run-dir", "RUN", "epochs=1"], "lm"),
         (["tqdm"], ["bench", "train", "--max-iters", "1"], "lm"),
         (["yaml"], ["study", "list"], "study"),
         (["scipy", "matplotlib"], ["study", "report", "STUDY"], "study"),
@@ -150,9 +151,9 @@ def test_no_import_circle_in_src():
 
 
 def test_layers_import_only_downwards():
-    # The library never imports the harness, the harness never the study, nothing the CLI.
+    # The library never imports the harness (lm, mnist), the harness never the study, nothing the CLI.
     graph = module_graph()
-    layer = {"gradnoise.lm": 1, "gradnoise.study": 2, "gradnoise.cli": 3}
+    layer = {"gradnoise.lm": 1, "gradnoise.mnist": 1, "gradnoise.study": 2, "gradnoise.cli": 3}
 
     def level(module):
         return next((n for prefix, n in layer.items() if module.startswith(prefix)), 0)

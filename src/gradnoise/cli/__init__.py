@@ -16,7 +16,7 @@ import importlib.util
 import sys
 
 from gradnoise import __version__
-from gradnoise.cli import bench, data, study, train
+from gradnoise.cli import bench, data, mnist, study, train
 from gradnoise.cli.common import Parser, configure_logging
 from gradnoise.errors import UserError
 
@@ -30,6 +30,7 @@ EXTRAS = {
 COMMAND_EXTRAS = {
     "data": "lm",
     "train": "lm",
+    "train-mnist": "lm",
     "sample": "lm",
     "export": "lm",
     "bench": "lm",
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradnoise {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (data, train, bench, study):
+    for module in (data, train, mnist, bench, study):
         module.register(commands)
     return parser
 
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 def _extras_help() -> str:
     lines = [
         "The library (import gradnoise) needs torch alone; the commands need an extra:",
-        "  data, train, sample, export, bench:  pip install 'gradnoise[lm]'",
-        "  study (and all of the above):        pip install 'gradnoise[study]'",
+        "  data, train, train-mnist, sample, export, bench:  pip install 'gradnoise[lm]'",
+        "  (train-mnist's offline sample, mnist_5k:  pip install 'gradnoise[mnist-sample]')",
+        "  study (and all of the above):                     pip install 'gradnoise[study]'",
     ]
     missing = [m for modules in EXTRAS.values() for m in modules if importlib.util.find_spec(m) is None]
     if missing:

@@ -23,11 +23,12 @@ def register(commands) -> None:
         description="Verify a raw corpus (pinned sha256, or size and alphabet for text8), "
         "tokenize it and write train/val/test token files under $GRADNOISE_HOME.",
     )
-    prepare.add_argument("name", metavar="NAME", help="shakespeare_char, enwik8 or text8")
+    prepare.add_argument("name", metavar="NAME", help="shakespeare_char, enwik8, text8 or mnist")
     prepare.add_argument(
         "--source",
         metavar="PATH_OR_URL",
-        help="local file or http(s) URL (zip, gz, xz or plain); default: canonical address",
+        help="local file or http(s) URL (zip, gz, xz or plain); default: canonical address "
+        "(mnist: a directory holding the four .gz IDX files)",
     )
     prepare.add_argument(
         "--sha256",
@@ -43,12 +44,28 @@ def register(commands) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    if args.name == "mnist":
+        return _prepare_mnist(args)
     from gradnoise.lm import data
 
     directory = data.prepare(args.name, args.source, args.sha256, home=args.home, progress=not quiet(args))
     corpus = data.load(args.name, home=args.home)
     sizes = ", ".join(f"{split} {len(tokens):,}" for split, tokens in corpus.splits.items())
     log.info(f"{args.name}: vocab {corpus.vocab_size}, {sizes} tokens -> {directory}")
+    return 0
+
+
+def _prepare_mnist(args: argparse.Namespace) -> int:
+    from gradnoise.errors import UserError
+    from gradnoise.mnist import data
+
+    if args.sha256 is not None:
+        raise UserError("mnist verifies the pinned MD5 of each of its four files; --sha256 does not apply")
+    directory = data.prepare(args.source, home=args.home)
+    digits = data.load_prepared(directory.parent)
+    log.info(
+        f"mnist: train {len(digits.train_labels):,}, test {len(digits.test_labels):,} digits -> {directory}"
+    )
     return 0
 
 
