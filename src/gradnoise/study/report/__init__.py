@@ -78,7 +78,7 @@ def _build(analysis: Analysis, directory: Path) -> None:
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
-        if lines := sentences.findings(analysis, dataset):
+        if lines := sentences.findings(analysis, dataset) + sentences.left_out(analysis, dataset):
             sections.append(Section(f"{dataset}: findings", text=lines))
     for dataset in study.datasets:
         slug = _slug(dataset)

@@ -119,6 +119,41 @@ def findings(analysis: Analysis, dataset: str) -> list[str]:
     return lines
 
 
+def left_out(analysis: Analysis, dataset: str) -> list[str]:
+    """What the spec asks the report to compare but the runs cannot give, said instead of a
+    section or a family member that would silently not be there: the findings' reference
+    without a done run on `dataset`, and dose-response levels without a p-value (fewer than
+    two done seeds paired with the baseline's)."""
+    study, lines = analysis.study, []
+    reference = study.findings.reference if study.findings is not None else None
+    if reference is not None and (dataset, reference) not in study.done:
+        lines.append(
+            f"No comparison with {reference} on {dataset}: none of its runs is done "
+            f"({_statuses(study, dataset, reference)})."
+        )
+    if study.dose is not None:
+        for key in study.dose.metrics:
+            compared = {r.method for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)}
+            missing = [m for m in study.dose.methods if m not in compared]
+            if missing:
+                lines.append(
+                    f"{metric(key).label}: left out of the noise levels' family, for want of two "
+                    "done seeds paired with the baseline's: "
+                    + "; ".join(f"{m} ({_statuses(study, dataset, m)})" for m in missing)
+                    + "."
+                )
+    return lines
+
+
+def _statuses(study: Study, dataset: str, method: str) -> str:
+    """`3 runs: 2 diverged, 1 done`: the runs of (dataset, method) by status."""
+    statuses = [r["status"] for r in study.runs if (r["dataset"], r["method"]) == (dataset, method)]
+    if not statuses:
+        return "no runs"
+    counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+    return f"{_count(len(statuses), 'run')}: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def _closest(rows, noun: str, describe) -> str:
     """Of the rows whose mean is below the baseline's, the one with the lowest adjusted p; or
     that there is none (so a worse method is never presented as the nearest to helping)."""
