@@ -184,7 +184,13 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     corpus = data.load(cfg.dataset)
     splits = setup.splits(corpus, cfg)
     logs = [
-        runlog.RunLog(d, c, enabled=dist_env.is_main, progress_bar=progress and m == 0)
+        runlog.RunLog(
+            d,
+            c,
+            enabled=dist_env.is_main,
+            progress_bar=progress and m == 0,
+            label=f"{d.name}: " if len(cfgs) > 1 else "",
+        )
         for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
     ]
 
@@ -506,6 +512,8 @@ def divergence_message(run: RunState, cfg: TrainConfig, m: int, step: int, what)
         schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
         level = "σ/RMS(g)" if isinstance(schedule, gradnoise.schedules.Relative) else "σ"
         sigma = f"noise {schedule.spec}, {level}={schedule(step - 1):.4g}"
+    if cfg.embedding_noise_alpha > 0:
+        sigma += f"; embedding noise α={cfg.embedding_noise_alpha:.4g}"
     checkpoint_step = run.replicas[m].progress.checkpoint_step
     if checkpoint_step is None:
         kept = "no checkpoint was written before"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from pathlib import Path
 
 import gradnoise
@@ -47,6 +48,9 @@ from gradnoise.study.report import plots, render, sentences, tables
 from gradnoise.study.report.analysis import Analysis, analyze, load_study
 from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
+
+#: Where the warnings matplotlib issues point: its own modules, or the plotting code calling it.
+PLOTTING_MODULES = r"(matplotlib|gradnoise\.study\.report\.plots)(\.|$)"
 
 __all__ = ["write_report"]
 
@@ -63,7 +67,11 @@ def write_report(study_dir: Path) -> Path:
     with Store(database, readonly=True) as store:
         analysis = analyze(load_study(store))
     report_dir = study_dir / "report"
-    atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
+    with warnings.catch_warnings():
+        # matplotlib's remarks on a plot of few points (identical axis limits, nothing to
+        # log-scale) are no news to the reader of the report: the plot is drawn regardless.
+        warnings.filterwarnings("ignore", module=PLOTTING_MODULES)
+        atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
     return report_dir
 
 

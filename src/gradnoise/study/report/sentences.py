@@ -17,6 +17,7 @@ from gradnoise.study.report.analysis import (
     metric,
 )
 from gradnoise.study.report.tables import MISSING, difference, p_value, scientific, value_text
+from gradnoise.study.spec import EXECUTION_KEYS
 from gradnoise.study.stats import wilcoxon_min_p
 
 #: The significance level of the report's sentences (on Holm-adjusted p).
@@ -202,7 +203,16 @@ def caveats(analysis: Analysis) -> list[str]:
     study = analysis.study
     preset = study.spec.get("preset", "tiny")
     lines = [_budget(study, preset)]
-    lines += [str(line) for line in study.spec.get("caveats") or []]
+    changed = {k: v for k, v in (study.spec.get("set") or {}).items() if k not in EXECUTION_KEYS}
+    if changed:
+        # The spec's own caveats describe its settings (budget, regime), which these runs changed.
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items())
+        lines.append(
+            f"These runs override the spec with `--set` (set: {shown}): its own caveats, written for "
+            "its settings, are left out; the budget above is these runs'."
+        )
+    else:
+        lines += [str(line) for line in study.spec.get("caveats") or []]
 
     counts = {s: sum(r["status"] == s for r in study.runs) for s in ("done", "diverged", "failed")}
     unfinished = len(study.runs) - sum(counts.values())
