@@ -192,3 +192,15 @@ def test_a_member_diverged_before_any_checkpoint_is_not_exported(tmp_path, capsy
     refused(capsys, ["sample", members[1].run_dir, "--max-new-tokens", "5"], "not finite")
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
     assert main(["export", str(members[0].run_dir), str(tmp_path / "out"), "-q"]) == 0
+
+
+def test_members_of_a_removed_group_may_train_in_a_new_one(tmp_path):
+    """What the study does when a group directory was moved away: its unfinished runs,
+    which hold no checkpoint of their own, are planned again."""
+    cfgs = [tiny(seed=0), tiny(seed=1)]
+    members = stopped_group(tmp_path, cfgs)
+    shutil.rmtree(tmp_path / "group")
+    group.write_group(tmp_path / "new", members)
+    results = train_group(cfgs, [m.run_dir for m in members], tmp_path / "new", resume=True, progress=False)
+    assert [r["status"] for r in results] == ["done", "done"]
+    assert group.read_replica_link(members[0].run_dir) == (tmp_path / "new", 0)

@@ -316,10 +316,11 @@ def check_owner(run_dir: Path, cfg: TrainConfig, member: tuple[Path, int] | None
     its config.json equals `cfg` (up to RESUMABLE_CHANGES), and its replica.json names the
     group and replica `member` (group directory, index), or is absent for a plain run.
 
-    A member's directory without replica.json may hold what a run without a checkpoint
-    left (config.json, log.jsonl: the study may group a run it had launched alone), never
-    a result or checkpoints of its own. Nothing but the trainer writes log.jsonl, results
-    or checkpoints without first writing config.json."""
+    A member's directory without replica.json (or with one whose group directory is gone)
+    may hold what a run without a checkpoint left (config.json, log.jsonl: the study may
+    group a run it had launched alone), never a finished result or checkpoints of its own.
+    Nothing but the trainer writes log.jsonl, results or checkpoints, and it writes
+    config.json first."""
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not existing:
         return
@@ -357,8 +358,10 @@ def check_group_members(saved_dirs, run_dirs: list[Path], group_dir: Path, direc
 def _check_link(run_dir: Path, member: tuple[Path, int] | None, existing: list[str]) -> None:
     """The replica.json part of check_owner."""
     link = read_replica_link(run_dir)
+    if link is not None and not (link[0] / GROUP_FILE).exists():
+        link = None  # its group is gone: there is nothing of it to continue
     if member is None:
-        if link is not None and (link[0] / GROUP_FILE).exists():
+        if link is not None:
             raise UserError(
                 f"{run_dir} is run {link[1]} of the batched group {link[0]}, whose checkpoints hold its "
                 f"weights; continue it with: gradnoise train --group {link[0]} --resume"
@@ -366,7 +369,7 @@ def _check_link(run_dir: Path, member: tuple[Path, int] | None, existing: list[s
         return
     group_dir, index = member
     if link is None:
-        if {runlog.RESULT_FILE, checkpoint.CHECKPOINTS} & set(existing):
+        if runlog.read_result(run_dir) is not None or checkpoint.CHECKPOINTS in existing:
             raise UserError(
                 f"{run_dir} holds a run that is not a member of the group {group_dir} "
                 f"({', '.join(existing)}); give each of the group's runs a directory of its own"
