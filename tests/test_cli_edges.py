@@ -168,3 +168,14 @@ def test_the_quick_spec_says_the_time_the_readme_measured():
     description = load_spec("quick").description
     assert "340 s" in description and "10 minutes" not in description
     assert "340 s" in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_a_group_mismatch_names_only_the_settings_a_group_shares():
+    members = [
+        group.Member("a", Path("a"), tiny(seed=0, noise="const:sigma=0.01")),
+        group.Member("b", Path("b"), tiny(seed=1, lr=1e-2)),
+    ]
+    with pytest.raises(UserError) as error:
+        group.check_members(members)
+    assert "they differ in lr, which every run" in str(error.value)
+    assert "seed" not in str(error.value) and "noise" not in str(error.value)
