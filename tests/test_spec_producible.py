@@ -66,6 +66,10 @@ def test_report_keys_name_only_what_the_study_produces(changes, expected):
         ({"noise": "relative:const:sigma=1.0"}, {"noise": "const:sigma=1.0", "noise_mode": "relative"}),
         ({}, {"noise": "const:sigma=0"}),
         ({}, {"noise": "linear:sigma0=0.0,total_steps=100", "noise_correlation": "anticorrelated"}),
+        (
+            {"noise": "const:sigma=0.01", "grad_clip": 0.0},
+            {"noise": "const:sigma=0.01", "grad_clip": 0.0, "noise_placement": "before_clip"},
+        ),
     ],
 )
 def test_two_methods_that_compute_the_same_are_refused_by_name(first, second):

@@ -359,8 +359,9 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
 def computation(config: TrainConfig) -> str:
     """What a run computes, as canonical JSON: its run id's values with the noise written one
     way. noise_mode=relative folds into a `relative:` schedule (GradientNoise treats the two
-    alike), and a schedule whose σ is 0 at every step of the run is `none`, its mode,
-    correlation and placement then changing nothing."""
+    alike), a schedule whose σ is 0 at every step of the run is `none`, its mode,
+    correlation and placement then changing nothing, and noise placed before clipping
+    where nothing is clipped (grad_clip = 0) is noise placed after it."""
     values = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_KEYS}
     schedule = schedules.parse(config.noise)
     if (
@@ -375,6 +376,8 @@ def computation(config: TrainConfig) -> str:
     values["noise_mode"] = "absolute"
     if schedule is None:
         values.update({key: _DEFAULTS[key] for key in ("noise_correlation", "noise_placement")})
+    elif config.noise_placement == "before_clip" and config.grad_clip == 0:
+        values["noise_placement"] = "after_clip"  # without clipping, the two are one place
     return canonical(values)
 
 
