@@ -316,7 +316,7 @@ def check_owner(run_dir: Path, cfg: TrainConfig, member: tuple[Path, int] | None
     its config.json equals `cfg` (up to RESUMABLE_CHANGES), and its replica.json names the
     group and replica `member` (group directory, index), or is absent for a plain run.
 
-    A member's directory without replica.json (or with one whose group directory is gone)
+    A member's directory without replica.json (or one naming a group directory that is gone)
     may hold what a run without a checkpoint left (config.json, log.jsonl: the study may
     group a run it had launched alone), never a finished result or checkpoints of its own.
     Nothing but the trainer writes log.jsonl, results or checkpoints, and it writes
@@ -358,8 +358,8 @@ def check_group_members(saved_dirs, run_dirs: list[Path], group_dir: Path, direc
 def _check_link(run_dir: Path, member: tuple[Path, int] | None, existing: list[str]) -> None:
     """The replica.json part of check_owner."""
     link = read_replica_link(run_dir)
-    if link is not None and not (link[0] / GROUP_FILE).exists():
-        link = None  # its group is gone: there is nothing of it to continue
+    if link is not None and not link[0].exists():
+        link = None  # its group directory is gone: there is nothing of it to continue
     if member is None:
         if link is not None:
             raise UserError(
