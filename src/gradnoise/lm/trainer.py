@@ -171,11 +171,7 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     checkpoint_dir = group_dir if group_dir is not None else run_dirs[0]
     device = dist_env.resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if not resume:
-        for directory in run_dirs + ([group_dir] if group_dir is not None else []):
-            refuse_existing_run(directory)
-    for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True)):
-        check_owner(d, c, (group_dir, m) if group_dir is not None else None)
+    check_directories(cfgs, run_dirs, group_dir, resume)
     # The runs that ended before (resume only): they are trained no further, their results
     # are returned as they were and not written again (the study runner recorded them).
     ended = [finished_result(d, c) if resume else None for c, d in zip(cfgs, run_dirs, strict=True)]
@@ -209,13 +205,8 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
             run.load_state_dict({"model": weights, **saved})
         checkpoint.warn_if_threads_changed(saved, latest)
     start_step = checkpoint.step_of(latest) if latest is not None else 0
-    if dist_env.is_main:  # whose each directory is, before anything else is written there
-        for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True)):
-            if group_dir is not None:
-                group.write_replica_link(d, group_dir, m)
-            else:  # a link left by a group that no longer exists (check_owner)
-                (d / group.REPLICA_FILE).unlink(missing_ok=True)
-            runlog.write_config(d, c)
+    if dist_env.is_main:
+        write_identities(cfgs, run_dirs, group_dir)
     for log in logs:
         log.start(keep_through_step=start_step if latest is not None else None)
 
@@ -323,6 +314,27 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
             runlog.write_result(run_dir, result)
         results.append(result)
     return results
+
+
+def check_directories(cfgs, run_dirs: list[Path], group_dir: Path | None, resume: bool) -> None:
+    """UserError unless every directory may be written: a fresh run's hold no run, and each
+    run's holds nothing but its own (state.check_owner)."""
+    if not resume:
+        for directory in run_dirs + ([group_dir] if group_dir is not None else []):
+            refuse_existing_run(directory)
+    for m, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs, strict=True)):
+        check_owner(run_dir, cfg, (group_dir, m) if group_dir is not None else None)
+
+
+def write_identities(cfgs, run_dirs: list[Path], group_dir: Path | None) -> None:
+    """Each run directory's replica.json (a member) and config.json: whose run it holds,
+    written before anything else, so that every later file is known to be this run's."""
+    for m, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs, strict=True)):
+        if group_dir is not None:
+            group.write_replica_link(run_dir, group_dir, m)
+        else:  # a link left by a group whose directory is gone (check_owner)
+            (run_dir / group.REPLICA_FILE).unlink(missing_ok=True)
+        runlog.write_config(run_dir, cfg)
 
 
 def active(run: RunState) -> list[tuple[int, Replica]]:
