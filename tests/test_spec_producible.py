@@ -125,3 +125,24 @@ def test_the_report_says_which_compared_methods_have_no_done_runs(tmp_path):
         in (report)
     )
     assert "left out of the noise levels' family" in report and "rel-1 (3 runs: 3 diverged)" in report
+
+
+def test_a_set_that_skips_the_final_pass_is_accepted_and_the_report_says_so(tmp_path):
+    """`--set final_eval=false` (a quick look) is the user's choice over a spec's findings."""
+    assert load_spec("quick", {"final_eval": False}).runs
+    layout = spec(findings={"metrics": ["val_loss_full", "best_val_loss"]}, set={"final_eval": False})
+    parse_spec(layout)
+    with Store(tmp_path / "study.sqlite") as store:
+        store.create_study(layout["name"], layout)
+        for method in ("baseline", "abs-1e-3"):
+            for seed in (0, 1, 2):
+                values = {"max_iters": 100, **METHODS[method], "final_eval": False, "seed": seed}
+                config = resolve_config(DATASET, "tiny", values)
+                store.add_runs([(f"{method}-{seed}", DATASET, method, seed, config.to_dict())])
+                best = 2.5 - 0.01 * seed - (0.05 + 0.01 * seed if method != "baseline" else 0.0)
+                finals = {"steps": 100, "parameters": 1000, "best_val_loss": best}
+                curve = [{"kind": "train", "step": 10, "loss": 2.0, "sigma": 1e-3, "grad_norm": 1.0}]
+                store.record_result(f"{method}-{seed}", {"status": "done", "finals": finals}, curve)
+    report = (write_report(tmp_path) / "report.md").read_text()
+    assert "final val loss, full pass: no done run on shakespeare_char has it" in report
+    assert "best val loss: " in report.split("## shakespeare_char: findings")[1].split("##")[0]

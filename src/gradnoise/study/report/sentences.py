@@ -126,6 +126,13 @@ def left_out(analysis: Analysis, dataset: str) -> list[str]:
     without a done run on `dataset`, and dose-response levels without a p-value (fewer than
     two done seeds paired with the baseline's)."""
     study, lines = analysis.study, []
+    named = [*(study.findings.metrics if study.findings else ()), *(study.dose.metrics if study.dose else ())]
+    for key in dict.fromkeys(named):
+        if not any(value is not None for value in _values_of(study, dataset, key)):
+            lines.append(
+                f"{metric(key).label}: no done run on {dataset} has it (final_eval: false, or no "
+                "test split), so no method is compared on it."
+            )
     reference = study.findings.reference if study.findings is not None else None
     if reference is not None and (dataset, reference) not in study.done:
         lines.append(
@@ -134,6 +141,8 @@ def left_out(analysis: Analysis, dataset: str) -> list[str]:
         )
     if study.dose is not None:
         for key in study.dose.metrics:
+            if not any(value is not None for value in _values_of(study, dataset, key)):
+                continue  # said above
             compared = {r.method for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)}
             missing = [m for m in study.dose.methods if m not in compared]
             if missing:
@@ -144,6 +153,11 @@ def left_out(analysis: Analysis, dataset: str) -> list[str]:
                     + "."
                 )
     return lines
+
+
+def _values_of(study: Study, dataset: str, key: str) -> list:
+    """The metric's values over every done run of `dataset`."""
+    return [row.get(key) for (d, _), rows in study.done.items() if d == dataset for row in rows.values()]
 
 
 def _statuses(study: Study, dataset: str, method: str) -> str:
