@@ -558,11 +558,9 @@ def test_huge_noise_diverges_with_a_clear_message(tmp_path):
             "--run-dir",
             str(run),
             "--no-progress",
-            *(f"{k}={v}" for k, v in SMALL.items()),
+            *(f"{k}={v}" for k, v in {**SMALL, "checkpoint_interval": 1, "log_interval": 1}.items()),
             "optimizer=sgd",
             "noise=const:sigma=1e30",
-            "checkpoint_interval=1",
-            "log_interval=1",
         ]
     )
     assert code == 3

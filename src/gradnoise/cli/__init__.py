@@ -5,7 +5,8 @@ import the heavy layers lazily, so `gradnoise --help` stays fast and works with
 torch alone. The library needs nothing else; the commands need the harness's or
 the study's dependencies (EXTRAS), and when one is missing they say which extra
 installs it. Exit status 2 with one `gradnoise: error: ...` line: bad input, or a
-missing extra. Every command takes -q (warnings only) and -v (more); see
+missing extra; 141 without a word when the reader of stdout left (`| head`). Every
+command takes -q (warnings only) and -v (more), before or after its name; see
 gradnoise.cli.common for where messages go.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import os
 import sys
 
 from gradnoise import __version__
@@ -26,6 +29,8 @@ EXTRAS = {
     "lm": ("numpy", "tqdm", "safetensors"),
     "study": ("scipy", "matplotlib", "yaml"),
 }
+#: A command whose stdout reader left: 128 + SIGPIPE, as the shell reports a program killed by it.
+EXIT_BROKEN_PIPE = 141
 # Which extra each command needs.
 COMMAND_EXTRAS = {
     "data": "lm",
@@ -46,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gradnoise {__version__}")
+    # -q/-v also before the command (`gradnoise -q study list`); a sub-command's own wins.
+    before = parser.add_mutually_exclusive_group()
+    for flags, level, meaning in (
+        (("-q", "--quiet"), logging.WARNING, "warnings only"),
+        (("-v", "--verbose"), logging.DEBUG, "more"),
+    ):
+        before.add_argument(*flags, dest="verbosity_before", action="store_const", const=level, help=meaning)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (data, train, mnist, bench, study):
         module.register(commands)
@@ -54,9 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "verbosity", None))
+    if getattr(args, "verbosity", None) is None:
+        args.verbosity = args.verbosity_before
+    configure_logging(args.verbosity)
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader of stdout left (`gradnoise study list | head`): nothing more to say to
+        # it, and no traceback; stdout goes to /dev/null so the exit's flush fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except UserError as error:
         print(f"gradnoise: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ with print. Messages (progress, one line per eval, summaries, warnings) go throu
     gradnoise COMMAND …      INFO: progress and summaries
     gradnoise COMMAND -q …   WARNING: warnings only (and the error line, always)
     gradnoise COMMAND -v …   DEBUG: also every training log line
+    (or `gradnoise -q COMMAND …`: before the command too; the command's own wins)
 
 While tqdm is loaded, messages go through tqdm.write, so that on a terminal they
 appear above a progress bar instead of breaking it.

@@ -170,18 +170,27 @@ def _train_group(args: argparse.Namespace) -> int:
         progress=not args.no_progress and not quiet(args),
     )
     for member, result in zip(members, results, strict=True):
-        _report(result, member.run_dir, resume=f"--resume --group {args.group}")
-    return EXIT_STATUS["interrupted"] if any(r["status"] == "interrupted" for r in results) else 0
+        if result["status"] != "interrupted":
+            _report(result, member.run_dir)
+    stopped = [r["finals"]["steps"] for r in results if r["status"] == "interrupted"]
+    if stopped:  # once for the group: its members stop together
+        print(
+            f"gradnoise: stopped at step {max(stopped)} (checkpoint written); "
+            f"continue with --resume --group {args.group}",
+            file=sys.stderr,
+        )
+        return EXIT_STATUS["interrupted"]
+    return 0
 
 
-def _report(result: dict, run_dir: Path, resume: str | None = None) -> None:
+def _report(result: dict, run_dir: Path) -> None:
     finals = result["finals"]
     if result["status"] == "diverged":
         print(f"gradnoise: {result['error']}", file=sys.stderr)
     elif result["status"] == "interrupted":
         print(
             f"gradnoise: stopped at step {finals['steps']} (checkpoint written); "
-            f"continue with {resume or f'--resume --run-dir {run_dir}'}",
+            f"continue with --resume --run-dir {run_dir}",
             file=sys.stderr,
         )
     else:

@@ -53,16 +53,17 @@ def check_mode(mode: str) -> str:
     return check_choice("mode", mode, ("absolute", "relative"))
 
 
-def check_monitor(schedule: schedules.Schedule, monitor: str | None) -> str | None:
-    """`monitor` if it fits the schedule: a metric name for a schedule that follows one, else None."""
+def check_monitor(schedule: schedules.Schedule, monitor: str | None, example: str) -> str | None:
+    """`monitor` if it fits the schedule: a metric name for a schedule that follows one, else
+    None. `example`: the framework's name of the validation loss, for the messages."""
     if monitor is not None and not (isinstance(monitor, str) and monitor):
         raise UserError(
-            f"monitor={monitor!r} is not allowed: give the name of a logged metric, e.g. 'val_loss'"
+            f"monitor={monitor!r} is not allowed: give the name of a logged metric, e.g. {example!r}"
         )
     if schedule.needs_metric and monitor is None:
         raise UserError(
             f"schedule {schedule.spec!r} follows a metric: pass monitor=<the validation metric to feed it>, "
-            "e.g. monitor='val_loss'; without one σ would stay at σ0"
+            f"e.g. monitor={example!r}; without one σ would stay at σ0"
         )
     if monitor is not None and not schedule.needs_metric:
         raise UserError(

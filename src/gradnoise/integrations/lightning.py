@@ -99,7 +99,7 @@ class GradientNoiseCallback(Callback):
         self.schedule = schedule_from(schedule)
         self.seed = seed
         self.mode = check_mode(mode)
-        self.monitor = check_monitor(self.schedule, monitor)
+        self.monitor = check_monitor(self.schedule, monitor, "val_loss")
         self.per_rank_seed = per_rank_seed
         self.track_stats = track_stats
         self.log_sigma = log_sigma

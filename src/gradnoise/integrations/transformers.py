@@ -113,7 +113,7 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
         self.schedule = schedule_from(schedule)
         self.seed = seed
         self.mode = check_mode(mode)
-        self.monitor = check_monitor(self.schedule, monitor)
+        self.monitor = check_monitor(self.schedule, monitor, "eval_loss")
         self.per_rank_seed = per_rank_seed
         self.track_stats = track_stats
         self.log_sigma = log_sigma

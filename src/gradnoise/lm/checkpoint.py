@@ -35,7 +35,8 @@ from gradnoise.errors import UserError
 from gradnoise.lm import atomic, files, runlog
 from gradnoise.lm.config import read_config
 from gradnoise.lm.data import vocabulary_size
-from gradnoise.lm.group import read_replica_link
+from gradnoise.lm.finite import all_finite
+from gradnoise.lm.group import REPLICA_FILE, read_replica_link
 from gradnoise.lm.model import (
     GPT,
     SAVED_FILES,
@@ -169,11 +170,17 @@ def load_trained(path: Path, map_location="cpu"):
         return GPT.from_pretrained(path, map_location), read_vocab(path)
     link = read_replica_link(path)
     directory = latest(path if link is None else link[0])
+    if link is not None and directory is None:
+        own = " (its own checkpoints/ are not the group's)" if latest(path) is not None else ""
+        raise UserError(
+            f"{path} is run {link[1]} of the batched group {link[0]} ({REPLICA_FILE}), whose "
+            f"weights are in the group's checkpoints, and that directory holds none{own}; "
+            "put the group directory back where replica.json says"
+        )
     if directory is None or not (path / runlog.CONFIG_FILE).is_file():
-        where = "" if link is None else f" (its group {link[0]} has none)"
         raise UserError(
             f"{path} is neither a run directory with a checkpoint ({runlog.CONFIG_FILE}, "
-            f"{CHECKPOINTS}/{LATEST}){where} nor an export ({', '.join(SAVED_FILES)})"
+            f"{CHECKPOINTS}/{LATEST}) nor an export ({', '.join(SAVED_FILES)})"
         )
     cfg = read_config(path / runlog.CONFIG_FILE)
     weights, state = load(directory)
@@ -182,6 +189,11 @@ def load_trained(path: Path, map_location="cpu"):
             weights = _member_weights(path, directory, weights, state, link[1])
         model = GPT(cfg.model_config(vocab_size=vocabulary_size(state["vocab"])))
         load_weights(model, weights, f"the weights in {directory / WEIGHTS}")
+    if not all_finite(list(weights.values())):
+        raise UserError(
+            f"the weights of {path} in {directory} are not finite (the run diverged before "
+            "its first checkpoint); there is no model to use"
+        )
     return model.to(map_location), state["vocab"]
 
 

@@ -343,13 +343,16 @@ def parse_overrides(items: list[str]) -> dict:
     "none" for optional values; `compile` takes auto, true or false.
     """
     hints = typing.get_type_hints(TrainConfig)
-    overrides = {}
+    overrides, given = {}, {}
     for item in items:
         key, equals, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not equals:
             raise UserError(f"override {item!r} is not key=value; e.g. lr=3e-4 or noise=none")
         _check_key(key)
+        if key in given:
+            raise UserError(f"{key} is given twice ({given[key]}, then {item}); give each key once")
+        given[key] = item
         overrides[key] = _parse_value(key, text.strip(), hints[key])
     return overrides
 

@@ -44,7 +44,7 @@ def read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as error:
         raise UserError(
             f"weights file {path} is damaged or not a safetensors file ({error}); "
-            "if a run wrote it, resume from another checkpoint or train again"
+            "if a run wrote it, train it again (a run keeps only its latest checkpoint)"
         ) from None
 
 

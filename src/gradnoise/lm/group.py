@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, files
-from gradnoise.lm.config import TrainConfig, group_key
+from gradnoise.lm.config import PER_REPLICA_KEYS, TrainConfig, group_key
 
 GROUP_FILE = "group.json"
 REPLICA_FILE = "replica.json"
@@ -45,17 +45,32 @@ def check_members(members: list[Member]) -> None:
     first = group_key(members[0].config)
     for member in members[1:]:
         if group_key(member.config) != first:
-            shared = {k for k, v in member.config.to_dict().items() if members[0].config.to_dict()[k] != v}
+            theirs, first_values = member.config.to_dict(), members[0].config.to_dict()
+            shared = {k for k, v in theirs.items() if first_values[k] != v} - set(PER_REPLICA_KEYS)
             raise UserError(
                 f"runs {members[0].run_id} and {member.run_id} cannot share a batched model: "
                 f"they differ in {', '.join(sorted(shared))}, which every run of a group shares"
             )
 
 
+def check_directories(group_dir: Path, run_dirs: list[Path]) -> None:
+    """UserError unless every run has a directory of its own, apart from the group's (one
+    process locks each; a run in the group directory would mix its files with the group's)."""
+    seen = {Path(group_dir).resolve(): "the group directory"}
+    for index, run_dir in enumerate(run_dirs):
+        where = Path(run_dir).resolve()
+        if where in seen:
+            raise UserError(
+                f"run {index}'s run_dir {run_dir} is {seen[where]}; give each run a directory of its own"
+            )
+        seen[where] = f"run {index}'s run_dir too"
+
+
 def write_group(group_dir: Path, members: list[Member]) -> None:
     """Write group_dir/group.json (atomically); run directories are stored relative to it."""
     check_members(members)
     group_dir = Path(group_dir)
+    check_directories(group_dir, [m.run_dir for m in members])
 
     runs = [
         {"run_id": m.run_id, "run_dir": relative(m.run_dir, group_dir), "config": m.config.to_dict()}
@@ -70,7 +85,7 @@ def read_group(group_dir: Path) -> list[Member]:
     document = files.read_json(path, "group file")
     try:
         members = [
-            Member(str(r["run_id"]), Path(group_dir) / r["run_dir"], TrainConfig.from_dict(r["config"]))
+            Member(str(r["run_id"]), _join(group_dir, r["run_dir"]), TrainConfig.from_dict(r["config"]))
             for r in document["runs"]
         ]
     except (KeyError, TypeError) as error:
@@ -78,6 +93,7 @@ def read_group(group_dir: Path) -> list[Member]:
             f"{path} is not a group file ({{'runs': [{{run_id, run_dir, config}}]}}): {error}"
         ) from None
     check_members(members)
+    check_directories(Path(group_dir), [m.run_dir for m in members])
     return members
 
 
@@ -105,4 +121,9 @@ def read_replica_link(run_dir: Path) -> tuple[Path, int] | None:
         and not isinstance(link["index"], bool)
     ):
         raise UserError(f"{path} is not a replica file ({{'group_dir': str, 'index': int}})")
-    return Path(run_dir) / link["group_dir"], link["index"]
+    return _join(run_dir, link["group_dir"]), link["index"]
+
+
+def _join(directory: Path, relative_path: str) -> Path:
+    """directory / relative_path with its `..` folded (for messages; symlinks aside, the same place)."""
+    return Path(os.path.normpath(Path(directory) / relative_path))

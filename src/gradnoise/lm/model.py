@@ -342,6 +342,11 @@ class GPT(nn.Module):
             idx_cond = idx[:, -self.config.block_size :]
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :].float()
+            if not torch.isfinite(logits).all():
+                raise UserError(
+                    "the model's next-character scores are not finite (its weights are too large: "
+                    "the run that trained them diverged); there is no text to sample"
+                )
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:

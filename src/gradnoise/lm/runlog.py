@@ -151,8 +151,9 @@ class RunLog:
     per eval (logging), and a tqdm bar of the steps with the last "train" line when
     progress_bar and stderr is a terminal; rank 0 only."""
 
-    def __init__(self, run_dir: Path, cfg, enabled: bool, progress_bar: bool = False):
+    def __init__(self, run_dir: Path, cfg, enabled: bool, progress_bar: bool = False, label: str = ""):
         self.run_dir, self.cfg, self.enabled = run_dir, cfg, enabled
+        self.label = label  # begins its eval lines: which run of a group they are
         self.progress_bar = progress_bar and sys.stderr.isatty()
         self.file = self.tensorboard = self.wandb = self.bar = None
         self.last_train: dict = {}
@@ -219,7 +220,7 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
         if record["kind"] == "eval":
-            log.info(eval_line(record, self.last_train, self.cfg.max_iters))
+            log.info(self.label + eval_line(record, self.last_train, self.cfg.max_iters))
             return
         self.last_train = record
         log.debug(

@@ -91,6 +91,8 @@ from gradnoise.lm.state import (
     PendingLosses,
     Replica,
     RunState,
+    check_group_members,
+    check_owner,
     check_resumable,
     finished_result,
     refuse_existing_run,
@@ -142,6 +144,7 @@ def train_group(
     on_step(step, inputs, targets) as for `train`, with every run's batch: (M, N, T).
     """
     group.check_members([group.Member(str(d), Path(d), c) for c, d in zip(configs, run_dirs, strict=True)])
+    group.check_directories(Path(group_dir), [Path(d) for d in run_dirs])
     return _run(list(configs), [Path(d) for d in run_dirs], Path(group_dir), resume, progress, on_step)
 
 
@@ -168,18 +171,22 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
     checkpoint_dir = group_dir if group_dir is not None else run_dirs[0]
     device = dist_env.resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    check_directories(cfgs, run_dirs, group_dir, resume)
     # The runs that ended before (resume only): they are trained no further, their results
     # are returned as they were and not written again (the study runner recorded them).
     ended = [finished_result(d, c) if resume else None for c, d in zip(cfgs, run_dirs, strict=True)]
     if all(result is not None for result in ended):
         return ended
-    if not resume:
-        for directory in run_dirs + ([group_dir] if group_dir is not None else []):
-            refuse_existing_run(directory)
     corpus = data.load(cfg.dataset)
     splits = setup.splits(corpus, cfg)
     logs = [
-        runlog.RunLog(d, c, enabled=dist_env.is_main, progress_bar=progress and m == 0)
+        runlog.RunLog(
+            d,
+            c,
+            enabled=dist_env.is_main,
+            progress_bar=progress and m == 0,
+            label=f"{d.name}: " if len(cfgs) > 1 else "",
+        )
         for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True))
     ]
 
@@ -193,16 +200,15 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
                 raise UserError(f"the checkpoint holds {len(saved_configs)} runs, not these {len(cfgs)}")
             for saved_config, c in zip(saved_configs, cfgs, strict=True):
                 check_resumable(saved_config, c)
+            if group_dir is not None:
+                check_group_members(saved["run_dirs"], run_dirs, group_dir, latest)
             run.load_state_dict({"model": weights, **saved})
         checkpoint.warn_if_threads_changed(saved, latest)
     start_step = checkpoint.step_of(latest) if latest is not None else 0
+    if dist_env.is_main:
+        write_identities(cfgs, run_dirs, group_dir)
     for log in logs:
         log.start(keep_through_step=start_step if latest is not None else None)
-    if dist_env.is_main:
-        for m, (c, d) in enumerate(zip(cfgs, run_dirs, strict=True)):
-            runlog.write_config(d, c)
-            if group_dir is not None:
-                group.write_replica_link(d, group_dir, m)
 
     use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
     model = torch.compile(run.model) if use_compile else run.model
@@ -308,6 +314,27 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
             runlog.write_result(run_dir, result)
         results.append(result)
     return results
+
+
+def check_directories(cfgs, run_dirs: list[Path], group_dir: Path | None, resume: bool) -> None:
+    """UserError unless every directory may be written: a fresh run's hold no run, and each
+    run's holds nothing but its own (state.check_owner)."""
+    if not resume:
+        for directory in run_dirs + ([group_dir] if group_dir is not None else []):
+            refuse_existing_run(directory)
+    for m, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs, strict=True)):
+        check_owner(run_dir, cfg, (group_dir, m) if group_dir is not None else None)
+
+
+def write_identities(cfgs, run_dirs: list[Path], group_dir: Path | None) -> None:
+    """Each run directory's replica.json (a member) and config.json: whose run it holds,
+    written before anything else, so that every later file is known to be this run's."""
+    for m, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs, strict=True)):
+        if group_dir is not None:
+            group.write_replica_link(run_dir, group_dir, m)
+        else:  # a link left by a group whose directory is gone (check_owner)
+            (run_dir / group.REPLICA_FILE).unlink(missing_ok=True)
+        runlog.write_config(run_dir, cfg)
 
 
 def active(run: RunState) -> list[tuple[int, Replica]]:
@@ -427,7 +454,7 @@ def save_checkpoint(run: RunState, directory: Path, step: int, cfgs, run_dirs, g
         replica.progress.checkpoint_step = step
     state = run.state_dict()  # on every rank: it gathers the ranks' RNG states
     if run.dist_env.is_main:
-        weights = state.pop("model")
+        weights = keep_last_good_weights(run, state.pop("model"), directory)
         threads = torch.get_num_threads()  # a resume on another count is not bit-identical
         if group_dir is None:
             configs = {"config": cfgs[0].to_dict()}
@@ -437,6 +464,27 @@ def save_checkpoint(run: RunState, directory: Path, step: int, cfgs, run_dirs, g
                 "run_dirs": [group.relative(d, group_dir) for d in run_dirs],
             }
         checkpoint.save(directory, step, weights, {**configs, "vocab": vocab, "threads": threads, **state})
+
+
+def keep_last_good_weights(run: RunState, weights: dict, directory: Path) -> dict:
+    """The weights to checkpoint: a diverged replica's slices are those of its last good
+    checkpoint (the latest one holds them: every checkpoint since carried them on), not
+    the frozen, possibly non-finite ones, so that export and sample find what the result
+    names. A plain run stops at its divergence and never checkpoints it."""
+    kept = [
+        m
+        for m, r in enumerate(run.replicas)
+        if r.progress.diverged is not None and r.progress.checkpoint_step is not None
+    ]
+    previous = checkpoint.latest(directory) if kept and len(run.replicas) > 1 else None
+    if previous is None:
+        return weights
+    good = checkpoint.load(previous)[0]
+    weights = {name: value.clone() for name, value in weights.items()}
+    for name, value in weights.items():
+        for m in kept:
+            value[m].copy_(good[name][m])
+    return weights
 
 
 def evaluate(run: RunState, model, evaluator: Evaluator, step: int, logs: list[runlog.RunLog]) -> None:
@@ -476,6 +524,8 @@ def divergence_message(run: RunState, cfg: TrainConfig, m: int, step: int, what)
         schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
         level = "σ/RMS(g)" if isinstance(schedule, gradnoise.schedules.Relative) else "σ"
         sigma = f"noise {schedule.spec}, {level}={schedule(step - 1):.4g}"
+    if cfg.embedding_noise_alpha > 0:
+        sigma += f"; embedding noise α={cfg.embedding_noise_alpha:.4g}"
     checkpoint_step = run.replicas[m].progress.checkpoint_step
     if checkpoint_step is None:
         kept = "no checkpoint was written before"

@@ -59,8 +59,10 @@ from pathlib import Path
 
 import yaml
 
+from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import DATASETS, LATER_KEYS, MAX_SEED, PRESETS, TrainConfig, resolve_config
+from gradnoise.lm.data import CORPORA
 from gradnoise.lm.runlog import FINAL_METRICS
 from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
 
@@ -88,6 +90,9 @@ PUBLISHED_KEYS = ("source", "method", "values", "how")
 TABLE_KEYS = ("title", "caption", "metrics", "labels")
 DOSE_KEYS = ("methods", "metrics", "references")
 DOSE_METRICS = ("val_loss_full", "best_val_loss")
+#: The loss metrics the report compares with the baseline, paired on seeds: what the
+#: findings and dose_response sentences may name.
+COMPARED_METRICS = ("val_loss_full", "best_val_loss", "val_loss", "train_loss", "test_loss_full")
 FINDINGS_KEYS = ("reference", "metrics")
 # The study decides these per run; a spec that set them would fight the expansion.
 RESERVED_CONFIG_KEYS = ("dataset", "seed")
@@ -319,7 +324,7 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     runs = []
     for dataset in datasets:
         for seed in seeds_by_dataset[dataset]:
-            method_of_id = {}
+            method_of_id, method_of_computation = {}, {}
             for method, values in method_overrides.items():
                 merged = {**overrides, **config_by_dataset[dataset], **values, **set_values}
                 context = f"{where}: method {method!r} on {dataset}, seed {seed}"
@@ -332,8 +337,17 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
                         "or remove one."
                     )
                 method_of_id[rid] = method
+                same = method_of_computation.setdefault(computation(config), method)
+                if same != method:
+                    raise UserError(
+                        f"{where}: methods {same!r} and {method!r} compute the same on {dataset} "
+                        f"(noise {config.noise!r} with noise_mode={config.noise_mode} is "
+                        f"{same!r}'s computation: noise_mode=relative is a relative: schedule, and "
+                        "a σ of 0 at every step is no noise); remove one"
+                    )
                 runs.append(Run(rid, dataset, method, seed, config))
 
+    check_producible(where, runs, published, table, dose_response, findings, set_values)
     return StudySpec(
         name=name,
         description=description.strip(),
@@ -350,6 +364,78 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
         findings=findings,
         hypotheses=hypotheses,
     )
+
+
+def computation(config: TrainConfig) -> str:
+    """What a run computes, as canonical JSON: its run id's values with the noise written one
+    way. noise_mode=relative folds into a `relative:` schedule (GradientNoise treats the two
+    alike), a schedule whose σ is 0 at every step of the run is `none`, its mode,
+    correlation and placement then changing nothing, and noise placed before clipping
+    where nothing is clipped (grad_clip = 0) is noise placed after it."""
+    values = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_KEYS}
+    schedule = schedules.parse(config.noise)
+    if (
+        config.noise_mode == "relative"
+        and schedule is not None
+        and not isinstance(schedule, schedules.Relative)
+    ):
+        schedule = schedules.Relative(schedule)
+    if schedule is not None and schedule(0) == 0 and all(schedule(t) == 0 for t in range(config.max_iters)):
+        schedule = None
+    values["noise"] = "none" if schedule is None else schedule.spec
+    values["noise_mode"] = "absolute"
+    if schedule is None:
+        values.update({key: _DEFAULTS[key] for key in ("noise_correlation", "noise_placement")})
+    elif config.noise_placement == "before_clip" and config.grad_clip == 0:
+        values["noise_placement"] = "after_clip"  # without clipping, the two are one place
+    return canonical(values)
+
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+
+
+def check_producible(where: str, runs: list[Run], published, table, dose, findings, set_values) -> None:
+    """UserError unless every metric and method the report keys name is one the runs produce:
+    a metric of the final pass (*_full) needs final_eval in every run it is read from, a test
+    metric a dataset with a test split, the findings and dose_response metrics are losses the
+    report compares, and every dose_response method adds gradient noise. A `set:` (or
+    --set) final_eval is the user's choice over the whole spec: the report then says which
+    metrics no run computed (report.sentences.left_out)."""
+
+    def check(key: str, metric: str, datasets) -> None:
+        considered = [run for run in runs if run.dataset in datasets]
+        if metric.endswith("_full") and "final_eval" not in set_values:
+            without = sorted({run.method for run in considered if not run.config.final_eval})
+            if without:
+                raise UserError(
+                    f"{where}: {key} names {metric}, which only the final pass computes, and "
+                    f"{', '.join(without)} run with final_eval: false; drop {metric} or set final_eval: true"
+                )
+        if metric.startswith("test_"):
+            untested = sorted({d for d in datasets if "test" not in dict(CORPORA[d].splits)})
+            if untested:
+                raise UserError(f"{where}: {key} names {metric}, but {', '.join(untested)} has no test split")
+
+    every = sorted({run.dataset for run in runs})
+    for key, layout in (("findings.metrics", findings), ("dose_response.metrics", dose)):
+        for metric in layout.metrics if layout is not None else ():
+            if metric not in COMPARED_METRICS:
+                raise UserError(
+                    f"{where}: {key} names {metric!r}, which the report does not compare with the "
+                    f"baseline; allowed: {', '.join(COMPARED_METRICS)}"
+                )
+            check(key, metric, every)
+    for metric in table.metrics if table is not None else ():
+        check("table.metrics", metric, every)
+    for dataset, values in (published.values if published is not None else {}).items():
+        for metric in values:
+            check(f"published.values.{dataset}", metric, [dataset])
+    for method in dose.methods if dose is not None else ():
+        if any(run.method == method and run.config.noise == "none" for run in runs):
+            raise UserError(
+                f"{where}: dose_response.methods names {method!r}, which adds no gradient noise "
+                "(noise: none); list noise levels there, other methods under references"
+            )
 
 
 def parse_published(data: dict, source: str = "<spec>") -> Published | None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from pathlib import Path
 
 import gradnoise
@@ -52,6 +53,9 @@ from gradnoise.study.report import plots, render, sentences, tables, verdict
 from gradnoise.study.report.analysis import Analysis, analyze, headline_metric, load_study
 from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
+
+#: Where the warnings matplotlib issues point: its own modules, or the plotting code calling it.
+PLOTTING_MODULES = r"(matplotlib|gradnoise\.study\.report\.plots)(\.|$)"
 
 __all__ = ["write_report"]
 
@@ -68,7 +72,11 @@ def write_report(study_dir: Path) -> Path:
     with Store(database, readonly=True) as store:
         analysis = analyze(load_study(store))
     report_dir = study_dir / "report"
-    atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
+    with warnings.catch_warnings():
+        # matplotlib's remarks on a plot of few points (identical axis limits, nothing to
+        # log-scale) are no news to the reader of the report: the plot is drawn regardless.
+        warnings.filterwarnings("ignore", module=PLOTTING_MODULES)
+        atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
     return report_dir
 
 
@@ -129,9 +137,13 @@ def _build(analysis: Analysis, directory: Path) -> None:
     elif published is not None:
         sections.append(Section("Published values", tables=[published]))
     for dataset in study.datasets:
-        if found := verdict.findings_tables(analysis, dataset, sentences.ALPHA):
+        found = verdict.findings_tables(analysis, dataset, sentences.ALPHA)
+        left_out = sentences.left_out(analysis, dataset)
+        if found or left_out:
             note = sentences.best_val_note(analysis, dataset)
-            sections.append(Section(f"{dataset}: findings", tables=found, text=[note] if note else []))
+            sections.append(
+                Section(f"{dataset}: findings", tables=found, text=([note] if note else []) + left_out)
+            )
     for dataset in study.datasets:
         slug = _slug(dataset)
         dose = [

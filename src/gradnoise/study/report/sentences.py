@@ -27,6 +27,7 @@ from gradnoise.study.report.tables import (
     signed,
     value_text,
 )
+from gradnoise.study.spec import EXECUTION_KEYS
 from gradnoise.study.stats import summarize, wilcoxon_min_p
 
 #: The significance level of the report's sentences (on Holm-adjusted p).
@@ -133,6 +134,55 @@ def best_val_note(analysis: Analysis, dataset: str) -> str | None:
     )
 
 
+def left_out(analysis: Analysis, dataset: str) -> list[str]:
+    """What the spec asks the report to compare but the runs cannot give, said instead of a
+    section or a family member that would silently not be there: the findings' reference
+    without a done run on `dataset`, and dose-response levels without a p-value (fewer than
+    two done seeds paired with the baseline's)."""
+    study, lines = analysis.study, []
+    named = [*(study.findings.metrics if study.findings else ()), *(study.dose.metrics if study.dose else ())]
+    for key in dict.fromkeys(named):
+        if not any(value is not None for value in _values_of(study, dataset, key)):
+            lines.append(
+                f"{metric(key).label}: no done run on {dataset} has it (final_eval: false, or no "
+                "test split), so no method is compared on it."
+            )
+    reference = study.findings.reference if study.findings is not None else None
+    if reference is not None and (dataset, reference) not in study.done:
+        lines.append(
+            f"No comparison with {reference} on {dataset}: none of its runs is done "
+            f"({_statuses(study, dataset, reference)})."
+        )
+    if study.dose is not None:
+        for key in study.dose.metrics:
+            if not any(value is not None for value in _values_of(study, dataset, key)):
+                continue  # said above
+            compared = {r.method for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)}
+            missing = [m for m in study.dose.methods if m not in compared]
+            if missing:
+                lines.append(
+                    f"{metric(key).label}: left out of the noise levels' family, for want of two "
+                    "done seeds paired with the baseline's: "
+                    + "; ".join(f"{m} ({_statuses(study, dataset, m)})" for m in missing)
+                    + "."
+                )
+    return lines
+
+
+def _values_of(study: Study, dataset: str, key: str) -> list:
+    """The metric's values over every done run of `dataset`."""
+    return [row.get(key) for (d, _), rows in study.done.items() if d == dataset for row in rows.values()]
+
+
+def _statuses(study: Study, dataset: str, method: str) -> str:
+    """`3 runs: 2 diverged, 1 done`: the runs of (dataset, method) by status."""
+    statuses = [r["status"] for r in study.runs if (r["dataset"], r["method"]) == (dataset, method)]
+    if not statuses:
+        return "no runs"
+    counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+    return f"{_count(len(statuses), 'run')}: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def _closest(rows, noun: str, describe) -> str:
     """Of the rows whose mean is below the baseline's, the one with the lowest adjusted p; or
     that there is none (so a worse method is never presented as the nearest to helping)."""
@@ -175,7 +225,16 @@ def caveats(analysis: Analysis) -> list[str]:
     study = analysis.study
     preset = study.spec.get("preset", "tiny")
     lines = [_budget(study, preset)]
-    lines += [str(line) for line in study.spec.get("caveats") or []]
+    changed = {k: v for k, v in (study.spec.get("set") or {}).items() if k not in EXECUTION_KEYS}
+    if changed:
+        # The spec's own caveats describe its settings (budget, regime), which these runs changed.
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items())
+        lines.append(
+            f"These runs override the spec with `--set` (set: {shown}): its own caveats, written for "
+            "its settings, are left out; the budget above is these runs'."
+        )
+    else:
+        lines += [str(line) for line in study.spec.get("caveats") or []]
 
     counts = {s: sum(r["status"] == s for r in study.runs) for s in ("done", "diverged", "failed")}
     unfinished = len(study.runs) - sum(counts.values())
