@@ -91,6 +91,12 @@ def register(commands) -> None:
         "report", parents=[VERBOSITY], help="write DIR/report: tables, plots, index.html"
     )
     report.add_argument("dir", metavar="DIR_OR_NAME", help=where)
+    report.add_argument(
+        "--allow-mixed-code",
+        action="store_true",
+        help="compare runs that came from different code (refused by default; the report then "
+        "says so at its top)",
+    )
     report.set_defaults(func=write_report)
 
 
@@ -167,5 +173,5 @@ def show_status(args) -> int:
 def write_report(args) -> int:
     from gradnoise.study.report import write_report as write
 
-    log.info(f"report: {write(study_dir(args.dir)) / 'index.html'}")
+    log.info(f"report: {write(study_dir(args.dir), allow_mixed_code=args.allow_mixed_code) / 'index.html'}")
     return 0
