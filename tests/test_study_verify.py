@@ -74,7 +74,7 @@ def test_a_run_without_its_identity_is_compared_within_the_tolerance(study, tmp_
         db.execute(f"UPDATE curves SET loss = loss + {TOLERANCE / 2} {where} AND step = 10")
         db.execute(f"UPDATE curves SET val_loss = val_loss + {STEP0_TOLERANCE / 2} {where} AND step = 0")
     (verdict,) = verify_study(unknown, run_ids=[baseline], steps=10).verdicts
-    assert verdict.agrees and "agrees within tolerance (steps ≤ 10" in verdict.line
+    assert verdict.agrees and "agrees within tolerance, largest |Δ| 0.01 (steps ≤ 10" in verdict.line
     assert "code is unknown" in verdict.line and "rerun on 1 thread(s)" in verdict.line
     with sqlite3.connect(unknown / "study.sqlite") as db:
         where = f"WHERE run_id = '{baseline}' AND step = 0"
