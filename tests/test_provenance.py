@@ -106,3 +106,11 @@ def test_a_run_records_what_made_it_from_its_start(tmp_path, one_thread):
     assert {k: saved[k] for k in ("code", "numerics")} == {k: first[k] for k in ("code", "numerics")}
     assert (saved["attempts"], saved["consistent"]) == (2, True)
     assert result["provenance"] == saved
+
+
+def test_a_thread_count_that_is_not_one_is_refused_before_anything_is_written(tmp_path, capsys):
+    from gradnoise.cli import main
+
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--threads", "0", "max_iters=1"]) == 2
+    assert "threads=0: give an integer ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

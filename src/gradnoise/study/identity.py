@@ -72,8 +72,4 @@ def refuse_mixed(name: str, groups: list[tuple[str, list[str]]]) -> None:
 def differs_from_here(rows: list[dict]) -> list[tuple[str, list[str]]]:
     """The code groups of finished runs whose code is not this process's (unknown included)."""
     here = provenance.code_identity()
-    return [
-        (label, ids)
-        for label, ids in code_groups(rows)
-        if not any(provenance.same_code(run_code(row), here) for row in rows if row["id"] == ids[0])
-    ]
+    return code_groups([row for row in rows if not provenance.same_code(run_code(row), here)])
