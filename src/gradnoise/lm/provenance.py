@@ -17,8 +17,9 @@ CPU thread count (CPU kernels sum in another order on another count), whether th
 was compiled, and how many runs trained as one batched model (members of a group match
 their run alone up to reassociation only).
 
-A run's own numbers are reproducible bit for bit where `same_numerics` holds: equal
-source hash, torch, device model, dtype, threads, compile and replicas.
+A run's numbers come back bit for bit where `same_code` holds and
+`numerics_differences` finds none: equal source hash, torch, device model, dtype,
+threads, compile and replicas.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import gradnoise
 
 PACKAGE_DIR = Path(gradnoise.__file__).resolve().parent
-#: The fields `same_numerics` compares (besides the code's source hash).
+#: The numerics `numerics_differences` compares (the device's name aside: a GPU's index may change).
 NUMERICS_KEYS = ("torch", "device_model", "dtype", "threads", "compile", "replicas")
 UNKNOWN = "unknown"
 
