@@ -63,8 +63,8 @@ gradnoise.lm.runlog's and checkpoints/ gradnoise.lm.checkpoint's. Timings (`time
 train_s) count training only, not evaluation or checkpointing, so time-to-target is
 comparable across methods.
 
-Outputs: every run writes its own run directory (config.json, log.jsonl, result.json)
-exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
+Outputs: every run writes its own run directory (config.json, provenance.json, log.jsonl,
+result.json) exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
 and each member's run directory gets a replica.json pointing there (gradnoise.lm.group),
 through which export and sample find its weights.
 """
