@@ -185,15 +185,19 @@ def _exact_expected(row: dict, stored_numerics: dict | None, here: dict) -> tupl
         return False, "the stored run's code is unknown (recorded before runs recorded it)"
     reasons = []
     if not provenance.same_code(stored_code, here["code"]):
-        reasons.append(
-            f"stored code {provenance.code_label(stored_code)}, here {provenance.code_label(here['code'])}"
-        )
+        reasons.append(f"stored code {_code_text(stored_code)}, here {_code_text(here['code'])}")
     differences = provenance.numerics_differences(stored_numerics, here["numerics"])
     if differences:
         reasons.append("numerics differ: " + ", ".join(differences))
     if row.get("provenance_consistent") == 0:
         reasons.append("the stored run's attempts had different code or numerics")
     return not reasons, "; ".join(reasons)
+
+
+def _code_text(code: dict) -> str:
+    """The code's label, with its source hash where the label lacks it (a clean checkout's)."""
+    label = provenance.code_label(code)
+    return label if "source" in label else f"{label} (source {code['source_sha256'][:12]})"
 
 
 def _compare(stored: list[dict], rerun: list[dict], steps: int, exact: bool) -> tuple[str | None, float, int]:
