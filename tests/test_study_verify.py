@@ -1,12 +1,14 @@
 """`gradnoise study verify`: reruns of a study's runs compared with its stored numbers."""
 
 import hashlib
+import logging
 import shutil
 import sqlite3
 
 import pytest
 
 from gradnoise.cli import main
+from gradnoise.cli.common import configure_logging
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.verify import STEP0_TOLERANCE, TOLERANCE, verify_study
@@ -111,3 +113,15 @@ def test_bad_input_exits_2_and_writes_nothing(study, capsys, args, message):
 def test_a_directory_without_a_study_is_refused(tmp_path, capsys):
     assert main(["study", "verify", str(tmp_path)]) == 2
     assert "holds no study" in capsys.readouterr().err
+
+
+def test_study_run_warns_when_the_store_holds_runs_of_other_code(study, tmp_path, capsys):
+    directory, (baseline, _) = study
+    configure_logging(logging.INFO)
+    capsys.readouterr()
+    run_study(load_spec(directory / "spec.yaml"), directory, progress=False)  # all finished: no warning
+    assert "warning" not in capsys.readouterr().err
+    other = copy_with(directory, tmp_path, f"UPDATE runs SET code_sha256 = 'f00d' WHERE id = '{baseline}'")
+    run_study(load_spec(other / "spec.yaml"), other, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "came from other code" in warnings[0] and baseline in warnings[0]

@@ -247,11 +247,13 @@ def warn_if_other_code(rows: list[dict], study_dir: Path) -> None:
     the study's runs would then not be comparable (run long studies from a fixed commit)."""
     other = identity.differs_from_here(rows)
     if other:
-        here = provenance.code_label(provenance.code_identity())
+        here = provenance.code_identity()
+        runs = "; ".join(f"{label}: {', '.join(ids)}" for label, ids in other)
         log.warning(
-            f"this process runs gradnoise {here}, but runs already in {study_dir} came from other "
-            f"code ({identity.describe(other)}); their numbers and the new ones need not be "
-            "comparable: run a long study from one fixed commit (a separate clone or worktree)"
+            f"this process runs gradnoise {provenance.code_label(here)} (source "
+            f"{here['source_sha256'][:12]}), but runs already in {study_dir} came from other code "
+            f"({runs}); their numbers and the new ones need not be comparable: run a long study "
+            "from one fixed commit (a separate clone or worktree)"
         )
 
 
