@@ -11,6 +11,7 @@ import pytest
 
 from gradnoise.study.report import write_report
 from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.runner import study_status
 from gradnoise.study.spec import load_spec, parse_published, parse_table
 from gradnoise.study.store import Store
 
@@ -78,4 +79,8 @@ def test_a_committed_store_loads_and_reports_with_this_version(study_dir, tmp_pa
     assert analysis.summaries and all(row.done == row.runs for row in analysis.summaries)
     # Stored before train_loss_window was a final: read from the last train log line.
     assert all(row.summary("train_loss_window").n == row.done for row in analysis.summaries)
-    assert (write_report(copy) / "index.html").is_file()
+    report = write_report(copy)
+    assert (report / "index.html").is_file()
+    # Made before runs recorded their code: unknown, for every run alike (not mixed).
+    assert "Runs made by code: unknown (all " in (report / "report.md").read_text()
+    assert "\ncode: unknown (all " in study_status(copy)

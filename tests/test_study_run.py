@@ -334,6 +334,46 @@ def test_driver_killed_midway_stops_its_workers_and_the_study_resumes(tmp_path):
     assert_one_row_per_run_and_no_duplicate_curves(study_dir, spec)
 
 
+# Killed after its first checkpoint (step 20) with 100 steps to go.
+SHORTER = {**LONG, "max_iters": 120}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 1 and 2 give one thread alike")
+def test_a_study_resumed_with_other_jobs_ends_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    # The executor's own thread count, cores // jobs: --jobs 1 and 2 train on different counts.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    path = write_spec(tmp_path, "rejobs", {"baseline": {"noise": "const:sigma=0.01"}}, overrides=SHORTER)
+    spec = load_spec(path)
+    run_id = spec.runs[0].run_id
+    run_study(spec, tmp_path / "whole", jobs=1, progress=False)
+    run_dir = tmp_path / "parts" / "runs" / run_id
+    with ThreadPoolExecutor(1) as pool:
+        driver = pool.submit(run_study, spec, tmp_path / "parts", jobs=1, progress=False)
+        wait_for(lambda: latest_checkpoint_step(run_dir), what="a checkpoint")
+        (pid,) = worker_pids(run_dir)
+        os.kill(pid, signal.SIGKILL)
+        driver.result(timeout=120)
+    assert 0 < latest_checkpoint_step(run_dir) < SHORTER["max_iters"]
+    summary = run_study(spec, tmp_path / "parts", jobs=2, progress=False)
+    assert (summary["done"], summary["ran"]) == (1, 1)
+
+    def ended(study_dir):
+        with Store(study_dir / "study.sqlite") as store:
+            (finals,) = store.finals()
+            (row,) = store.runs()
+        attempts = json.loads((study_dir / "runs" / run_id / "provenance.json").read_text())["attempts"]
+        return finals, row, [a["numerics"]["threads"] for a in attempts]
+
+    whole, whole_row, whole_threads = ended(tmp_path / "whole")
+    parts, parts_row, parts_threads = ended(tmp_path / "parts")
+    for key in ("train_loss", "val_loss", "best_val_loss", "train_loss_window", "final_sigma"):
+        assert parts[key] == whole[key], key
+    # The resume (under --jobs 2) kept the thread count the run was checkpointed with.
+    assert whole_threads == [len(os.sched_getaffinity(0))]
+    assert parts_threads == whole_threads * 2
+    assert parts_row["threads"] == whole_row["threads"] and parts_row["provenance_consistent"] == 1
+
+
 # ---- concurrency and the CLI -----------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.study.store import FINAL_METRICS, Store
+from gradnoise.study.store import FINAL_METRICS, PROVENANCE_COLUMNS, Store, run_code, run_numerics
 
 SPEC = {"name": "unit", "methods": {"baseline": {}}}
 
@@ -101,6 +101,7 @@ def test_add_runs_never_duplicates_and_keeps_status(store):
         "started": None,
         "finished": None,
         "attempts": 0,
+        **dict.fromkeys(PROVENANCE_COLUMNS),
     }
     assert runs["r3"]["config"] == {"seed": 2}
 
@@ -347,3 +348,48 @@ def test_reading_a_finished_study_leaves_no_files_beside_it(tmp_path):
     with Store(path, readonly=True) as reader:
         assert len(reader.runs()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.sqlite"]
+
+
+MADE_BY = {
+    "code": {"version": "0.1.0", "commit": "c" * 40, "dirty": False, "source_sha256": "s" * 64},
+    "numerics": {
+        "torch": "2.13.0",
+        "device": "cpu",
+        "device_model": "Some CPU",
+        "dtype": "float32",
+        "threads": 2,
+        "compile": False,
+        "replicas": 1,
+    },
+    "attempts": 1,
+    "consistent": True,
+}
+
+
+def test_a_result_is_stored_with_what_made_it(store):
+    store.record_result("r1", result(1.5) | {"provenance": MADE_BY}, [])
+    store.record_result("r2", result(1.5), [])  # a result without one: unknown
+    rows = {r["id"]: r for r in store.runs()}
+    assert run_code(rows["r1"]) == MADE_BY["code"]
+    assert run_numerics(rows["r1"]) == {k: v for k, v in MADE_BY["numerics"].items() if k != "device"}
+    assert rows["r1"]["provenance_consistent"] == 1
+    assert run_code(rows["r2"]) is None and run_numerics(rows["r2"]) is None
+
+
+def test_an_older_store_reads_its_runs_code_as_unknown_and_takes_new_ones(tmp_path):
+    path = tmp_path / "study.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+    before = path.read_bytes()
+    with Store(path, readonly=True) as reader:
+        (row,) = reader.runs()
+        assert row["code_sha256"] is None and run_code(row) is None
+    assert path.read_bytes() == before
+    with Store(path) as store:
+        store.add_runs([("new", "shakespeare_char", "baseline", 1, {})])
+        store.record_result("new", result(1.5) | {"provenance": MADE_BY}, [])
+        codes = [run_code(r) for r in store.runs()]
+    assert codes == [None, MADE_BY["code"]]
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(runs)")]
+    assert columns[-len(PROVENANCE_COLUMNS) :] == list(PROVENANCE_COLUMNS)

@@ -141,24 +141,43 @@ def test_study_status_takes_a_packaged_name(tmp_path, monkeypatch, capsys):
         assert load_spec(name).name == name
 
 
-def test_a_resume_on_another_thread_count_warns(tmp_path, capsys):
+def test_a_resume_takes_its_checkpoints_thread_count_and_warns_when_told_otherwise(tmp_path, capsys):
     cfg = resolve_config("shakespeare_char", "tiny", {**TINY, "final_eval": False})
     threads = torch.get_num_threads()
+    seen = []
+
+    def stop_at(last):
+        def on_step(step, x, y):
+            seen.append(torch.get_num_threads())
+            return step == last
+
+        return on_step
+
     configure_logging(logging.INFO)
     try:
         torch.set_num_threads(1)
-        train(cfg, tmp_path / "run", progress=False, on_step=lambda step, x, y: step == 10)
+        train(cfg, tmp_path / "run", progress=False, on_step=stop_at(10))
         assert checkpoint.load(checkpoint.latest(tmp_path / "run"))[1]["threads"] == 1
         torch.set_num_threads(2)
         capsys.readouterr()
-        train(cfg, tmp_path / "run", resume=True, progress=False, on_step=lambda step, x, y: step == 15)
+        seen.clear()
+        result = train(cfg, tmp_path / "run", resume=True, progress=False, on_step=stop_at(15))
+        # Resumed on the checkpoint's count, and the process's count put back afterwards.
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert result["provenance"]["numerics"]["threads"] == 1
+        assert "warning" not in capsys.readouterr().err
+        seen.clear()
+        train(cfg, tmp_path / "run", resume=True, progress=False, on_step=stop_at(18), threads=2)
+        assert set(seen) == {2}
         warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
         assert warning == [
-            f"gradnoise: warning: resuming {tmp_path / 'run' / 'checkpoints' / 'step_0000010'} "
-            "on 2 CPU thread(s); it was checkpointed on 1, so the run will not be bit-identical to "
-            "an uninterrupted one (set OMP_NUM_THREADS=1 to match)"
+            f"gradnoise: warning: resuming {tmp_path / 'run' / 'checkpoints' / 'step_0000015'} "
+            "on 2 CPU thread(s) as asked; it was checkpointed on 1, so the run will not be "
+            "bit-identical to an uninterrupted one (leave out --threads to resume on the "
+            "checkpoint's count)"
         ]
-        train(cfg, tmp_path / "run", resume=True, progress=False)  # checkpointed on 2: no warning
+        result = train(cfg, tmp_path / "run", resume=True, progress=False)  # checkpointed on 2
         assert "warning" not in capsys.readouterr().err
+        assert result["provenance"]["attempts"] == 4 and not result["provenance"]["consistent"]
     finally:
         torch.set_num_threads(threads)

@@ -69,6 +69,13 @@ def register(commands) -> None:
         action="store_true",
         help="no progress bar (there is none where stderr is not a terminal; evals are still printed)",
     )
+    train.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's CPU threads (default: the process's, OMP_NUM_THREADS; with --resume, the "
+        "count the checkpoint was written with, so that the run continues bit for bit)",
+    )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(func=_train)
 
@@ -145,7 +152,13 @@ def _train(args: argparse.Namespace) -> int:
         directory = rundir.new(Path("runs"), f"{cfg.dataset}-{args.preset or 'tiny'}-seed{cfg.seed}-{stamp}")
 
     with directory as run_dir:
-        result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress and not quiet(args))
+        result = train(
+            cfg,
+            run_dir,
+            resume=args.resume,
+            progress=not args.no_progress and not quiet(args),
+            threads=args.threads,
+        )
     if dist_env.is_main:
         _report(result, run_dir)
     return EXIT_STATUS[result["status"]]
@@ -168,6 +181,7 @@ def _train_group(args: argparse.Namespace) -> int:
         args.group,
         resume=args.resume,
         progress=not args.no_progress and not quiet(args),
+        threads=args.threads,
     )
     for member, result in zip(members, results, strict=True):
         if result["status"] != "interrupted":

@@ -125,17 +125,30 @@ def _last_line(error: BaseException) -> str:
     return (telling or lines or [type(error).__name__])[0][:300]
 
 
-def warn_if_threads_changed(state: dict, directory: Path) -> None:
-    """A warning when a run resumes on another CPU thread count than it was checkpointed
-    with: CPU kernels then sum in another order, and the continuation differs from an
-    uninterrupted run in the last bits."""
+def check_threads(threads) -> int:
+    """`threads` if it is a thread count (an integer ≥ 1), else a UserError."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads={threads!r}: give an integer ≥ 1 (torch's CPU threads)")
+    return threads
+
+
+def resume_threads(state: dict, directory: Path, *, keep_current: bool) -> None:
+    """Resume on the CPU thread count the checkpoint was written with (CPU kernels sum in
+    another order on another count, and the continuation would then differ from the
+    uninterrupted run in the last bits, which training amplifies). keep_current: the
+    caller chose the count (`--threads`); keep it, and warn where it differs."""
     saved, now = state.get("threads"), torch.get_num_threads()
-    if saved is not None and saved != now:
+    if saved is None or saved == now:
+        return
+    if keep_current:
         log.warning(
-            f"resuming {directory} on {now} CPU thread(s); it was checkpointed on {saved}, so the "
-            f"run will not be bit-identical to an uninterrupted one (set OMP_NUM_THREADS={saved} "
-            "to match)"
+            f"resuming {directory} on {now} CPU thread(s) as asked; it was checkpointed on {saved}, "
+            "so the run will not be bit-identical to an uninterrupted one (leave out --threads "
+            "to resume on the checkpoint's count)"
         )
+        return
+    log.info(f"resuming {directory} on {saved} CPU thread(s), the count it was checkpointed on (not {now})")
+    torch.set_num_threads(saved)
 
 
 @contextlib.contextmanager

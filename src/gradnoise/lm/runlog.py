@@ -6,8 +6,14 @@
                           "noise_to_grad"} every log_interval steps and
                           {"kind": "eval", "step", "train_loss", "val_loss"[, "test_loss"],
                           "time_s"} at every eval
-    run_dir/result.json   {"status", "error", "device", "host", "world_size", "finals"},
-                          written last and atomically
+    run_dir/provenance.json  {"attempts": [{"from_step", "code", "numerics"}, ...]}: what
+                          made the run (gradnoise.lm.provenance), one entry per start or
+                          resume, written before its first step (a killed run has it)
+    run_dir/result.json   {"status", "error", "device", "host", "world_size", "provenance",
+                          "finals"}, written last and atomically; its provenance is the
+                          last attempt's {"code", "numerics"} with "attempts" (how many)
+                          and "consistent" (whether every attempt had the same code and
+                          numerics)
 
 `RunLog` writes log.jsonl (and mirrors it to TensorBoard / W&B when asked), and
 tells the person watching: one line per eval (step, losses, σ, tokens/s) through
@@ -15,7 +21,7 @@ tells the person watching: one line per eval (step, losses, σ, tokens/s) throug
 progress bar of the steps with those lines printed above it, then one of the final
 exact pass (`exact_pass`). Where stderr is not a terminal (a log file) there is no
 bar, whose carriage-return updates would pile up on one line, only the lines.
-`write_config` and `write_result` write the two JSON files;
+`write_config`, `write_provenance` and `write_result` write the JSON files;
 `read_curves`, `read_log_tail`, `last_step` and `read_result` are how anything
 else (the study runner, its live display) reads a run. A resumed run logs the
 steps after its checkpoint again; readers keep the later line.
@@ -36,6 +42,7 @@ from gradnoise.errors import UserError
 from gradnoise.lm import atomic
 
 CONFIG_FILE = "config.json"
+PROVENANCE_FILE = "provenance.json"
 LOG_FILE = "log.jsonl"
 RESULT_FILE = "result.json"
 KINDS = ("train", "eval")
@@ -290,6 +297,44 @@ def eval_line(record: dict, last_train: dict, max_iters: int) -> str:
 
 def write_config(run_dir: Path, cfg) -> None:
     atomic.write_text(Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def write_provenance(run_dir: Path, made_by: dict, resumed_from: int | None) -> dict:
+    """Add this attempt ({"code", "numerics"}, from step `resumed_from`, None: a fresh
+    start) to run_dir/provenance.json, dropping the attempts that began after that step
+    (their steps are trained again); return what the result records (see the docstring)."""
+    path = Path(run_dir) / PROVENANCE_FILE
+    earlier = []
+    if resumed_from is not None:
+        with contextlib.suppress(OSError, json.JSONDecodeError, TypeError, AttributeError):
+            earlier = [
+                a
+                for a in json.loads(path.read_text())["attempts"]
+                if isinstance(a, dict) and a.get("from_step", 0) <= resumed_from
+            ]
+    attempts = [*earlier, {"from_step": resumed_from or 0, **made_by}]
+    atomic.write_text(path, json.dumps({"attempts": attempts}, indent=2) + "\n")
+    consistent = all(_same_attempt(a, made_by) for a in attempts)
+    return {**made_by, "attempts": len(attempts), "consistent": consistent}
+
+
+def _same_attempt(attempt: dict, made_by: dict) -> bool:
+    """Same code and numerics (the device's name aside: a GPU's index may change)."""
+
+    def key(entry):
+        numerics = {k: v for k, v in (entry.get("numerics") or {}).items() if k != "device"}
+        return (entry.get("code") or {}).get("source_sha256"), numerics
+
+    return key(attempt) == key(made_by)
+
+
+def read_provenance(run_dir: Path) -> dict | None:
+    """The last attempt's {"code", "numerics"} from run_dir/provenance.json, or None."""
+    try:
+        attempts = json.loads((Path(run_dir) / PROVENANCE_FILE).read_text())["attempts"]
+        return {"code": attempts[-1]["code"], "numerics": attempts[-1]["numerics"]}
+    except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
 
 
 def write_result(run_dir: Path, result: dict) -> None:

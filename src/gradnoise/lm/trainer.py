@@ -63,8 +63,8 @@ gradnoise.lm.runlog's and checkpoints/ gradnoise.lm.checkpoint's. Timings (`time
 train_s) count training only, not evaluation or checkpointing, so time-to-target is
 comparable across methods.
 
-Outputs: every run writes its own run directory (config.json, log.jsonl, result.json)
-exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
+Outputs: every run writes its own run directory (config.json, provenance.json, log.jsonl,
+result.json) exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
 and each member's run directory gets a replica.json pointing there (gradnoise.lm.group),
 through which export and sample find its weights.
 """
@@ -81,7 +81,7 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, finite, group, replicas, rundir, runlog, setup
+from gradnoise.lm import checkpoint, data, finite, group, provenance, replicas, rundir, runlog, setup
 from gradnoise.lm.config import TrainConfig
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.distributed import DistributedEnv, StopRequest
@@ -106,6 +106,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train a GPT as `cfg` says; write outputs to run_dir; return the result dict.
 
@@ -115,15 +116,20 @@ def train(
         number and that step's global batch (all micro-batches and ranks; CPU tensors,
         inputs after augmentation). Returning True stops the run like SIGTERM does:
         checkpoint, status "interrupted".
+    threads: torch's CPU thread count for this run (None: a resumed run takes its
+        checkpoint's, so that it continues as the uninterrupted run would; a fresh run
+        this process's). torch's count is put back when the run returns.
 
     Result: {"status": "done" | "diverged" | "interrupted", "error", "device", "host",
-    "world_size", "finals": {...}} (finals: see gradnoise.lm.runlog.final_metrics).
+    "world_size", "finals": {...}, "provenance": {...}} (finals: see
+    gradnoise.lm.runlog.final_metrics; provenance: gradnoise.lm.provenance, and
+    runlog.write_provenance for "attempts" and "consistent").
     """
 
     def one_run(step, inputs, targets):
         return on_step(step, inputs[0], targets[0])
 
-    results = _run([cfg], [Path(run_dir)], None, resume, progress, one_run if on_step else None)
+    results = _run([cfg], [Path(run_dir)], None, resume, progress, one_run if on_step else None, threads)
     return results[0]
 
 
@@ -135,37 +141,53 @@ def train_group(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Train a group of runs (see gradnoise.lm.group) as one batched model: their configs
     differ only in config.PER_REPLICA_KEYS. Each run writes its own run directory exactly
     as `train` does (its result as its run alone's, up to floating-point reassociation);
     the group's checkpoints go to group_dir. Returns their results in order.
 
-    on_step(step, inputs, targets) as for `train`, with every run's batch: (M, N, T).
+    on_step(step, inputs, targets) as for `train`, with every run's batch: (M, N, T);
+    threads as for `train`.
     """
     group.check_members([group.Member(str(d), Path(d), c) for c, d in zip(configs, run_dirs, strict=True)])
     group.check_directories(Path(group_dir), [Path(d) for d in run_dirs])
-    return _run(list(configs), [Path(d) for d in run_dirs], Path(group_dir), resume, progress, on_step)
+    return _run(
+        list(configs), [Path(d) for d in run_dirs], Path(group_dir), resume, progress, on_step, threads
+    )
 
 
-def _run(cfgs, run_dirs, group_dir, resume, progress, on_step) -> list[dict]:
+def _run(cfgs, run_dirs, group_dir, resume, progress, on_step, threads=None) -> list[dict]:
     """Claim the directories (locked: one process trains in them), train, leave the process group."""
     dist_env = DistributedEnv.from_environment()
     finished = False
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        checkpoint.check_threads(threads)
+        torch.set_num_threads(threads)
     try:
         with contextlib.ExitStack() as claims:
             for directory in ([group_dir] if group_dir is not None else []) + run_dirs:
                 claims.enter_context(rundir.claim(directory, enabled=dist_env.is_main))
             results = _train(
-                cfgs, run_dirs, group_dir, dist_env, resume=resume, progress=progress, on_step=on_step
+                cfgs,
+                run_dirs,
+                group_dir,
+                dist_env,
+                resume=resume,
+                progress=progress,
+                on_step=on_step,
+                threads_given=threads is not None,
             )
         finished = True
         return results
     finally:
+        torch.set_num_threads(threads_before)
         dist_env.close(wait_for_peers=finished)
 
 
-def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) -> list[dict]:
+def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step, threads_given) -> list[dict]:
     clock = Clock()
     cfg = cfgs[0]  # the settings the group shares (config.group_key)
     checkpoint_dir = group_dir if group_dir is not None else run_dirs[0]
@@ -203,14 +225,19 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
             if group_dir is not None:
                 check_group_members(saved["run_dirs"], run_dirs, group_dir, latest)
             run.load_state_dict({"model": weights, **saved})
-        checkpoint.warn_if_threads_changed(saved, latest)
+        checkpoint.resume_threads(saved, latest, keep_current=threads_given)
     start_step = checkpoint.step_of(latest) if latest is not None else 0
+    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    made_by = provenance.current(device, dtype, use_compile, replicas=len(cfgs))
+    attempts = [made_by] * len(cfgs)
     if dist_env.is_main:
         write_identities(cfgs, run_dirs, group_dir)
+        for m, d in enumerate(run_dirs):
+            if ended[m] is None:  # an ended member's files stay as they are
+                attempts[m] = runlog.write_provenance(d, made_by, start_step if latest is not None else None)
     for log in logs:
         log.start(keep_through_step=start_step if latest is not None else None)
 
-    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
     model = torch.compile(run.model) if use_compile else run.model
     train_model = model
     if dist_env.world_size > 1:
@@ -301,6 +328,7 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step) ->
             "device": describe_device(device),
             "host": socket.gethostname(),
             "world_size": dist_env.world_size,
+            "provenance": attempts[m],
             "finals": runlog.final_metrics(
                 replica.progress,
                 run.clock,

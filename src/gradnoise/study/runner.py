@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -38,7 +39,8 @@ import torch
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, runlog
+from gradnoise.lm import atomic, provenance, runlog
+from gradnoise.study import identity
 from gradnoise.study.executors import Executor, Outcome, check_options, make_executor, run_name
 from gradnoise.study.plan import Group, plan_groups, run_directory
 from gradnoise.study.progress import Progress, run_line
@@ -50,6 +52,7 @@ LOCK_FILE = ".driver.lock"
 POLL_S = 0.5
 #: --batch-models where the runs train on CUDA: a small model leaves a GPU idle alone.
 CUDA_BATCH_MODELS = 8
+log = logging.getLogger(__name__)
 
 
 def run_study(
@@ -83,6 +86,7 @@ def run_study(
     try:
         with _driver_lock(study_dir):
             adopt_report_keys(store, spec, study_dir)
+            warn_if_other_code(store.runs(), study_dir)
             finished_before = {r["id"] for r in store.runs() if r["status"] in runlog.FINISHED}
             todo = [run for run in selected if run.run_id not in finished_before]
             recovered = _record_finished_on_disk(store, study_dir, todo)
@@ -238,6 +242,21 @@ def _create_study_dir(spec: StudySpec, study_dir: Path, runs: list[tuple]) -> No
     atomic.build_directory(study_dir, write, replace=False)
 
 
+def warn_if_other_code(rows: list[dict], study_dir: Path) -> None:
+    """A warning when runs already in the store came from other code than this process runs:
+    the study's runs would then not be comparable (run long studies from a fixed commit)."""
+    other = identity.differs_from_here(rows)
+    if other:
+        here = provenance.code_identity()
+        runs = "; ".join(f"{label}: {', '.join(ids)}" for label, ids in other)
+        log.warning(
+            f"this process runs gradnoise {provenance.code_label(here)} (source "
+            f"{here['source_sha256'][:12]}), but runs already in {study_dir} came from other code "
+            f"({runs}); their numbers and the new ones need not be comparable: run a long study "
+            "from one fixed commit (a separate clone or worktree)"
+        )
+
+
 def _spec_yaml(spec: StudySpec) -> str:
     return yaml.safe_dump(spec.data, sort_keys=False, allow_unicode=True)
 
@@ -252,7 +271,9 @@ def study_status(study_dir: Path) -> str:
     driver_alive = _driver_running(study_dir)
     lines = [
         f"study {study['name']} ({study_dir}): {len(runs)} runs — "
-        + ", ".join(f"{n} {status}" for status, n in counts.items())
+        + ", ".join(f"{n} {status}" for status, n in counts.items()),
+        f"code: {identity.describe(identity.code_groups(runs))}",
+        f"numerics: {identity.numerics_summary(runs)}",
     ]
     running = [r for r in runs if r["status"] == "running"]
     if running:

@@ -4,12 +4,17 @@ Tables:
 
     study   one row: name, spec (JSON of the parsed YAML), created
     runs    one row per run: id, dataset, method, seed, status, error, config,
-            host, device, started, finished, attempts
+            host, device, started, finished, attempts, and what made its result
+            (PROVENANCE_COLUMNS: the code's version, commit, dirty flag and source
+            hash; torch, the device's model, dtype, threads, compile, replicas; and
+            whether every attempt of the run had the same; see gradnoise.lm.provenance)
     curves  every logged point: PRIMARY KEY (run_id, kind, step)
     finals  one row per finished run: the trainer's result["finals"]
 
-A store written by an older gradnoise gets the curve and finals columns added since
-(ALTER TABLE ... ADD COLUMN) when it is opened; its rows read NULL there.
+A store written by an older gradnoise gets the run, curve and finals columns added
+since (ALTER TABLE ... ADD COLUMN) when the driver opens it; its rows read NULL there
+(a reader opening it read-only sees NULL for the missing columns), and `run_code` calls
+their code unknown.
 
 Only the study's driver process writes. A run's curves and finals are written
 in one transaction together with its status change, so a kill at any moment
@@ -39,8 +44,23 @@ CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRI
 FINAL_METRICS = runlog.FINAL_METRICS
 
 _INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER", "parameters": "INTEGER"}
-#: Per table, the value columns that follow from runlog's fields (and may be newer than a store).
+#: What made a run's result (its result.json's "provenance"): column → (section, key, type).
+PROVENANCE_COLUMNS = {
+    "code_version": ("code", "version", "TEXT"),
+    "code_commit": ("code", "commit", "TEXT"),
+    "code_dirty": ("code", "dirty", "INTEGER"),
+    "code_sha256": ("code", "source_sha256", "TEXT"),
+    "torch_version": ("numerics", "torch", "TEXT"),
+    "device_model": ("numerics", "device_model", "TEXT"),
+    "dtype": ("numerics", "dtype", "TEXT"),
+    "threads": ("numerics", "threads", "INTEGER"),
+    "compiled": ("numerics", "compile", "INTEGER"),
+    "replicas": ("numerics", "replicas", "INTEGER"),
+    "provenance_consistent": (None, "consistent", "INTEGER"),
+}
+#: Per table, the value columns that may be newer than a store (added when it is opened).
 _VALUE_COLUMNS = {
+    "runs": {name: sql_type for name, (_, _, sql_type) in PROVENANCE_COLUMNS.items()},
     "curves": {m: "REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS)},
     "finals": {m: _INTEGER_FINALS.get(m, "REAL") for m in FINAL_METRICS},
 }
@@ -64,7 +84,8 @@ CREATE TABLE IF NOT EXISTS runs (
     device TEXT,
     started REAL,
     finished REAL,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    {", ".join(f"{m} {t}" for m, t in _VALUE_COLUMNS["runs"].items())}
 );
 CREATE TABLE IF NOT EXISTS curves (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -81,6 +102,7 @@ CREATE TABLE IF NOT EXISTS finals (
 );
 """
 
+_PROVENANCE_SET = ", ".join(f"{column} = ?" for column in PROVENANCE_COLUMNS)
 _RUN_COLUMNS = (
     "id",
     "dataset",
@@ -94,6 +116,7 @@ _RUN_COLUMNS = (
     "started",
     "finished",
     "attempts",
+    *PROVENANCE_COLUMNS,
 )
 
 
@@ -175,13 +198,15 @@ class Store:
 
     def runs(self) -> list[dict]:
         """Every run in insertion order, its config decoded."""
-        rows = self._db.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs ORDER BY rowid")
+        rows = self._db.execute(
+            f"SELECT {self._select('runs', 'r', _RUN_COLUMNS)} FROM runs r ORDER BY rowid"
+        )
         return [{**dict(row), "config": json.loads(row["config"])} for row in rows]
 
     def run(self, run_id: str) -> dict:
         """One run, as in `runs()`."""
         row = self._db.execute(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE id = ?", (run_id,)
+            f"SELECT {self._select('runs', 'r', _RUN_COLUMNS)} FROM runs r WHERE id = ?", (run_id,)
         ).fetchone()
         if row is None:
             raise KeyError(run_id)
@@ -281,11 +306,21 @@ class Store:
         finals = dict(result.get("finals") or {})
         extra = {k: v for k, v in finals.items() if k not in FINAL_METRICS}
         points = [_curve_row(run_id, point) for point in curves if point.get("kind") in CURVE_KINDS]
+        made_by = _provenance_values(result.get("provenance"))
         with self._transaction():
             self._update_one(
                 "UPDATE runs SET status = ?, error = ?, host = COALESCE(?, host), "
-                "device = COALESCE(?, device), finished = ? WHERE id = ?",
-                (status, result.get("error"), result.get("host"), result.get("device"), time.time(), run_id),
+                f"device = COALESCE(?, device), finished = ?, {_PROVENANCE_SET} "
+                "WHERE id = ?",
+                (
+                    status,
+                    result.get("error"),
+                    result.get("host"),
+                    result.get("device"),
+                    time.time(),
+                    *made_by,
+                    run_id,
+                ),
             )
             self._db.execute(
                 f"INSERT OR REPLACE INTO finals (run_id, {', '.join(FINAL_METRICS)}, extra) "
@@ -335,6 +370,47 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _provenance_values(made_by) -> tuple:
+    """PROVENANCE_COLUMNS' values from a result's "provenance" (all None without one)."""
+    made_by = made_by if isinstance(made_by, dict) else {}
+    values = []
+    for section, key, sql_type in PROVENANCE_COLUMNS.values():
+        part = made_by.get(section) if section else made_by
+        value = part.get(key) if isinstance(part, dict) else None
+        values.append(int(value) if sql_type == "INTEGER" and isinstance(value, bool) else value)
+    return tuple(values)
+
+
+def run_code(row: dict) -> dict | None:
+    """A run row's code identity as gradnoise.lm.provenance writes it; None: unknown (a
+    run recorded before runs recorded it, or not finished)."""
+    if not row.get("code_sha256"):
+        return None
+    dirty = row.get("code_dirty")
+    return {
+        "version": row.get("code_version"),
+        "commit": row.get("code_commit"),
+        "dirty": None if dirty is None else bool(dirty),
+        "source_sha256": row["code_sha256"],
+    }
+
+
+def run_numerics(row: dict) -> dict | None:
+    """A run row's numerics (gradnoise.lm.provenance.numerics, the device's name aside);
+    None where unknown."""
+    if row.get("torch_version") is None:
+        return None
+    compiled = row.get("compiled")
+    return {
+        "torch": row["torch_version"],
+        "device_model": row.get("device_model"),
+        "dtype": row.get("dtype"),
+        "threads": row.get("threads"),
+        "compile": None if compiled is None else bool(compiled),
+        "replicas": row.get("replicas"),
+    }
 
 
 def _canonical_json(value) -> str:

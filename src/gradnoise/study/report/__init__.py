@@ -19,7 +19,10 @@ The report opens with the answer: with hypotheses, a paragraph per confirmatory 
 (the word it allows, estimate, CI, Holm p) and their forest plot; without, the
 best-supported finding and its figure. The caveats follow, folded, then the tables.
 
-Only runs with status "done" enter means, tests and plots; failed, diverged and
+The report says at its top which code made the runs (the store's per-run identity,
+`gradnoise.study.identity`); a study whose runs came from different code is refused,
+naming the runs of each, unless allow_mixed_code (`--allow-mixed-code`), and then says
+so at its top. Only runs with status "done" enter means, tests and plots; failed, diverged and
 unfinished runs are counted and listed. The directory is built aside and
 swapped in whole, so a report is never half-written.
 
@@ -49,6 +52,7 @@ from pathlib import Path
 import gradnoise
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic
+from gradnoise.study import identity
 from gradnoise.study.report import plots, render, sentences, tables, verdict
 from gradnoise.study.report.analysis import Analysis, analyze, headline_metric, load_study
 from gradnoise.study.report.tables import Section
@@ -60,7 +64,7 @@ PLOTTING_MODULES = r"(matplotlib|gradnoise\.study\.report\.plots)(\.|$)"
 __all__ = ["write_report"]
 
 
-def write_report(study_dir: Path) -> Path:
+def write_report(study_dir: Path, *, allow_mixed_code: bool = False) -> Path:
     """Write DIR/report/ (see the module docstring) from DIR/study.sqlite; returns that dir."""
     study_dir = Path(study_dir)
     database = study_dir / STORE_FILE
@@ -70,13 +74,20 @@ def write_report(study_dir: Path) -> Path:
             "run `gradnoise study run SPEC --dir DIR` first"
         )
     with Store(database, readonly=True) as store:
+        rows, name = store.runs(), store.study()["name"]
+        groups = identity.code_groups(rows)
+        if not allow_mixed_code:
+            identity.refuse_mixed(name, groups)
         analysis = analyze(load_study(store))
+    made_by = f"code: {identity.describe(groups)}; numerics: {identity.numerics_summary(rows)}"
+    if identity.mixed(groups):
+        made_by = f"MIXED CODE, compared anyway (--allow-mixed-code): {made_by}"
     report_dir = study_dir / "report"
     with warnings.catch_warnings():
         # matplotlib's remarks on a plot of few points (identical axis limits, nothing to
         # log-scale) are no news to the reader of the report: the plot is drawn regardless.
         warnings.filterwarnings("ignore", module=PLOTTING_MODULES)
-        atomic.build_directory(report_dir, lambda building: _build(analysis, building), replace=True)
+        atomic.build_directory(report_dir, lambda building: _build(analysis, building, made_by), replace=True)
     return report_dir
 
 
@@ -124,7 +135,7 @@ def _tests_in_full(analysis: Analysis) -> Section | None:
     return Section("The tests in full", tables=found)
 
 
-def _build(analysis: Analysis, directory: Path) -> None:
+def _build(analysis: Analysis, directory: Path, made_by: str) -> None:
     study = analysis.study
     render.write_csvs(directory, analysis)
     answer = _answer(analysis, directory)
@@ -215,7 +226,8 @@ def _build(analysis: Analysis, directory: Path) -> None:
     caveats = sentences.caveats(analysis)
     description = str(study.spec.get("description") or "").strip()
     stamp = (
-        f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}"
+        f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}, baseline: {study.baseline}. "
+        f"Runs made by {made_by}"
     )
     (directory / "report.md").write_text(
         render.markdown(study.name, description, stamp, caveats, sections, lead), encoding="utf-8"
