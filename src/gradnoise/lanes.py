@@ -1,4 +1,4 @@
-"""One model's noise law, the part of gradnoise.noise's hooks that is per model: a `Lane`.
+"""One model's noise law, the part of gradnoise's hooks that is per model: a `Lane`.
 
 Step t adds σ'·c·ε for each term (σ', t') — (σ_t, t), and anticorrelated also
 (−σ_{t−1}, t−1) — to param group i's (device, dtype) group j, with ε from stream

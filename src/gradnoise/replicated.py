@@ -18,7 +18,7 @@ import torch
 
 from gradnoise import lanes, schedules
 from gradnoise.errors import UserError
-from gradnoise.noise import NoiseHook
+from gradnoise.hook import NoiseHook
 
 __all__ = ["ReplicatedGradientNoise"]
 
@@ -62,15 +62,7 @@ class ReplicatedGradientNoise(NoiseHook):
             lanes.lane(s, m_seed, m, c)
             for s, m_seed, m, c in zip(per_replica[0], seed, *per_replica[1:], strict=True)
         ]
-        super().__init__(
-            optimizer,
-            replicas,
-            track_stats=track_stats,
-            capturable=capturable,
-            attach=attach,
-            placement=placement,
-            stack=stack,
-        )
+        super().__init__(optimizer, replicas, track_stats, capturable, attach, placement, stack)
 
     @property
     def replicas(self) -> int:
