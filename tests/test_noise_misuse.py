@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from gradnoise import GradientNoise, ReplicatedGradientNoise, UserError, schedules
+from gradnoise import GradientNoise, ReplicatedGradientNoise, UserError, add_noise_, schedules
 from gradnoise.integrations import NoiseCallbackCore
 
 
@@ -132,3 +132,9 @@ def test_relative_sigma_is_zero_when_every_group_has_noise_scale_zero(capturable
     optimizer.step()
     assert gn.sigma == 0.0  # the σ used: no gradient got noise
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
+
+
+@pytest.mark.parametrize("key", [2**64, -1])
+def test_add_noise_keys_outside_64_bits_are_refused(key):
+    with pytest.raises(UserError, match=re.escape(f"key={key}")):
+        add_noise_([torch.zeros(10)], 0.1, key=key)

@@ -23,13 +23,12 @@ from gradnoise import schedules, streams
 from gradnoise.errors import UserError
 from gradnoise.streams import NoiseJob
 
-__all__ = ["CORRELATIONS", "MODES", "PLACEMENTS", "SEEDS", "Lane", "Target", "check_choice", "check_seed"]
+__all__ = ["CORRELATIONS", "MODES", "PLACEMENTS", "Lane", "Target", "check_choice", "check_seed"]
 
 # The allowed values of GradientNoise's options, the default first.
 MODES = ("absolute", "relative")
 CORRELATIONS = ("independent", "anticorrelated")
 PLACEMENTS = ("gradient", "update")
-SEEDS = 1 << 64  # a seed is a 64-bit key: 0 ≤ seed < 2⁶⁴, none wraps onto another
 
 
 class Target(NamedTuple):
@@ -130,21 +129,22 @@ class Lane:
             raise UserError(
                 f"GradientNoise state: schedule_state={state['schedule_state']!r} is not allowed: {error}"
             ) from None
-        return _integer("step", state["step"], 1 << 63), check_seed(state["seed"]), float(sigma)
+        return _integer("step", state["step"], 63), check_seed(state["seed"]), float(sigma)
 
     def load_state_dict(self, state: dict, seed: int, sigma: float) -> None:
         self.seed, self.sigma = seed, sigma
         self.schedule.load_state_dict(state["schedule_state"])
 
 
-def _integer(name: str, value, limit: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-        raise UserError(f"{name}={value!r} is not allowed: it must be an integer in [0, {limit:#x})")
+def _integer(name: str, value, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise UserError(f"{name}={value!r} is not allowed: it must be an integer in [0, 2**{bits})")
     return value
 
 
 def check_seed(value) -> int:
-    return _integer("seed", value, SEEDS)
+    """A seed is a 64-bit key: one outside [0, 2⁶⁴) would wrap onto another seed's noise."""
+    return _integer("seed", value, 64)
 
 
 def lane(schedule, seed, mode, correlation) -> Lane:
@@ -161,9 +161,11 @@ def lane(schedule, seed, mode, correlation) -> Lane:
     return Lane(schedule, check_seed(seed), correlation)
 
 
-def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    """`value` if it is one of `allowed`, the values of the option `name`."""
     if value not in allowed:
         raise UserError(f"{name}={value!r} is not allowed: use {' or '.join(map(repr, allowed))}")
+    return value
 
 
 def global_rms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -435,8 +435,11 @@ def add_noise_(
             return
     if key is None:
         key = _draw_key(generator)
-    elif not isinstance(key, (int, torch.Tensor)) or isinstance(key, bool):
-        raise UserError(f"add_noise_: key={key!r} must be an integer or a 0-d int64 tensor")
+    elif isinstance(key, bool) or not (
+        isinstance(key, torch.Tensor) or (isinstance(key, int) and 0 <= key <= _MASK64)
+    ):
+        # An int outside 64 bits would wrap onto another key's noise.
+        raise UserError(f"add_noise_: key={key!r} must be an integer in [0, 2**64) or a 0-d int64 tensor")
     # (device, dtype) group i is stream i of the key.
     groups = group_by_device_dtype(tensors)
     add_noise_jobs(

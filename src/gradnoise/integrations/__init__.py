@@ -19,6 +19,7 @@ import torch
 
 from gradnoise import lanes, schedules
 from gradnoise.errors import UserError
+from gradnoise.lanes import check_choice
 from gradnoise.noise import GradientNoise
 
 __all__ = [
@@ -53,16 +54,8 @@ def schedule_from(schedule: schedules.Schedule | str) -> schedules.Schedule:
     return parsed
 
 
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    """`value` if it is one of `allowed`, GradientNoise's values for the argument `name`;
-    checked when the callback is built, not at fit time."""
-    if value not in allowed:
-        raise UserError(f"{name}={value!r} is not allowed: use {' or '.join(map(repr, allowed))}")
-    return value
-
-
 def check_mode(mode: str) -> str:
-    return check_choice("mode", mode, ("absolute", "relative"))
+    return check_choice("mode", mode, lanes.MODES)
 
 
 def check_monitor(schedule: schedules.Schedule, monitor: str | None) -> str | None:
