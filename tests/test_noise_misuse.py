@@ -138,3 +138,20 @@ def test_relative_sigma_is_zero_when_every_group_has_noise_scale_zero(capturable
 def test_add_noise_keys_outside_64_bits_are_refused(key):
     with pytest.raises(UserError, match=re.escape(f"key={key}")):
         add_noise_([torch.zeros(10)], 0.1, key=key)
+
+
+def test_a_measured_step_grad_scaler_skips_reports_no_statistics():
+    optimizer = _optimizer(100)
+    gn = GradientNoise(optimizer, "const:sigma=0.1", track_stats=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    param = optimizer.param_groups[0]["params"][0]
+    for overflow in (False, True):
+        gn.track_stats = True  # as a training loop does before each step it measures
+        param.grad = scaler.scale(torch.ones_like(param))
+        if overflow:
+            param.grad[0] = float("inf")
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        assert bool(gn.last_stats) != overflow  # the skipped step's are not the previous step's
+    assert gn.step == 1

@@ -95,7 +95,7 @@ class NoiseHook:
                     "the host at each observe(); use a schedule of the step alone"
                 )
         self.optimizer, self.placement, self._lanes = optimizer, placement, models
-        self.track_stats, self.capturable = track_stats, capturable
+        self.track_stats, self.capturable = track_stats, capturable  # track_stats: see its setter
         self._step: int | torch.Tensor = 0
         self._workspace: dict = {}
         self._plan: list | None = None
@@ -113,6 +113,19 @@ class NoiseHook:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
             if placement == "update":
                 self._handles.append(optimizer.register_step_post_hook(self._post_step))
+
+    @property
+    def track_stats(self) -> bool:
+        return self._track_stats
+
+    @track_stats.setter
+    def track_stats(self, value: bool) -> None:
+        """Measure ‖g‖ and ‖noise‖ at the steps from now on (or not); the statistics start
+        afresh ({} until a step measures them), so that a step that draws no noise (GradScaler
+        skips it) is not reported with an earlier step's."""
+        self._track_stats = bool(value)
+        for lane in self._lanes:
+            lane.stats = {}
 
     @property
     def step(self) -> int:

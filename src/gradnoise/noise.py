@@ -113,7 +113,8 @@ class GradientNoise(NoiseHook):
 
     @property
     def last_stats(self) -> dict[str, float]:
-        """‖g‖, ‖noise‖ and their ratio at the last step that tracked them (track_stats)."""
+        """‖g‖, ‖noise‖ and their ratio at the last step, with track_stats ({} if that step
+        drew no noise)."""
         return self._lane.stats
 
     def observe(self, metric: float) -> None:

@@ -102,7 +102,8 @@ class ReplicatedGradientNoise(NoiseHook):
 
     @property
     def last_stats(self) -> list[dict[str, float]]:
-        """Each replica's ‖g‖, ‖noise‖ and their ratio at the last step that tracked them."""
+        """Each replica's ‖g‖, ‖noise‖ and their ratio at the last step, with track_stats ({}
+        if that step drew no noise)."""
         return [lane.stats for lane in self._lanes]
 
     def observe(self, metrics: Sequence[float | None]) -> None:
