@@ -293,6 +293,7 @@ def test_lightning_per_rank_seeds(lightning_parts):
     sharded = GradientNoiseCallback("const:sigma=0.1", seed=10, per_rank_seed=True)
     sharded.on_fit_start(trainer, None)
     assert [noise.seed for noise in sharded.noises] == [11, 13]
+    sharded.teardown(trainer, None, "fit")  # one noise hook per optimizer at a time
     replicated = GradientNoiseCallback("const:sigma=0.1", seed=10)
     replicated.on_fit_start(trainer, None)
     assert [noise.seed for noise in replicated.noises] == [10, 11]
@@ -540,8 +541,10 @@ def test_transformers_per_rank_seeds(transformers_parts):
     rank_one, fresh = SimpleNamespace(process_index=1), SimpleNamespace(global_step=0)
     sharded = GradientNoiseCallback("const:sigma=0.1", seed=10, per_rank_seed=True)
     sharded.on_train_begin(rank_one, fresh, None, optimizer=optimizer)
+    sharded.on_train_end(rank_one, fresh, None)  # one noise hook per optimizer at a time
     replicated = GradientNoiseCallback("const:sigma=0.1", seed=10)
     replicated.on_train_begin(rank_one, fresh, None, optimizer=optimizer)
+    replicated.on_train_end(rank_one, fresh, None)
     assert (sharded.noise.seed, replicated.noise.seed) == (11, 10)
     restored = GradientNoiseCallback("const:sigma=0.1", seed=10, per_rank_seed=True)
     restored.noise_state = {**replicated.noise.state_dict(), "step": 5}  # as rank 0 saved it

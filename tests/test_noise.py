@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gradnoise
-from gradnoise import GradientNoise, UserError, add_noise_, schedules, streams
+from conftest import assert_standard_normal_scaled, count_jobs, trained_params
+from gradnoise import GradientNoise, ReplicatedGradientNoise, UserError, add_noise_, schedules, streams
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -17,16 +18,6 @@ def _zero_grad_model(dtype=torch.float32, sizes=((300, 200), (200,), (50, 40))):
     return params
 
 
-def _assert_standard_normal_scaled(sample: torch.Tensor, sigma: float):
-    """mean ≈ 0 and std ≈ σ within 5 standard errors of each estimator."""
-    x = sample.double().flatten()
-    n = x.numel()
-    # For a normal sample: se(mean) = σ/√n, se(sd) ≈ σ/√(2(n−1)).
-    assert abs(x.mean().item()) < 5 * sigma / math.sqrt(n)
-    # bf16/fp16 round each sample (relative error ≤ 2^-8): allow that too.
-    assert abs(x.std().item() - sigma) < 5 * sigma / math.sqrt(2 * (n - 1)) + sigma * 2**-8
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_noise_on_zero_gradients_has_mean_zero_and_std_sigma(dtype):
     params = _zero_grad_model(dtype)
@@ -35,14 +26,14 @@ def test_noise_on_zero_gradients_has_mean_zero_and_std_sigma(dtype):
     optimizer.step()
     for p in params:
         assert p.grad.dtype == dtype
-        _assert_standard_normal_scaled(p.grad, 0.2)
-    _assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.2)
+        assert_standard_normal_scaled(p.grad, 0.2)
+    assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.2)
     assert gn.sigma == pytest.approx(0.2) and gn.step == 1
 
     for p in params:
         p.grad.zero_()
     optimizer.step()  # σ_1 = 0.2 · 0.5
-    _assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.1)
+    assert_standard_normal_scaled(torch.cat([p.grad.flatten().float() for p in params]), 0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -56,7 +47,7 @@ def test_relative_mode_scales_noise_by_the_gradient_rms(dtype):
     optimizer.step()
     assert gn.mode == "relative" and gn.sigma == pytest.approx(0.3, rel=1e-3)
     added = torch.cat([(p.grad.float() - rms).flatten() for p in params])
-    _assert_standard_normal_scaled(added, 0.3)
+    assert_standard_normal_scaled(added, 0.3)
 
 
 def test_relative_schedule_spec_equals_relative_mode():
@@ -293,7 +284,7 @@ def test_noise_lands_after_gradient_clipping():
     optimizer.step()
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
     # A clipped update has norm 1e-3; noise added after clipping has std 1 per element.
-    _assert_standard_normal_scaled(update, 1.0)
+    assert_standard_normal_scaled(update, 1.0)
 
 
 def test_noise_scale_per_param_group():
@@ -309,8 +300,8 @@ def test_noise_scale_per_param_group():
     GradientNoise(optimizer, "const:sigma=0.1", seed=0)
     optimizer.step()
     assert torch.count_nonzero(quiet.grad) == 0
-    _assert_standard_normal_scaled(loud.grad, 0.2)
-    _assert_standard_normal_scaled(normal.grad, 0.1)
+    assert_standard_normal_scaled(loud.grad, 0.2)
+    assert_standard_normal_scaled(normal.grad, 0.1)
     # Groups of equal shapes get independent noise, not one noise scaled twice.
     assert abs(torch.corrcoef(torch.stack([loud.grad.flatten(), normal.grad.flatten()]))[0, 1]) < 5 / 100
 
@@ -363,7 +354,7 @@ def test_relative_rms_covers_only_the_gradients_that_get_noise():
     optimizer.step()
     assert gn.sigma == pytest.approx(0.2, rel=1e-6)  # 0.1 × RMS(noisy) = 0.1 × 2
     assert torch.all(silent.grad == 1000.0)
-    _assert_standard_normal_scaled(noisy.grad - 2.0, 0.2)
+    assert_standard_normal_scaled(noisy.grad - 2.0, 0.2)
 
 
 def test_track_stats_reports_gradient_and_noise_norms():
@@ -379,7 +370,7 @@ def test_track_stats_reports_gradient_and_noise_norms():
     assert gn.last_stats["noise_to_grad"] == pytest.approx(
         gn.last_stats["noise_norm"] / gn.last_stats["grad_norm"]
     )
-    _assert_standard_normal_scaled(params[0].grad - 0.5, 0.1)
+    assert_standard_normal_scaled(params[0].grad - 0.5, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -406,8 +397,8 @@ def test_bad_arguments_raise_user_errors(kwargs, words):
 def test_add_noise_batches_tensors_independently():
     big, small = torch.zeros(3 * streams._CPU_CHUNK + 17), torch.zeros(1000)
     add_noise_([big, small], 1.0, torch.Generator().manual_seed(0))
-    _assert_standard_normal_scaled(big, 1.0)
-    _assert_standard_normal_scaled(small, 1.0)
+    assert_standard_normal_scaled(big, 1.0)
+    assert_standard_normal_scaled(small, 1.0)
     chunks = big.split(streams._CPU_CHUNK)
     # Chunks come from different generators: their correlation is ~N(0, 1/n).
     correlation = torch.corrcoef(torch.stack([chunks[0], chunks[1]]))[0, 1]
@@ -468,9 +459,9 @@ def test_step_keys_can_be_computed_on_a_tensor():
     seeds = [0, 1, (1 << 63) + 5, (1 << 64) - 1, 0x1234_5678_9ABC_DEF0]
     steps = [0, 1, 2, 4999, 10**6, (1 << 40) + 3]
     for seed in seeds:
-        on_tensor = streams._mix(seed, torch.tensor(steps, dtype=torch.int64))
+        on_tensor = streams.mix(seed, torch.tensor(steps, dtype=torch.int64))
         assert [v & streams._MASK64 for v in on_tensor.tolist()] == [
-            streams._mix(seed, step) for step in steps
+            streams.mix(seed, step) for step in steps
         ]
 
 
@@ -495,7 +486,7 @@ def test_add_noise_with_tensor_sigma_and_key_equals_floats():
     add_noise_([first], torch.tensor(0.3), key=torch.tensor(1 << 40))
     add_noise_([second], 0.3, key=1 << 40)
     assert torch.equal(first, second)
-    _assert_standard_normal_scaled(first, 0.3)
+    assert_standard_normal_scaled(first, 0.3)
     with pytest.raises(UserError, match=r"key=0\.5"):
         add_noise_([first], 0.3, key=0.5)
 
@@ -539,10 +530,10 @@ def test_cuda_noise_statistics_and_determinism(dtype, fused, monkeypatch):
     assert not torch.equal(first[0], noisy_gradients(4 + (1 << 62))[0])
     for added in first:
         if added.numel() > 1000:
-            _assert_standard_normal_scaled(added, 0.25)
-    _assert_standard_normal_scaled(torch.cat([a.flatten() for a in first]), 0.25)
+            assert_standard_normal_scaled(added, 0.25)
+    assert_standard_normal_scaled(torch.cat([a.flatten() for a in first]), 0.25)
     relative = noisy_gradients(4, mode="relative")  # RMS of all-ones gradients is 1
-    _assert_standard_normal_scaled(torch.cat([a.flatten() for a in relative]), 0.25)
+    assert_standard_normal_scaled(torch.cat([a.flatten() for a in relative]), 0.25)
 
 
 @pytest.mark.cuda
@@ -630,11 +621,11 @@ def test_noise_follows_the_closure_when_step_gets_one(as_keyword):
     assert loss == 0.0 and gn.step == 1
     update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
     # Noise added before the closure would be overwritten, leaving an update of norm 1e-3.
-    _assert_standard_normal_scaled(update, 1.0)
+    assert_standard_normal_scaled(update, 1.0)
 
 
 def test_step_keys_are_distinct_across_seeds_and_steps():
-    keys = {streams._mix(seed, step) for seed in range(50) for step in range(2000)}
+    keys = {streams.mix(seed, step) for seed in range(50) for step in range(2000)}
     assert len(keys) == 50 * 2000
     assert all(0 <= key < 1 << 64 for key in keys)
 
@@ -649,7 +640,7 @@ def _replica_noise(schedules_, seeds, modes, gradient: float = 0.0, steps: int =
     parameters' added noise (M, …)."""
     params = [torch.nn.Parameter(torch.zeros(size)) for size in sizes]
     optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.0)
-    gn = GradientNoise(optimizer, schedules_, seed=seeds, mode=modes, replicas=sizes[0][0])
+    gn = ReplicatedGradientNoise(optimizer, schedules_, seed=seeds, mode=modes)
     added = []
     for _ in range(steps):
         for p in params:
@@ -698,7 +689,7 @@ def test_replicated_noise_skips_a_step_grad_scaler_skips():
     model = torch.nn.Linear(4, 4)
     params = [torch.nn.Parameter(torch.stack([p.detach()] * 2)) for p in model.parameters()]
     optimizer = torch.optim.SGD(params, lr=0.1)
-    gn = GradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", seed=[0, 1], replicas=2)
+    gn = ReplicatedGradientNoise(optimizer, "exp:sigma0=0.1,gamma=0.5", seed=[0, 1])
     scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
     for overflow in (False, True, False):
         optimizer.zero_grad()
@@ -724,42 +715,16 @@ def test_replicated_state_dict_round_trip_continues_every_stream():
     assert [lane["seed"] for lane in state["replicas"]] == [3, 4]
     params = [torch.nn.Parameter(torch.zeros(size)) for size in ((2, 10, 10), (2, 10), (2, 5))]
     optimizer = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=0.0)
-    restored = GradientNoise(optimizer, specs, seed=[0, 0], replicas=2)
+    restored = ReplicatedGradientNoise(optimizer, specs, seed=[0, 0])
     restored.load_state_dict(state)
     assert restored.state_dict() == state
     assert restored.schedule[0](restored.step) < 0.1  # the plateau's memory came back
     with pytest.raises(UserError, match="for 2 replicas"):
-        GradientNoise(
+        ReplicatedGradientNoise(
             torch.optim.SGD([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.0),
             "const:sigma=0.1",
             seed=[0, 1, 2],
-            replicas=3,
         ).load_state_dict(state)
-
-
-def _trained_params(sizes, replica, steps: int, optimizer_name: str, **noise_kwargs):
-    """Params trained `steps` steps with GradientNoise(**noise_kwargs) on a gradient that
-    depends on the params (g = cos(3·p)), so each replica follows its own path. `replica`
-    None: the batched params (M, …), replica m starting from (1 + m)·base; else that replica's
-    params alone, from the same start. Returns (params, gn)."""
-    bases = [torch.linspace(-1, 1, math.prod(size[1:])).view(size[1:]) for size in sizes]
-    if replica is None:
-        scale = torch.arange(1.0, sizes[0][0] + 1)
-        starts = [base * scale.view(-1, *[1] * base.dim()) for base in bases]
-    else:
-        starts = [base * (1 + replica) for base in bases]
-    params = [torch.nn.Parameter(start.clone()) for start in starts]
-    groups = [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}]
-    if optimizer_name == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-    gn = GradientNoise(optimizer, **noise_kwargs)
-    for _ in range(steps):
-        for p in params:
-            p.grad = torch.cos(3 * p.detach())
-        optimizer.step()
-    return params, gn
 
 
 @pytest.mark.parametrize(
@@ -784,7 +749,7 @@ def test_each_replica_gets_its_run_alones_correlated_noise_wherever_placed(
 ):
     specs = ["exp:sigma0=0.2,gamma=0.7", "const:sigma=0.3", "const:sigma=0.05"]
     seeds, sizes, steps = [5, 6, 5], ((3, 120, 80), (3, 80), (3, 30, 20)), 4
-    batched, gn = _trained_params(
+    batched, gn = trained_params(
         sizes,
         None,
         steps,
@@ -794,11 +759,10 @@ def test_each_replica_gets_its_run_alones_correlated_noise_wherever_placed(
         mode=modes,
         correlation=correlations,
         placement=placement,
-        replicas=3,
     )
     assert gn.correlation == correlations and gn.placement == placement
     for m in range(3):
-        alone, alone_gn = _trained_params(
+        alone, alone_gn = trained_params(
             sizes,
             m,
             steps,
@@ -814,9 +778,7 @@ def test_each_replica_gets_its_run_alones_correlated_noise_wherever_placed(
         assert gn.sigma[m] == alone_gn.sigma > 0
         assert gn.state_dict()["replicas"][m] == alone_gn.state_dict()
     # The noise did something: without it replica 0 ends elsewhere.
-    quiet, _ = _trained_params(
-        sizes, None, steps, optimizer_name, schedule="const:sigma=0", seed=seeds, replicas=3
-    )
+    quiet, _ = trained_params(sizes, None, steps, optimizer_name, schedule="const:sigma=0", seed=seeds)
     assert not torch.equal(quiet[0][0], batched[0][0])
 
 
@@ -829,19 +791,18 @@ def test_replicated_anticorrelated_state_resumes_each_replicas_previous_sigma():
             "mode": ["relative", "absolute"],
             "correlation": "anticorrelated",
             "placement": "update",
-            "replicas": 2,
         },
     )
-    straight, _ = _trained_params(sizes, None, 3, "adamw", **kwargs)
+    straight, _ = trained_params(sizes, None, 3, "adamw", **kwargs)
     # Two steps, then a fresh GradientNoise on a fresh optimizer loaded with both states.
-    params, gn = _trained_params(sizes, None, 2, "adamw", **kwargs)
+    params, gn = trained_params(sizes, None, 2, "adamw", **kwargs)
     assert gn.correlation == ["anticorrelated"] * 2
     optimizer = torch.optim.AdamW(
         [{"params": params[:2]}, {"params": params[2:], "noise_scale": 0.5}], lr=0.01, weight_decay=0.1
     )
     optimizer.load_state_dict(gn.optimizer.state_dict())
     gn.remove()
-    resumed = GradientNoise(optimizer, **{**kwargs, "seed": [0, 0]})
+    resumed = ReplicatedGradientNoise(optimizer, **{**kwargs, "seed": [0, 0]})
     resumed.load_state_dict(gn.state_dict())
     for p in params:
         p.grad = torch.cos(3 * p.detach())
@@ -851,23 +812,23 @@ def test_replicated_anticorrelated_state_resumes_each_replicas_previous_sigma():
     with pytest.raises(
         UserError, match="correlation='anticorrelated', but this one has correlation='independent'"
     ):
-        GradientNoise(
-            optimizer, **{**kwargs, "correlation": ["anticorrelated", "independent"]}
+        ReplicatedGradientNoise(
+            optimizer, **{**kwargs, "correlation": ["anticorrelated", "independent"]}, stack=True
         ).load_state_dict(gn.state_dict())
 
 
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"replicas": 0, "seed": []}, "replicas=0"),
-        ({"replicas": 2, "seed": 5}, "one seed per replica"),
-        ({"replicas": 2, "seed": [1, 2, 3]}, "seed=[1, 2, 3]"),
-        ({"replicas": 2, "seed": [1, 2], "mode": ["absolute"]}, "mode=['absolute']"),
-        ({"replicas": 3, "seed": [1, 2, 3]}, "replica dimension of replicas=3"),
-        ({"replicas": 2, "seed": [1, 2], "correlation": ["independent"]}, "correlation=['independent']"),
-        ({"replicas": 2, "seed": [1, 2], "correlation": ["independent", "anti"]}, "correlation='anti'"),
+        ({"seed": []}, "seed=[]"),
+        ({"seed": 5}, "one seed per replica"),
+        ({"seed": [1, 2, 3]}, "replica dimension of 3 replicas"),
+        ({"seed": [1, 2], "mode": ["absolute"]}, "mode=['absolute']"),
+        ({"seed": [1, 2], "correlation": ["independent"]}, "correlation=['independent']"),
+        ({"seed": [1, 2], "correlation": ["independent", "anti"]}, "correlation='anti'"),
+        ({"seed": [1, 2**64]}, f"seed={2**64}"),
         (
-            {"replicas": 2, "seed": [1, 2], "placement": ["update", "update"]},
+            {"seed": [1, 2], "placement": ["update", "update"]},
             "placement=['update', 'update']",
         ),
     ],
@@ -875,7 +836,7 @@ def test_replicated_anticorrelated_state_resumes_each_replicas_previous_sigma():
 def test_bad_replica_arguments_raise_user_errors(kwargs, words):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 4))], lr=0.1)
     with pytest.raises(UserError, match=re.escape(words)):
-        GradientNoise(optimizer, "const:sigma=0.1", **kwargs)
+        ReplicatedGradientNoise(optimizer, "const:sigma=0.1", **kwargs)
 
 
 # --- beyond the gradient: anticorrelated noise, noise on the update --------------------
@@ -968,7 +929,7 @@ def test_update_noise_moves_the_weights_by_lr_sigma(optimizer_name, lr):
     # Zero gradients: SGD's update is 0, and so is Adam's (m = 0); the weights move by the noise alone.
     gn, _, moves = _update_noise_run(optimizer_name, steps=2)
     for move in moves:
-        _assert_standard_normal_scaled(move, lr * 0.5)
+        assert_standard_normal_scaled(move, lr * 0.5)
     assert gn.step == 2 and gn.sigma == 0.5
 
 
@@ -992,7 +953,7 @@ def test_relative_update_noise_follows_the_rms_of_the_update():
     )
     assert gn.sigma == pytest.approx(0.03, rel=1e-4)  # RMS in fp32 over 60,200 elements
     for move in moves:
-        _assert_standard_normal_scaled(move + 0.1, 0.03)
+        assert_standard_normal_scaled(move + 0.1, 0.03)
 
 
 def test_update_noise_by_hand_goes_after_the_step_and_relative_mode_needs_the_hooks():
@@ -1139,23 +1100,10 @@ def test_track_stats_on_the_update_measures_the_noise_added_to_the_weights():
     assert gn.last_stats["noise_norm"] == pytest.approx(0.1 * 0.5 * math.sqrt(n), rel=5 / math.sqrt(2 * n))
 
 
-def _count_jobs(monkeypatch, module, name: str) -> list[int]:
-    """Wrap module.name(jobs) to record how many jobs each call gets."""
-    calls = []
-    original = getattr(module, name)
-
-    def counted(jobs):
-        calls.append(len(jobs))
-        original(jobs)
-
-    monkeypatch.setattr(module, name, counted)
-    return calls
-
-
 def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
-    calls = _count_jobs(monkeypatch, streams, "_add_noise_cpu")
+    calls = count_jobs(monkeypatch, streams, "_add_noise_cpu")
     sizes = ((3, 120, 80), (3, 80), (3, 30, 20))
-    _trained_params(
+    trained_params(
         sizes,
         None,
         3,
@@ -1163,7 +1111,6 @@ def test_all_replicas_noise_goes_in_one_cpu_call_per_term(monkeypatch):
         schedule="const:sigma=0.1",
         seed=[1, 2, 3],
         correlation=["anticorrelated", "independent", "anticorrelated"],
-        replicas=3,
     )
     # Per step: σ_t·ε_t of 3 replicas × 2 param groups; from step 1 on, a second call
     # with the two anticorrelated replicas' −σ_{t−1}·ε_{t−1}.
@@ -1179,4 +1126,4 @@ def test_update_noise_reaches_large_parameters_from_every_worker_thread(monkeypa
     optimizer = torch.optim.SGD([weight], lr=0.1)
     GradientNoise(optimizer, "const:sigma=0.5", placement="update")
     optimizer.step()
-    _assert_standard_normal_scaled(weight.detach(), 0.1 * 0.5)
+    assert_standard_normal_scaled(weight.detach(), 0.1 * 0.5)

@@ -362,14 +362,15 @@ def test_a_seeds_noise_is_the_same_draw_at_every_level():
 
     def noise_of(spec: str, seed: int = 0, gradient: float = 0.0, steps: int = 2) -> list[torch.Tensor]:
         cfg = small(noise=spec, noise_placement="before_clip", seed=seed)  # apply() by hand
-        model = torch.nn.Linear(50, 40)
-        noise = build_noise(torch.optim.AdamW(model.parameters()), cfg)
+        # One replica's parameters, (1, …) as the harness's GPT has them.
+        params = [torch.nn.Parameter(torch.zeros(1, 40, 50)), torch.nn.Parameter(torch.zeros(1, 40))]
+        noise = build_noise(torch.optim.AdamW(params), cfg)
         added = []
         for _ in range(steps):
-            for p in model.parameters():
+            for p in params:
                 p.grad = torch.full_like(p, gradient)
             noise.apply()
-            added.append(torch.cat([(p.grad - gradient).flatten() for p in model.parameters()]))
+            added.append(torch.cat([(p.grad - gradient).flatten() for p in params]))
         return added
 
     low, high = noise_of("const:sigma=0.001"), noise_of("const:sigma=0.1")
@@ -534,9 +535,9 @@ def test_each_option_beyond_the_gradient_changes_the_run(tmp_path):
         "neftune": final("neftune", embedding_noise_alpha=5.0),
     }
     assert len(set(losses.values())) == len(losses), losses
-    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1, 2, 2))], lr=0.1)  # one replica
     noise = build_noise(optimizer, small(noise="const:sigma=0.1", noise_placement="update"))
-    assert (noise.placement, noise.correlation) == ("update", "independent")
+    assert (noise.placement, noise.correlation) == ("update", ["independent"])
 
 
 def test_noise_placement_matters_only_with_clipping(tmp_path):

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import gradnoise
-from gradnoise import GradientNoise, streams
-from test_noise import _assert_standard_normal_scaled, _count_jobs, _trained_params
+from conftest import assert_standard_normal_scaled, count_jobs, trained_params
+from gradnoise import ReplicatedGradientNoise, streams
 
 pytest.importorskip("triton")
 
@@ -44,7 +44,7 @@ def _zeros(*sizes, dtype=torch.float32):
 def test_kernel_adds_sigma_times_standard_normal_noise(kernel, dtype):
     tensors = _zeros(20_000, 7, 4097, dtype=dtype)
     kernel.add_noise_([(tensors, 0.25, streams._signed(2**63 + 5), 3)])
-    _assert_standard_normal_scaled(torch.cat([t.flatten() for t in tensors]).cpu(), 0.25)
+    assert_standard_normal_scaled(torch.cat([t.flatten() for t in tensors]).cpu(), 0.25)
     if dtype == torch.float32:
         # Every element got its own draw: of the largest tensor's 20,000 values only a few
         # agree by chance (fp32 rounding), not the thousands a repeated block would give.
@@ -95,7 +95,7 @@ def test_kernel_noises_a_non_contiguous_tensor_through_a_copy(kernel):
 
 def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alone(kernel, monkeypatch):
     monkeypatch.setattr(streams, "_use_triton", lambda device, dtype: dtype in kernel.DTYPES)
-    launches = _count_jobs(monkeypatch, kernel, "add_noise_")
+    launches = count_jobs(monkeypatch, kernel, "add_noise_")
     sizes, specs, seeds = (
         ((3, 60, 40), (3, 40), (3, 30, 20)),
         ["const:sigma=0.2", "exp:sigma0=0.3,gamma=0.5", "const:sigma=0.05"],
@@ -103,13 +103,13 @@ def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alo
     )
     correlations = ["anticorrelated", "independent", "independent"]
     options = {"mode": ["absolute", "relative", "absolute"], "placement": "gradient"}
-    batched, gn = _trained_params(
-        sizes, None, 2, "adamw", schedule=specs, seed=seeds, correlation=correlations, replicas=3, **options
+    batched, gn = trained_params(
+        sizes, None, 2, "adamw", schedule=specs, seed=seeds, correlation=correlations, **options
     )
     # Step 0: one launch for 3 replicas × 2 param groups; step 1: that, and replica 0's −σ₀·ε₀.
     assert launches == [6, 6, 2]
     for m in range(3):
-        alone, _ = _trained_params(
+        alone, _ = trained_params(
             sizes,
             m,
             2,
@@ -122,7 +122,7 @@ def test_batched_gradient_noise_is_one_launch_per_term_and_each_replicas_run_alo
         )
         for p, q in zip(batched, alone, strict=True):
             assert torch.equal(p[m], q), m
-    assert isinstance(gn, GradientNoise)
+    assert isinstance(gn, ReplicatedGradientNoise)
 
 
 COMPILE_FOR_H100 = """

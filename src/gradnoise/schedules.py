@@ -42,6 +42,7 @@ __all__ = [
     "Neelakantan",
     "Plateau",
     "PlateauState",
+    "Ramp",
     "Relative",
     "Schedule",
     "parse",
@@ -156,13 +157,13 @@ class Exponential(Schedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class Linear(Schedule):
-    """σ_t = σ_0 + (σ_end − σ_0) · min(t, T) / T: a straight line, then flat at σ_end."""
+class Ramp(Schedule):
+    """Base of the schedules that go from σ_0 at t = 0 to σ_end at t = T, then stay flat:
+    the fields and their checks; a subclass gives the shape of the way down."""
 
     sigma0: float
     total_steps: int
     sigma_end: float = 0.0
-    name: ClassVar[str] = "linear"
 
     def __post_init__(self):
         _require(math.isfinite(self.sigma0) and self.sigma0 >= 0, "sigma0", self.sigma0, "≥ 0")
@@ -173,29 +174,23 @@ class Linear(Schedule):
             self.total_steps,
             "an integer > 0",
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Ramp):
+    """σ_t = σ_0 + (σ_end − σ_0) · min(t, T) / T: a straight line, then flat at σ_end."""
+
+    name: ClassVar[str] = "linear"
 
     def __call__(self, step: int) -> float:
         return self.sigma0 + (self.sigma_end - self.sigma0) * _fraction_done(step, self.total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
-class Cosine(Schedule):
+class Cosine(Ramp):
     """σ_t = σ_end + (σ_0 − σ_end) · (1 + cos(π · min(t, T) / T)) / 2."""
 
-    sigma0: float
-    total_steps: int
-    sigma_end: float = 0.0
     name: ClassVar[str] = "cosine"
-
-    def __post_init__(self):
-        _require(math.isfinite(self.sigma0) and self.sigma0 >= 0, "sigma0", self.sigma0, "≥ 0")
-        _require(0 <= self.sigma_end <= self.sigma0, "sigma_end", self.sigma_end, "in [0, sigma0]")
-        _require(
-            _is_integer(self.total_steps) and self.total_steps > 0,
-            "total_steps",
-            self.total_steps,
-            "an integer > 0",
-        )
 
     def __call__(self, step: int) -> float:
         progress = _fraction_done(step, self.total_steps)

@@ -1,7 +1,7 @@
 """Keyed noise streams, and `add_noise_`: the batched op that draws and adds them.
 
 Streams that never repeat. GradientNoise keys step t with
-k_t = splitmix64(seed ⊕ splitmix64(t)) (`_mix`), a bijection of 64-bit integers
+k_t = splitmix64(seed ⊕ splitmix64(t)) (`mix`), a bijection of 64-bit integers
 for a fixed seed, so every step of a run has its own key. Within a step each group of
 gradients (param group × device × dtype) is a *stream* of that key, and every
 random number is drawn from a generator whose state holds (key, stream,
@@ -20,10 +20,13 @@ position) verbatim:
 and adds the noise for every tensor in a single pass over the gradients (8
 bytes per fp32 element); on CPU the chunks are filled and added on every core,
 each chunk's noise added while it is still in cache; elsewhere one flat buffer
-per (device, dtype) and one `torch._foreach_add_`. Underneath, one call adds
-any number of *jobs* (tensors, σ, key, stream) — GradientNoise's replicas and
-param groups — in one launch or one pass, each job's noise a function of its
-own (key, stream) alone (`_add_noise_jobs`).
+per (device, dtype) and one `torch._foreach_add_`.
+
+The interface GradientNoise uses: a step's noise work is a list of `NoiseJob`s
+(tensors, σ, key, stream) — one per replica, param group and (device, dtype) —
+and `add_noise_jobs` adds them all in one launch or one pass, each job's noise a
+function of its own (key, stream) alone; `mix(seed, t)` is step t's key and
+`group_by_device_dtype` the grouping that numbers the streams.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
 from gradnoise.errors import UserError
 
-__all__ = ["add_noise_"]
+__all__ = ["NoiseJob", "add_noise_", "add_noise_jobs", "group_by_device_dtype", "mix"]
 
 # --- keys: SplitMix64 on Python ints and on int64 tensors ------------------------------
 
@@ -88,7 +92,7 @@ def _splitmix64(x):
     return x
 
 
-def _mix(key, *indices):
+def mix(key, *indices):
     """A key for (key, indices), like JAX's fold_in: key ← splitmix64(key ⊕ splitmix64(index)).
 
     A bijection of `key` for fixed indices and of the last index for a fixed
@@ -323,7 +327,7 @@ def _add_noise_unfused(tensors, sigma, key: int, stream: int, workspace: dict | 
     generator = _device_generators.get(device)
     if generator is None:
         generator = _device_generators[device] = torch.Generator(device)
-    generator.manual_seed(_mix(key, stream))
+    generator.manual_seed(mix(key, stream))
     buffer.normal_(generator=generator)
     noise = [view.view_as(t) for t, view in zip(tensors, buffer.split(numels), strict=True)]
     if isinstance(sigma, torch.Tensor):
@@ -336,7 +340,30 @@ def _add_noise_unfused(tensors, sigma, key: int, stream: int, workspace: dict | 
 # --- the batched op ---------------------------------------------------------------------------
 
 
-def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.device, torch.dtype, list]]:
+class NoiseJob(NamedTuple):
+    """t ← t + σ·ε for every tensor t, ε drawn from stream `stream` of `key` alone.
+
+    tensors: of one device and dtype; sigma: a float, or a 0-d tensor on their
+    device; key: 64 bits, an int or a 0-d int64 tensor (the same bits); stream: an
+    integer < 2³⁹ telling apart the jobs of one key.
+    """
+
+    tensors: list[torch.Tensor]
+    sigma: float | torch.Tensor
+    key: int | torch.Tensor
+    stream: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
+
+def group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.device, torch.dtype, list]]:
+    """The tensors as [(device, dtype, tensors)], in order of first appearance."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:
         if not tensor.dtype.is_floating_point:
@@ -345,14 +372,14 @@ def _group_by_device_dtype(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.
     return [(device, dtype, group) for (device, dtype), group in groups.items()]
 
 
-def _add_noise_jobs(jobs, workspace: dict | None) -> None:
-    """t ← t + σ·ε for jobs (device, dtype, tensors, σ, key, stream): per (device, dtype)
-    one fused launch (CUDA) or one pass on every core (CPU) for all its jobs, elsewhere
-    one fill and one add per job. Job j's noise is stream_j of key_j alone, whatever
-    else the call holds; no tensor may be in two jobs of one call."""
-    by_device: dict[tuple[torch.device, torch.dtype], list] = {}
-    for device, dtype, *job in jobs:
-        by_device.setdefault((device, dtype), []).append(job)
+def add_noise_jobs(jobs: Iterable[NoiseJob], workspace: dict | None = None) -> None:
+    """Every job's t ← t + σ·ε: per (device, dtype) one fused launch (CUDA) or one pass on
+    every core (CPU) for all its jobs, elsewhere one fill and one add per job. Job j's noise
+    is stream_j of key_j alone, whatever else the call holds; no tensor may be in two jobs
+    of one call. `workspace`: see `add_noise_`."""
+    by_device: dict[tuple[torch.device, torch.dtype], list[NoiseJob]] = {}
+    for job in jobs:
+        by_device.setdefault((job.device, job.dtype), []).append(job)
     for (device, dtype), group in by_device.items():
         if _use_triton(device, dtype):
             from gradnoise import _triton
@@ -408,9 +435,13 @@ def add_noise_(
             return
     if key is None:
         key = _draw_key(generator)
-    elif not isinstance(key, (int, torch.Tensor)) or isinstance(key, bool):
-        raise UserError(f"add_noise_: key={key!r} must be an integer or a 0-d int64 tensor")
-    groups = _group_by_device_dtype(tensors)
+    elif isinstance(key, bool) or not (
+        isinstance(key, torch.Tensor) or (isinstance(key, int) and 0 <= key <= _MASK64)
+    ):
+        # An int outside 64 bits would wrap onto another key's noise.
+        raise UserError(f"add_noise_: key={key!r} must be an integer in [0, 2**64) or a 0-d int64 tensor")
     # (device, dtype) group i is stream i of the key.
-    jobs = [(device, dtype, group, sigma, key, index) for index, (device, dtype, group) in enumerate(groups)]
-    _add_noise_jobs(jobs, workspace)
+    groups = group_by_device_dtype(tensors)
+    add_noise_jobs(
+        [NoiseJob(group, sigma, key, index) for index, (_, _, group) in enumerate(groups)], workspace
+    )

@@ -24,22 +24,14 @@ in Lightning: ``monitor="val_loss"`` names the metric (logged with
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import (
-    check_choice,
-    check_mode,
-    check_monitor,
-    import_extra,
-    noise_seed,
-    schedule_from,
-)
-from gradnoise.noise import CORRELATIONS, PLACEMENTS, GradientNoise
+from gradnoise.integrations import NoiseCallbackCore, import_extra, noise_seed
+from gradnoise.noise import GradientNoise
 
 try:
     from lightning.pytorch import Callback
@@ -49,33 +41,18 @@ except ImportError:  # the standalone `pytorch_lightning` package works the same
 __all__ = ["GradientNoiseCallback"]
 
 
-class GradientNoiseCallback(Callback):
+class GradientNoiseCallback(NoiseCallbackCore, Callback):
     """Adds N(0, σ_t²) noise to the gradients of every optimizer of the trainer.
 
     g̃ = clip(g) + σ_t·ε, ε ~ N(0, I), at every optimizer step, with σ_t =
     schedule(t) (``mode="absolute"``) or schedule(t)·RMS(clip(g))
     (``mode="relative"``); t counts optimizer steps, not batches.
 
-    Args:
-        schedule: a `gradnoise.schedules` schedule or a spec string.
-        seed: seeds the noise of optimizer i with ``seed + i``. Keep it equal
-            on every rank under DDP so the replicas stay identical.
-        mode: "absolute" or "relative".
-        monitor: the metric a plateau schedule follows (e.g. "val_loss", as
-            logged by ``self.log`` in validation), read from
-            `trainer.callback_metrics` at the end of each validation and
-            averaged over the ranks. Required for plateau schedules, refused
-            for the others.
-        per_rank_seed: seed optimizer i on rank r with ``seed + i·world_size + r``:
-            for sharded gradients (FSDP, DeepSpeed ZeRO), where each rank holds
-            different parameters and needs noise of its own.
-        track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
-            gradients and a host sync per step; see `GradientNoise`).
-        correlation: "independent", or "anticorrelated": σ_t·ε_t − σ_{t−1}·ε_{t−1}
-            (see `GradientNoise`).
-        placement: "gradient", or "update": the noise goes to the parameters
-            after the optimizer's step, lr·σ_t·ε_t (see `GradientNoise`).
-        log_sigma: log σ of the last step as ``gradnoise/sigma``.
+    Options: see `NoiseCallbackCore`. ``seed`` seeds optimizer i with ``seed + i``;
+    ``per_rank_seed`` seeds optimizer i on rank r with ``seed + i·world_size + r``;
+    ``monitor`` names a metric logged by ``self.log`` in validation (e.g. "val_loss"),
+    read from `trainer.callback_metrics` at the end of each validation and averaged
+    over the ranks.
 
     Logged via `pl_module.log` at every training batch (the optimizer's index
     appended when there are several): ``gradnoise/sigma``, and with
@@ -83,28 +60,8 @@ class GradientNoiseCallback(Callback):
     ``gradnoise/noise_to_grad``.
     """
 
-    def __init__(
-        self,
-        schedule: schedules.Schedule | str,
-        *,
-        seed: int = 0,
-        mode: str = "absolute",
-        monitor: str | None = None,
-        per_rank_seed: bool = False,
-        track_stats: bool = False,
-        log_sigma: bool = True,
-        correlation: str = "independent",
-        placement: str = "gradient",
-    ):
-        self.schedule = schedule_from(schedule)
-        self.seed = seed
-        self.mode = check_mode(mode)
-        self.monitor = check_monitor(self.schedule, monitor, "val_loss")
-        self.per_rank_seed = per_rank_seed
-        self.track_stats = track_stats
-        self.log_sigma = log_sigma
-        self.correlation = check_choice("correlation", correlation, CORRELATIONS)
-        self.placement = check_choice("placement", placement, PLACEMENTS)
+    def __init__(self, schedule: schedules.Schedule | str, **options):
+        super().__init__(schedule, **options)
         self.noises: list[GradientNoise] = []
         self._restored: list[dict] | None = None
 
@@ -116,15 +73,7 @@ class GradientNoiseCallback(Callback):
         self._detach()
         rank, world_size = (trainer.global_rank, trainer.world_size) if self.per_rank_seed else (0, 1)
         self.noises = [
-            GradientNoise(
-                optimizer,
-                copy.deepcopy(self.schedule),  # a plateau's state is per optimizer
-                seed=noise_seed(self.seed, index, rank, world_size),
-                mode=self.mode,
-                track_stats=self.track_stats,
-                correlation=self.correlation,
-                placement=self.placement,
-            )
+            self.attach(optimizer, noise_seed(self.seed, index, rank, world_size))
             for index, optimizer in enumerate(trainer.optimizers)
         ]
         if self._restored is not None:
@@ -134,10 +83,7 @@ class GradientNoiseCallback(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         several = len(self.noises) > 1
         for index, noise in enumerate(self.noises):
-            values = {"sigma": noise.sigma} if self.log_sigma else {}
-            if self.track_stats:
-                values.update(noise.last_stats)
-            for name, value in values.items():
+            for name, value in self.logged(noise).items():
                 pl_module.log(
                     f"gradnoise/{name}{index if several else ''}", value, on_step=True, on_epoch=False
                 )
@@ -187,10 +133,4 @@ class GradientNoiseCallback(Callback):
                 f"but the trainer has {len(self.noises)}"
             )
         for noise, state in zip(self.noises, states, strict=True):
-            seed = noise.seed
-            noise.load_state_dict(state)
-            # Lightning saves rank 0's callback state: every rank keeps its own seed.
-            noise.seed = seed
-
-    def __repr__(self) -> str:
-        return f"GradientNoiseCallback({self.schedule.spec!r}, seed={self.seed}, mode={self.mode!r})"
+            self.restore(noise, state)

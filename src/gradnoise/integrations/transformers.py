@@ -32,7 +32,6 @@ with a new one built from the saved arguments: find it in
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
@@ -40,15 +39,8 @@ import torch
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.integrations import (
-    check_choice,
-    check_mode,
-    check_monitor,
-    import_extra,
-    noise_seed,
-    schedule_from,
-)
-from gradnoise.noise import CORRELATIONS, PLACEMENTS, GradientNoise
+from gradnoise.integrations import NoiseCallbackCore, import_extra, noise_seed
+from gradnoise.noise import GradientNoise
 
 _transformers = import_extra("transformers", "transformers")
 TrainerCallback = _transformers.TrainerCallback
@@ -69,56 +61,24 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-class GradientNoiseCallback(TrainerCallback, ExportableState):
+class GradientNoiseCallback(NoiseCallbackCore, TrainerCallback, ExportableState):
     """Adds N(0, σ_t²) noise to the gradients the Trainer's optimizer uses.
 
     g̃ = clip(g) + σ_t·ε, ε ~ N(0, I), at every optimizer step, with σ_t =
     schedule(t) (``mode="absolute"``) or schedule(t)·RMS(clip(g))
     (``mode="relative"``); t counts optimizer steps, not micro-batches.
 
-    Args:
-        schedule: a `gradnoise.schedules` schedule or a spec string.
-        seed: seeds the noise; keep it equal on every rank under DDP so the
-            replicas stay identical.
-        mode: "absolute" or "relative".
-        monitor: the evaluation metric a plateau schedule follows, fed to it
-            at every evaluation during training: "eval_loss", or "loss" (the
-            ``eval_`` prefix is added as for ``metric_for_best_model``).
-            Required for plateau schedules, refused for the others.
-        per_rank_seed: seed rank r with ``seed + r`` (`args.process_index`):
-            for sharded gradients (FSDP, DeepSpeed ZeRO), where each rank holds
-            different parameters and needs noise of its own.
-        track_stats: also log ‖g‖, ‖noise‖ and their ratio (a copy of the
-            gradients and a host sync per step; see `GradientNoise`).
-        correlation: "independent", or "anticorrelated": σ_t·ε_t − σ_{t−1}·ε_{t−1}
-            (see `GradientNoise`).
-        placement: "gradient", or "update": the noise goes to the parameters
-            after the optimizer's step, lr·σ_t·ε_t (see `GradientNoise`).
-        log_sigma: add ``gradnoise_sigma`` to the training logs.
+    Options: see `NoiseCallbackCore`. ``per_rank_seed`` seeds rank r with ``seed + r``
+    (`args.process_index`); ``monitor`` is the evaluation metric a plateau schedule
+    follows, fed to it at every evaluation during training: "eval_loss", or "loss"
+    (the ``eval_`` prefix is added as for ``metric_for_best_model``). The values go into
+    the training logs prefixed ``gradnoise_``.
     """
 
-    def __init__(
-        self,
-        schedule: schedules.Schedule | str,
-        *,
-        seed: int = 0,
-        mode: str = "absolute",
-        monitor: str | None = None,
-        per_rank_seed: bool = False,
-        track_stats: bool = False,
-        log_sigma: bool = True,
-        correlation: str = "independent",
-        placement: str = "gradient",
-    ):
-        self.schedule = schedule_from(schedule)
-        self.seed = seed
-        self.mode = check_mode(mode)
-        self.monitor = check_monitor(self.schedule, monitor, "eval_loss")
-        self.per_rank_seed = per_rank_seed
-        self.track_stats = track_stats
-        self.log_sigma = log_sigma
-        self.correlation = check_choice("correlation", correlation, CORRELATIONS)
-        self.placement = check_choice("placement", placement, PLACEMENTS)
+    MONITOR_EXAMPLE = "eval_loss"
+
+    def __init__(self, schedule: schedules.Schedule | str, **options):
+        super().__init__(schedule, **options)
         self.noise: GradientNoise | None = None
         # Set by the Trainer when it restores this callback from a checkpoint.
         self.noise_state: dict | None = None
@@ -129,19 +89,10 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
             raise UserError("GradientNoiseCallback: the Trainer passed no optimizer to on_train_begin")
         if self.noise is not None:
             self.noise.remove()
-        self.noise = GradientNoise(
-            _torch_optimizer(optimizer),
-            copy.deepcopy(self.schedule),
-            seed=noise_seed(self.seed, 0, args.process_index if self.per_rank_seed else 0, 1),
-            mode=self.mode,
-            track_stats=self.track_stats,
-            correlation=self.correlation,
-            placement=self.placement,
-        )
+        rank = args.process_index if self.per_rank_seed else 0
+        self.noise = self.attach(_torch_optimizer(optimizer), noise_seed(self.seed, 0, rank, 1))
         if self.noise_state is not None:
-            seed = self.noise.seed
-            self.noise.load_state_dict(self.noise_state)
-            self.noise.seed = seed  # the checkpoint holds rank 0's state: every rank keeps its own seed
+            self.restore(self.noise, self.noise_state)
             self.noise_state = None
         elif state.global_step > 0:
             # Resumed without this callback's state: continue t, never reuse a step's key.
@@ -174,9 +125,7 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if self.noise is None or logs is None or "loss" not in logs:
             return  # not a training log
-        values = {"gradnoise_sigma": self.noise.sigma} if self.log_sigma else {}
-        if self.track_stats:
-            values.update({f"gradnoise_{name}": value for name, value in self.noise.last_stats.items()})
+        values = {f"gradnoise_{name}": value for name, value in self.logged(self.noise).items()}
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
@@ -202,6 +151,3 @@ class GradientNoiseCallback(TrainerCallback, ExportableState):
             },
             "attributes": {"noise_state": noise_state},
         }
-
-    def __repr__(self) -> str:
-        return f"GradientNoiseCallback({self.schedule.spec!r}, seed={self.seed}, mode={self.mode!r})"

@@ -92,9 +92,11 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def build_noise(optimizer: torch.optim.Optimizer, *cfgs: TrainConfig) -> gradnoise.GradientNoise | None:
-    """The configs' noise on `optimizer` (None when every run has noise=none): one config, or
-    one per replica (a run with noise=none gets σ = 0 there). Placed "after_clip" it hooks
+def build_noise(
+    optimizer: torch.optim.Optimizer, *cfgs: TrainConfig
+) -> gradnoise.ReplicatedGradientNoise | None:
+    """The configs' noise on `optimizer` (None when every run has noise=none): one per replica,
+    a plain run being M = 1 (a run with noise=none gets σ = 0 there). Placed "after_clip" it hooks
     optimizer.step() before the update, "update" after it; "before_clip" the loop calls
     apply() itself."""
     parsed = [gradnoise.schedules.parse(c.noise) for c in cfgs]
@@ -104,15 +106,14 @@ def build_noise(optimizer: torch.optim.Optimizer, *cfgs: TrainConfig) -> gradnoi
     seeds = [data.derive_seed(c.seed, "noise") for c in cfgs]
     modes = [c.noise_mode for c in cfgs]
     correlations = [c.noise_correlation for c in cfgs]
-    return gradnoise.GradientNoise(
+    return gradnoise.ReplicatedGradientNoise(
         optimizer,
-        lanes[0] if len(cfgs) == 1 else lanes,
-        seed=seeds[0] if len(cfgs) == 1 else seeds,
-        mode=modes[0] if len(cfgs) == 1 else modes,
+        lanes,
+        seed=seeds,
+        mode=modes,
         attach=cfgs[0].noise_placement != "before_clip",
-        correlation=correlations[0] if len(cfgs) == 1 else correlations,
+        correlation=correlations,
         placement="update" if cfgs[0].noise_placement == "update" else "gradient",
-        replicas=len(cfgs),
     )
 
 

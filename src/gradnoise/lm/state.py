@@ -41,7 +41,7 @@ from gradnoise.lm.files import read_json
 from gradnoise.lm.group import GROUP_FILE, REPLICA_FILE, read_replica_link
 from gradnoise.lm.model import load_weights, weights_for_saving
 from gradnoise.lm.replicas import Freezer
-from gradnoise.noise import GradientNoise
+from gradnoise.replicated import ReplicatedGradientNoise
 
 # Settings a resumed run may change: they do not alter the computation.
 RESUMABLE_CHANGES = {"checkpoint_interval", "tensorboard", "wandb", "compile", "final_eval"}
@@ -191,7 +191,7 @@ class RunState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    noise: GradientNoise | None
+    noise: ReplicatedGradientNoise | None
     replicas: list[Replica]
     dist_env: DistributedEnv
     device: torch.device
@@ -218,7 +218,7 @@ class RunState:
             "model": weights_for_saving(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "noise": self._noise_state(),
             "rng_per_rank": gather_rng_states(self.dist_env, self.device),
             "clock": self.clock.state_dict(),
             "replica_dim": True,  # the optimizer's state has the replica dimension
@@ -227,6 +227,12 @@ class RunState:
         if len(replicas) == 1:
             return {**state, **replicas[0]}
         return {**state, "replicas": replicas}
+
+    def _noise_state(self) -> dict | None:
+        if self.noise is None:
+            return None
+        replicas = self.noise.state_dict()["replicas"]
+        return replicas[0] if len(replicas) == 1 else {"replicas": replicas}
 
     def load_state_dict(self, state: dict) -> None:
         if "book" in state:  # written before RunState existed: progress and clock in one entry
@@ -241,7 +247,8 @@ class RunState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.noise is not None:
-            self.noise.load_state_dict(state["noise"])
+            noise = state["noise"]  # a plain run's holds its one replica's, as its other entries
+            self.noise.load_state_dict(noise if "replicas" in noise else {"replicas": [noise]})
         restore_rng_state(state["rng_per_rank"], self.dist_env.rank, self.device)
         self.clock.load_state_dict(state["clock"])
         for replica, saved in zip(self.replicas, replicas, strict=True):

@@ -79,7 +79,6 @@ from pathlib import Path
 
 import torch
 
-import gradnoise
 from gradnoise.errors import UserError
 from gradnoise.lm import checkpoint, data, finite, group, provenance, replicas, rundir, runlog, setup
 from gradnoise.lm.config import TrainConfig
@@ -414,7 +413,7 @@ def train_step(run: RunState, model, step: int, cfg: TrainConfig, hyper: setup.H
     """
     measure = (step + 1) % cfg.log_interval == 0
     if run.noise is not None:
-        run.noise.track_stats, run.noise.last_stats = measure, {}
+        run.noise.track_stats = measure
     lr = learning_rate(step, cfg)
     for group_ in run.optimizer.param_groups:
         group_["lr"] = lr
@@ -458,8 +457,7 @@ def gradient_stats(run: RunState, norms: torch.Tensor | None, hyper: setup.Hyper
     """runlog.GRADIENT_FIELDS of the step just taken, per run: GradientNoise's own
     measurement (it tracked this step), or without noise ‖g‖ after clipping and no noise."""
     if run.noise is not None:
-        stats = run.noise.last_stats
-        return [dict(s) for s in stats] if isinstance(stats, list) else [dict(stats)]
+        return [dict(stats) for stats in run.noise.last_stats]
     clipped = replicas.clipped_norms(norms, hyper.grad_clip)
     return [{"grad_norm": norm, "noise_norm": 0.0, "noise_to_grad": 0.0} for norm in clipped]
 
@@ -468,8 +466,7 @@ def sigmas(run: RunState) -> list[float]:
     """σ of each run's last step (0 without noise)."""
     if run.noise is None:
         return [0.0] * len(run.replicas)
-    sigma = run.noise.sigma
-    return sigma if isinstance(sigma, list) else [sigma]
+    return run.noise.sigma
 
 
 # --- events ------------------------------------------------------------------------
@@ -518,12 +515,13 @@ def keep_last_good_weights(run: RunState, weights: dict, directory: Path) -> dic
 def evaluate(run: RunState, model, evaluator: Evaluator, step: int, logs: list[runlog.RunLog]) -> None:
     """Estimate each run's losses at `step`, log them, and give a plateau schedule its val loss."""
     losses = evaluator.estimate(model)
+    evaluated = [None] * len(run.replicas)
     for m, replica in active(run):
         replica.progress.record_eval(step, losses[m])
         logs[m].log({"kind": "eval", "step": step, **losses[m], "time_s": run.clock.train_s})
-        if run.noise is not None:
-            schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
-            schedule.observe(losses[m]["val_loss"])
+        evaluated[m] = losses[m]["val_loss"]
+    if run.noise is not None:
+        run.noise.observe(evaluated)
 
 
 def check_divergence(run: RunState, cfgs, losses: list[tuple[int, list[float]]], step: int) -> None:
@@ -546,12 +544,7 @@ def check_divergence(run: RunState, cfgs, losses: list[tuple[int, list[float]]],
 
 def divergence_message(run: RunState, cfg: TrainConfig, m: int, step: int, what) -> str:
     what = what if isinstance(what, str) else f"loss is {what}"
-    if cfg.noise == "none":
-        sigma = "no gradient noise"
-    else:
-        schedule = run.noise.schedule[m] if len(run.replicas) > 1 else run.noise.schedule
-        level = "σ/RMS(g)" if isinstance(schedule, gradnoise.schedules.Relative) else "σ"
-        sigma = f"noise {schedule.spec}, {level}={schedule(step - 1):.4g}"
+    sigma = "no gradient noise" if cfg.noise == "none" else f"noise {run.noise.describe(m, step - 1)}"
     if cfg.embedding_noise_alpha > 0:
         sigma += f"; embedding noise α={cfg.embedding_noise_alpha:.4g}"
     checkpoint_step = run.replicas[m].progress.checkpoint_step

@@ -7,7 +7,7 @@ One step, for every replica m at once:
                   depend on noise, init or the other replicas)
     loss[m]       mean cross-entropy of replica m's logits; the loop backpropagates Σ_m loss[m]
     clip          g[m] ← g[m] · min(1, c_m / (‖g[m]‖ + 1e-6)), replica m's own norm (c_m = 0: none)
-    noise         GradientNoise(replicas=M): replica m's own schedule and seed, after clipping
+    noise         ReplicatedGradientNoise: replica m's own schedule and seed, after clipping
     update        SGD without momentum or AdamW (weight decay 0), at the group's fixed lr
 
 So replica m equals its run trained alone up to float reassociation of the batched
@@ -214,8 +214,7 @@ class Training:
     def sigmas(self) -> list[float]:
         if self.noise is None:
             return [0.0] * len(self.cfgs)
-        sigma = self.noise.sigma
-        return [float(s) for s in sigma] if isinstance(sigma, list) else [float(sigma)]
+        return self.noise.sigma
 
     def _result(self, m: int) -> dict:
         evals = self.evals[m] or [{"test_acc": None, "test_loss": None, "train_loss": None, "step": 0}]
@@ -276,17 +275,17 @@ def permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(size, generator=generator)
 
 
-def build_noise(optimizer: torch.optim.Optimizer, cfgs: list[MnistConfig]) -> gradnoise.GradientNoise | None:
-    """Each run's noise schedule (none: σ = 0 for that replica) and seed, after clipping."""
+def build_noise(
+    optimizer: torch.optim.Optimizer, cfgs: list[MnistConfig]
+) -> gradnoise.ReplicatedGradientNoise | None:
+    """Each run's noise schedule (none: σ = 0 for that replica) and seed, after clipping; a
+    run alone is a group of one, as its weights carry the replica dimension too."""
     parsed = [gradnoise.schedules.parse(c.noise) for c in cfgs]
     if all(schedule is None for schedule in parsed):
         return None
     lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
     seeds = [derive_seed(c.seed, "noise") for c in cfgs]
-    single = len(cfgs) == 1
-    return gradnoise.GradientNoise(
-        optimizer, lanes[0] if single else lanes, seed=seeds[0] if single else seeds, replicas=len(cfgs)
-    )
+    return gradnoise.ReplicatedGradientNoise(optimizer, lanes, seed=seeds)
 
 
 def _finite_or_none(value: float) -> float | None:
