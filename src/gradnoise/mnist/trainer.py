@@ -252,7 +252,7 @@ class Training:
 
     def _restore(self, directory: Path) -> None:
         weights, state = checkpoint.load(directory, self.device)
-        checkpoint.warn_if_threads_changed(state, directory)
+        checkpoint.resume_threads(state, directory, keep_current=False)
         with checkpoint.restoring(directory):
             files.check_tensors(weights, self.model.state_dict(), f"the weights in {directory}")
             self.model.load_state_dict(weights)
