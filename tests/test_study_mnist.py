@@ -247,3 +247,29 @@ def test_a_tiny_neelakantan_study_runs_reports_and_verifies(tmp_path, small_mnis
     assert "8 done" in capsys.readouterr().out
     assert main(["study", "verify", str(study_dir), "--runs", "2"]) == 0
     assert "all 2 run(s) agree" in capsys.readouterr().out
+
+
+# ---- the LM report's words follow the metric's direction ----------------------------------------
+
+
+def test_the_reports_verdict_words_follow_the_metrics_direction():
+    from gradnoise.study.report import verdict
+    from gradnoise.study.report.analysis import improvement_sign, improves, metric
+    from gradnoise.study.report.sentences import _closest
+    from gradnoise.study.stats import paired_comparison
+
+    # Five seeds, the method 0.05 above the control on every one (± a little): Δ ≈ +0.05.
+    up = paired_comparison({s: 0.5 + 0.05 + 0.001 * s for s in range(5)}, {s: 0.5 for s in range(5)})
+    assert up.mean_diff > 0 and up.t_p < 0.05
+    assert (metric("test_acc").better, metric("val_loss_full").better) == ("higher", "lower")
+    assert (improvement_sign("test_acc"), improvement_sign("val_loss")) == (1, -1)
+    assert improves("best_test_acc", up.mean_diff) and not improves("test_loss_full", up.mean_diff)
+    # An accuracy that went up is better; a loss that went up is worse.
+    assert verdict._finding_cells(up, 0.001, 0.05, "test_acc")[-1] == "better"
+    assert verdict._finding_cells(up, 0.001, 0.05, "val_loss_full")[-1] == "worse"
+
+    class Row:
+        comparison, t_p_holm, method = up, 0.2, "noise"
+
+    assert _closest([Row()], "level", lambda r: r.method, improvement_sign("test_acc")).endswith("at noise")
+    assert _closest([Row()], "level", lambda r: r.method) == "every level's mean is above the baseline's"
