@@ -273,3 +273,42 @@ def test_the_reports_verdict_words_follow_the_metrics_direction():
 
     assert _closest([Row()], "level", lambda r: r.method, improvement_sign("test_acc")).endswith("at noise")
     assert _closest([Row()], "level", lambda r: r.method) == "every level's mean is above the baseline's"
+
+
+def test_a_killed_mnist_group_resumes_exactly(tmp_path, small_mnist):
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradnoise.study.plan import group_directory, plan_groups
+    from gradnoise.study.runner import run_study
+    from test_study_run import processes_with
+
+    long = {"depth": 4, "width": 16, "batch_size": 16, "epochs": 50}
+    long |= {"eval_every": 60, "checkpoint_every": 120}  # 600 steps: a checkpoint to kill after
+    data = tiny_spec(seeds=1, overrides=long)
+    data["methods"] = {"simple": data["methods"]["simple"], "simple-noise": data["methods"]["simple-noise"]}
+    data["settings_table"]["rows"][0].update(without=["simple"], **{"with": ["simple-noise"]})
+    spec = parse_spec(data)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    (group,) = plan_groups(list(spec.runs), list(spec.runs), killed, batch_models=40)
+    group_dir = group_directory(killed, group.group_id)
+
+    with ThreadPoolExecutor(1) as pool:  # the driver, in this process
+        driver = pool.submit(run_study, spec, killed, progress=False)
+        while not (group_dir / "checkpoints" / "LATEST").exists():
+            assert not driver.done(), "the group ended before a checkpoint could be killed"
+            time.sleep(0.02)
+        (pid,) = processes_with("--group", str(group_dir))
+        os.kill(pid, signal.SIGKILL)
+        assert driver.result(timeout=120)["failed"] == 2
+    assert run_study(spec, killed, progress=False)["done"] == 2
+    assert run_study(spec, whole, progress=False)["done"] == 2
+    finals = []
+    for directory in (killed, whole):
+        with Store(directory / STORE_FILE, readonly=True) as store:
+            finals.append({row["id"]: (row["test_acc"], row["test_loss"]) for row in store.finals()})
+            attempts = [row["attempts"] for row in store.runs()]
+        assert attempts == ([2, 2] if directory == killed else [1, 1])
+    assert finals[0] == finals[1]  # resumed exactly, not restarted
