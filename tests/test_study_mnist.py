@@ -312,3 +312,19 @@ def test_a_killed_mnist_group_resumes_exactly(tmp_path, small_mnist):
             attempts = [row["attempts"] for row in store.runs()]
         assert attempts == ([2, 2] if directory == killed else [1, 1])
     assert finals[0] == finals[1]  # resumed exactly, not restarted
+
+
+def test_study_run_set_values_are_typed_as_the_specs_task(tmp_path, capsys):
+    from gradnoise.study.spec import spec_task
+    from gradnoise.study.tasks import LM
+
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(json.dumps(tiny_spec()))
+    assert spec_task(spec_path) is MNIST and spec_task("quick") is LM
+    assert MNIST.parse_set(["epochs=1", "lr=0.5"]) == {"epochs": 1, "lr": 0.5}
+    assert LM.parse_set(["max_iters=5"]) == {"max_iters": 5}
+    study_dir = tmp_path / "study"
+    assert main(["study", "run", str(spec_path), "--dir", str(study_dir), "--set", "max_iters=5"]) == 2
+    assert "'max_iters=5' is not KEY=VALUE with a known key" in capsys.readouterr().err
+    assert not study_dir.exists()  # nothing written
+    assert load_spec(spec_path, MNIST.parse_set(["epochs=1"])).runs[0].config.epochs == 1

@@ -183,6 +183,22 @@ def packaged_specs() -> dict[str, Path]:
 def load_spec(spec: str | Path, set_values: dict | None = None) -> StudySpec:
     """Load a spec from a YAML path or a packaged name; `set_values` become its `set:`
     (applied to every run, above everything else)."""
+    path = _spec_path(spec)
+    data = read_yaml(path)
+    if set_values and isinstance(data, dict) and isinstance(data.get("set") or {}, dict):
+        data = {**data, "set": {**(data.get("set") or {}), **set_values}}
+    return parse_spec(data, source=str(path))
+
+
+def spec_task(spec: str | Path) -> Task:
+    """The task a spec (a YAML path or a packaged name) names, read before its runs expand
+    (`study run --set` types its values as that task's config fields)."""
+    path = _spec_path(spec)
+    data = read_yaml(path)
+    return task_of(data.get("task", "lm") if isinstance(data, dict) else "lm", f"study spec {path}")
+
+
+def _spec_path(spec: str | Path) -> Path:
     path = Path(spec)
     packaged = packaged_specs()
     if not path.is_file():
@@ -192,10 +208,7 @@ def load_spec(spec: str | Path, set_values: dict | None = None) -> StudySpec:
                 f"(packaged: {', '.join(packaged)})"
             )
         path = packaged[str(spec)]
-    data = read_yaml(path)
-    if set_values and isinstance(data, dict) and isinstance(data.get("set") or {}, dict):
-        data = {**data, "set": {**(data.get("set") or {}), **set_values}}
-    return parse_spec(data, source=str(path))
+    return path
 
 
 def read_yaml(path: Path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm.config import DATASETS, LATER_KEYS, PRESETS, TrainConfig, resolve_config
+from gradnoise.lm.config import DATASETS, LATER_KEYS, PRESETS, TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.config import group_key as lm_group_key
 from gradnoise.lm.runlog import FINAL_METRICS
 
@@ -49,6 +49,8 @@ class Task:
     group_key: Callable[[object], str]
     total_steps: Callable[[object], int]
     write_group: Callable[[Path, list[str], list[Path], list[object]], None]
+    #: ["key=value", ...] → {key: value typed as the task's config field} (`study run --set`)
+    parse_set: Callable[[list[str]], dict]
 
     def run_id(self, config) -> str:
         """sha256[:12] of the canonical JSON of the resolved config (dataset and seed
@@ -93,6 +95,13 @@ def _mnist_group_key(config) -> str:
     return canonical(config.group_key())
 
 
+def _mnist_parse_set(pairs: list[str]) -> dict:
+    from gradnoise.mnist.config import parse_overrides as parse_mnist
+
+    typed = parse_mnist(pairs)
+    return {key: getattr(typed, key) for key in (pair.partition("=")[0] for pair in pairs)}
+
+
 def _mnist_write_group(directory: Path, run_ids, run_dirs, configs) -> None:
     from gradnoise.mnist.config import write_group
 
@@ -111,6 +120,7 @@ LM = Task(
     group_key=lm_group_key,
     total_steps=lambda config: config.max_iters,
     write_group=_lm_write_group,
+    parse_set=parse_overrides,
 )
 #: The MNIST task's finals (its trainer's result.json) and their directions.
 MNIST_METRICS = {
@@ -133,6 +143,7 @@ MNIST = Task(
     group_key=_mnist_group_key,
     total_steps=lambda config: config.total_steps(),
     write_group=_mnist_write_group,
+    parse_set=_mnist_parse_set,
 )
 TASKS = {task.name: task for task in (LM, MNIST)}
 
