@@ -85,15 +85,18 @@ def write_report(study_dir: Path, *, allow_mixed_code: bool = False) -> Path:
         if not allow_mixed_code:
             identity.refuse_mixed(name, groups)
         spec = store.study()["spec"]
-        if task_of_spec(spec) is LM:
-            analysis = analyze(load_study(store))
-            build = lambda building: _build(analysis, building, made_by)  # noqa: E731
-        else:
-            runs, finals = rows, store.finals()
-            build = lambda building: _build_settings(name, spec, runs, finals, building, made_by)  # noqa: E731
+        analysis = analyze(load_study(store)) if task_of_spec(spec) is LM else None
+        finals = store.finals() if analysis is None else []
     made_by = f"code: {identity.describe(groups)}; numerics: {identity.numerics_summary(rows)}"
     if identity.mixed(groups):
         made_by = f"MIXED CODE, compared anyway (--allow-mixed-code): {made_by}"
+
+    def build(building: Path) -> None:
+        if analysis is not None:
+            _build(analysis, building, made_by)
+        else:
+            _build_settings(name, spec, rows, finals, building, made_by)
+
     report_dir = study_dir / "report"
     with warnings.catch_warnings():
         # matplotlib's remarks on a plot of few points (identical axis limits, nothing to
