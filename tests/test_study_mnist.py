@@ -328,3 +328,21 @@ def test_study_run_set_values_are_typed_as_the_specs_task(tmp_path, capsys):
     assert "'max_iters=5' is not KEY=VALUE with a known key" in capsys.readouterr().err
     assert not study_dir.exists()  # nothing written
     assert load_spec(spec_path, MNIST.parse_set(["epochs=1"])).runs[0].config.epochs == 1
+
+
+def test_mnist_runs_alone_are_groups_of_one_in_their_own_directories(tmp_path, small_mnist):
+    from gradnoise.study.runner import run_study
+
+    data = tiny_spec(seeds=1)
+    data["methods"] = {"simple": data["methods"]["simple"], "he": data["methods"]["he"]}
+    data["settings_table"]["rows"][0].update(without=["simple", "he"], **{"with": []})
+    data["settings_table"]["rows"][0].pop("published")
+    summary = run_study(parse_spec(data), tmp_path / "study", batch_models=1, progress=False)
+    assert (summary["done"], summary["ran"]) == (2, 2)
+    assert not (tmp_path / "study" / "groups").exists()
+    with Store(tmp_path / "study" / STORE_FILE, readonly=True) as store:
+        runs = store.runs()
+    assert [r["replicas"] for r in runs] == [1, 1]
+    for run in runs:
+        group = json.loads((tmp_path / "study" / "runs" / run["id"] / "group.json").read_text())
+        assert [member["run_dir"] for member in group["runs"]] == ["."]
