@@ -116,6 +116,7 @@ def test_a_task_mnist_spec_expands_to_mnist_configs_and_an_lm_spec_is_unchanged(
         ({"datasets": ["shakespeare_char"]}, "unknown dataset 'shakespeare_char'; allowed: mnist_5k, mnist"),
         ({"preset": "tiny"}, "preset='tiny'; allowed: default"),
         ({"table": {"title": "T", "metrics": ["test_acc"]}}, "table: is not drawn for task mnist"),
+        ({"hypotheses": {"metric": "test_acc"}}, "hypotheses: is not drawn for task mnist"),
         ({"methods": {"simple": {"init": "orthogonal"}}}, "init='orthogonal' is not allowed"),
     ],
 )

@@ -33,9 +33,10 @@ COMPARED_METRICS = ("val_loss_full", "best_val_loss", "val_loss", "train_loss", 
 FINDINGS_KEYS = ("reference", "metrics")
 SETTINGS_KEYS = ("title", "caption", "source", "metric", "trained_above", "rows")
 SETTINGS_ROW_KEYS = ("label", "without", "with", "published")
-#: The report blocks each task's report draws (the others are refused for that task).
+#: The report blocks (and pre-registered tests) each task's report draws; a spec naming
+#: another task's is refused.
 TASK_BLOCKS = {
-    "lm": ("published", "table", "dose_response", "findings"),
+    "lm": ("published", "table", "dose_response", "findings", "hypotheses"),
     "mnist": ("settings_table",),
 }
 
