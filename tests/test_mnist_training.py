@@ -151,7 +151,10 @@ def test_a_diverged_replica_is_frozen_and_the_others_go_on(tmp_path, small_mnist
     assert group[0]["status"] == "diverged" and group[0]["finals"]["steps"] < 5
     assert group[0]["finals"]["test_acc"] is None  # no evaluation before it diverged
     assert not (tmp_path / "g0" / "log.jsonl").exists() or not (tmp_path / "g0" / "log.jsonl").read_text()
-    assert group[1] == alone and alone["status"] == "done"
+    # What made them differs in the replica count alone (a group of two, a run alone).
+    assert group[1]["provenance"]["numerics"]["replicas"] == 2
+    assert alone["provenance"]["numerics"]["replicas"] == 1
+    assert {**group[1], "provenance": None} == {**alone, "provenance": None} and alone["status"] == "done"
 
 
 def test_runs_that_differ_in_a_shared_key_cannot_be_a_group(tmp_path):

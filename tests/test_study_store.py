@@ -144,6 +144,7 @@ def test_record_result_writes_status_finals_and_curves(store):
         "train_loss": 2.0,
         "val_loss": 3.0,
         "test_loss": None,
+        "test_acc": None,  # logged by the MNIST task's evals
     }
     assert store.curves(["r2"]) == []
     assert store.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0, "diverged": 0}
@@ -180,6 +181,7 @@ def test_an_older_store_gets_the_new_columns_and_keeps_its_rows(tmp_path):
         (point,) = store.curves(["old"])
         assert (point["loss"], point["sigma"]) == (2.5, 0.01)
         assert (point["grad_norm"], point["noise_norm"], point["noise_to_grad"]) == (None, None, None)
+        assert point["test_acc"] is None
         (finals,) = store.finals()
         assert (finals["steps"], finals["val_loss"]) == (20, 1.75)
         assert finals["train_loss_last_batch"] is None and finals["parameters"] is None
@@ -195,7 +197,8 @@ def test_an_older_store_gets_the_new_columns_and_keeps_its_rows(tmp_path):
         assert len(store.finals()) == 2
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(curves)")]
-    assert columns.count("grad_norm") == 1 and columns[-3:] == ["grad_norm", "noise_norm", "noise_to_grad"]
+    assert columns.count("grad_norm") == 1 and columns.count("test_acc") == 1
+    assert columns[-4:] == ["grad_norm", "noise_norm", "noise_to_grad", "test_acc"]
 
 
 def test_recording_a_run_again_replaces_never_duplicates(store):

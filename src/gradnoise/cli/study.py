@@ -60,7 +60,8 @@ def register(commands) -> None:
         help="train up to M runs that differ only in per-replica settings (seed, noise, dropout, "
         "regularizers, clipping) in one process, as one batched model (1: a process per run). "
         "Default: 8 where the runs train on CUDA (--devices "
-        "names a GPU, or device auto/cuda with a GPU here), else 1; give it for a Ray cluster. "
+        "names a GPU, or device auto/cuda with a GPU here), else 1 (40 for a spec of the MNIST "
+        "task); give it for a Ray cluster. "
         "A group once started keeps its runs until they finish",
     )
     run.add_argument(
@@ -136,11 +137,12 @@ def list_specs(args) -> int:
 
 
 def run_spec(args) -> int:
-    from gradnoise.lm.config import parse_overrides
     from gradnoise.study.runner import run_study
-    from gradnoise.study.spec import load_spec
+    from gradnoise.study.spec import load_spec, spec_task
 
-    spec = load_spec(args.spec, parse_overrides(args.set_values))
+    # --set values are typed as the config fields of the spec's task.
+    set_values = spec_task(args.spec).parse_set(args.set_values) if args.set_values else {}
+    spec = load_spec(args.spec, set_values)
     study_dir = args.dir or default_dir(spec.name)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     summary = run_study(

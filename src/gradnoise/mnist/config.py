@@ -21,7 +21,7 @@ from gradnoise.errors import UserError
 from gradnoise.lm import atomic, files
 from gradnoise.lm.devices import check_device_name
 from gradnoise.lm.group import relative
-from gradnoise.mnist.data import NAMES
+from gradnoise.mnist.data import NAMES, train_size
 from gradnoise.mnist.model import INITS
 
 PER_REPLICA_KEYS = ("seed", "init", "noise", "grad_clip", "dropout")
@@ -109,6 +109,10 @@ class MnistConfig:
         if unknown:
             raise UserError(f"{source} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(HELP)}")
         return cls(**values)
+
+    def total_steps(self) -> int:
+        """epochs · ⌊train digits / batch_size⌋: the steps a run trains."""
+        return self.epochs * (train_size(self.dataset) // self.batch_size)
 
     def group_key(self) -> dict:
         """The settings every member of a group shares."""

@@ -21,6 +21,7 @@ four files are verified.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -39,6 +40,8 @@ from gradnoise.lm import atomic, files
 from gradnoise.lm.data import gradnoise_home
 
 NAMES = ("mnist_5k", "mnist")
+#: Digits in the train split of mnist_5k, and of the full MNIST as published.
+TRAIN_DIGITS = {"mnist_5k": 4_000, "mnist": 60_000}
 FORMAT_VERSION = 1
 #: Not meta.json: the LM corpora's listing (`gradnoise data list`) reads every meta.json under home.
 META_FILE = "digits.json"
@@ -215,6 +218,16 @@ def _fetch(name: str, source: str | None) -> tuple[bytes, str]:
             return data, base + name
         failures.append(f"{base + name}: more than {MAX_BYTES:,} bytes")
     raise UserError(f"cannot download {name}: {'; '.join(failures)}; give the files with --source DIR")
+
+
+def train_size(name: str, *, home: Path | None = None) -> int:
+    """Digits in `name`'s train split without loading it: mnist_5k's 4,000, or the prepared
+    mnist's count (its labels file's header), 60,000 where it is not prepared yet."""
+    if name == "mnist":
+        path = (Path(home) if home is not None else gradnoise_home()) / "mnist" / "train_labels.npy"
+        with contextlib.suppress(OSError, ValueError):
+            return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+    return TRAIN_DIGITS[name]
 
 
 def load_prepared(home: Path) -> Digits:

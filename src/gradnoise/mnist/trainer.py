@@ -15,12 +15,15 @@ matmuls (dropout aside: one mask draw for the group, from a generator seeded by 
 run's seed and the step). A replica whose loss turns non-finite is frozen (its slices
 put back after every step) and recorded diverged; the others go on.
 
-Outputs: each run directory gets config.json, log.jsonl (an "eval" line every
-eval_every steps: step, epoch, test_acc, test_loss, train_loss over the window, sigma)
-and result.json (status, finals: steps, test_acc, test_loss, best_test_acc,
-train_loss, escape_step = the first evaluated step with test accuracy above
-ESCAPE_ACCURACY, or None; a diverged run's are those of its last evaluation before it
-diverged, with steps = the step it diverged at). The group's checkpoints (weights as safetensors, the rest
+Outputs: each run directory gets config.json, provenance.json (each attempt's code
+and numerics, as gradnoise.lm.provenance records them for LM runs), log.jsonl (an
+"eval" line every eval_every steps: step, epoch, test_acc, test_loss, train_loss over
+the window, sigma) and result.json (status, finals: steps, test_acc, test_loss,
+best_test_acc, train_loss, escape_step = the first evaluated step with test accuracy
+above ESCAPE_ACCURACY, or None; a diverged run's are those of its last evaluation
+before it diverged, with steps = the step it diverged at; and provenance: the
+attempt's code and numerics, how many attempts made the run and whether they all had
+the same). The group's checkpoints (weights as safetensors, the rest
 loaded with weights_only) go to group_dir/checkpoints; `resume=True` continues exactly,
 and SIGTERM checkpoints and returns status "interrupted".
 """
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, checkpoint, files, replicas, rundir
+from gradnoise.lm import atomic, checkpoint, files, provenance, replicas, rundir, runlog
 from gradnoise.lm.data import derive_seed
 from gradnoise.lm.devices import describe_device, resolve_device
 from gradnoise.mnist import data
@@ -125,6 +128,9 @@ class Training:
         elif any((d / LOG_FILE).exists() for d in self.run_dirs):
             for run_dir in self.run_dirs:  # a resume without a checkpoint starts afresh
                 (run_dir / LOG_FILE).unlink(missing_ok=True)
+        made_by = provenance.current(self.device, torch.float32, False, replicas=len(self.cfgs))
+        resumed_from = self.step if latest is not None else None
+        self.provenance = [runlog.write_provenance(d, made_by, resumed_from) for d in self.run_dirs]
         started = time.monotonic()
         with _stop_on_sigterm(self):
             while self.step < self.total_steps and not self.stop:
@@ -233,6 +239,7 @@ class Training:
                 ),
                 "escape_step": escaped[0] if escaped else None,
             },
+            "provenance": self.provenance[m],
         }
         atomic.write_text(self.run_dirs[m] / RESULT_FILE, json.dumps(result, indent=2) + "\n")
         return result

@@ -21,7 +21,9 @@ one run within it, trained once. A group of one is a run alone:
 - local: a worker process per launch, each with its device and
   OMP_NUM_THREADS = cores // concurrent launches (unless set):
   `python -m gradnoise train --config-file … --run-dir … --resume --no-progress` (a run alone),
-  `python -m gradnoise train --group GROUP_DIR --resume --no-progress` (a group).
+  `python -m gradnoise train --group GROUP_DIR --resume --no-progress` (a group);
+  for the MNIST task `python -m gradnoise train-mnist --group DIR --resume`, a run alone
+  being a group of one in its own directory (`tasks.worker_arguments`).
 - ray: a Ray task per launch that calls the trainer in-process and sends its members'
   results and curves back to the driver.
 """
@@ -44,9 +46,8 @@ from typing import Any
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, runlog
-from gradnoise.lm.config import TrainConfig
-from gradnoise.lm.group import Member, write_group
-from gradnoise.study.plan import Group, group_directory, run_directory
+from gradnoise.study import tasks
+from gradnoise.study.plan import Group, group_directory, last_step, run_directory
 from gradnoise.study.spec import Run
 from gradnoise.study.store import STORE_FILE
 
@@ -210,17 +211,20 @@ class Executor:
         for run in group.members:
             configs[run.run_id] = run.config.to_dict() | ({"device": config_device} if config_device else {})
             run_directory(self.study_dir, run.run_id).mkdir(parents=True, exist_ok=True)
+        task = group.members[0].task
         if group.group_id is None:
             (run,) = group.members
             directory = run_directory(self.study_dir, run.run_id)
         else:
             directory = group_directory(self.study_dir, group.group_id)
             directory.mkdir(parents=True, exist_ok=True)
-            members = [
-                Member(run_id, run_directory(self.study_dir, run_id), TrainConfig.from_dict(config))
-                for run_id, config in configs.items()
-            ]
-            write_group(directory, members)
+        if group.group_id is not None or task.name != "lm":  # MNIST: a run alone is a group of one
+            task.write_group(
+                directory,
+                list(configs),
+                [run_directory(self.study_dir, run_id) for run_id in configs],
+                [task.from_dict(config) for config in configs.values()],
+            )
         launch_device = shown_device or configs[group.members[0].run_id]["device"]
         attempts = [
             Attempt(
@@ -228,7 +232,7 @@ class Executor:
                 run_dir=run_directory(self.study_dir, run.run_id),
                 host=host,
                 device=launch_device,
-                first_step=runlog.last_step(run_directory(self.study_dir, run.run_id)),
+                first_step=last_step(run_directory(self.study_dir, run.run_id)),
             )
             for run in group.todo
         ]
@@ -271,11 +275,9 @@ class LocalExecutor(Executor):
         if launch.device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = _physical_gpu(int(launch.device[5:]))
         directory = launch.directory
-        if launch.group.group_id is None:
-            where = ["--config-file", str(directory / runlog.CONFIG_FILE), "--run-dir", str(directory)]
-        else:
-            where = ["--group", str(directory)]
-        command = [sys.executable, "-m", "gradnoise", "train", *where, "--resume", "--no-progress"]
+        alone = launch.group.group_id is None
+        task = launch.group.members[0].task
+        command = [sys.executable, "-m", "gradnoise", *tasks.worker_arguments(task, directory, alone)]
         with open(directory / "stdout.log", "wb") as stdout, open(directory / "stderr.log", "wb") as stderr:
             # A session of its own: Ctrl-C reaches the driver only, which then stops the worker
             # with SIGTERM, so that it writes a checkpoint first.
@@ -416,7 +418,12 @@ class RayExecutor(Executor):
 
     def submit(self, launch: Launch) -> None:
         task = self.task.options(num_cpus=1, num_gpus=launch.gpus)
-        reference = task.remote(launch.configs, str(self.study_dir.resolve()), launch.group.group_id)
+        reference = task.remote(
+            launch.configs,
+            str(self.study_dir.resolve()),
+            launch.group.group_id,
+            launch.group.members[0].task.name,
+        )
         launch.handle = reference
         self.in_flight[reference] = launch
 
@@ -458,7 +465,7 @@ class RayExecutor(Executor):
             self.ray.shutdown()
 
 
-def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | None) -> dict:
+def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | None, task: str = "lm") -> dict:
     """A Ray task: train a run alone (`group_id` None, one config) or a group in-process;
     return {"results", "curves"} by run id, and the host.
 
@@ -469,7 +476,6 @@ def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | No
     import torch
 
     from gradnoise.lm.data import gradnoise_home
-    from gradnoise.lm.trainer import train, train_group
 
     torch.set_num_threads(1)
     shared = Path(study_dir)
@@ -480,18 +486,9 @@ def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | No
         local = gradnoise_home() / "study-runs" / shared.name
         run_dirs = {run_id: local / run_id for run_id in configs}
         group_dir = group_directory(local, group_id) if group_id else None
-    training = {run_id: TrainConfig.from_dict(config) for run_id, config in configs.items()}
-    if group_id is None:
-        ((run_id, config),) = training.items()
-        results = [train(config, run_dirs[run_id], resume=True, progress=False)]
-    else:
-        results = train_group(
-            list(training.values()),
-            list(run_dirs.values()),
-            group_dir,
-            resume=True,
-            progress=False,
-        )
+    harness = tasks.TASKS[task]
+    training = [harness.from_dict(config) for config in configs.values()]
+    results = tasks.train_in_process(harness, training, list(run_dirs.values()), group_dir)
     return {
         "results": dict(zip(configs, results, strict=True)),
         "curves": {run_id: runlog.read_curves(run_dir) for run_id, run_dir in run_dirs.items()},

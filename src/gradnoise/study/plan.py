@@ -3,7 +3,7 @@
     groups = plan_groups(todo, study_dir, batch_models=8)
 
 Runs may share a group when their configs differ only in per-replica settings
-(seed, noise, dropout, ...: equal `config.group_key`, which includes the dataset).
+(seed, noise, dropout, ...: equal `group_key` of their task, which includes the dataset).
 Rules, in this order:
 
 1. A group launched before (study_dir/groups/<id>/group.json exists, written when the
@@ -19,7 +19,8 @@ Rules, in this order:
    equal `group_key`, M at a time.
 
 A group of one is an ordinary run (`gradnoise train --run-dir`, as with M = 1);
-larger ones train with `gradnoise train --group`. The plan depends only on the
+larger ones train with `gradnoise train --group` (MNIST runs: `gradnoise train-mnist
+--group`, a run alone being a group of one in its own directory). The plan depends only on the
 runs still to do and what is on disk, so a resumed study forms the same groups.
 """
 
@@ -30,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint
-from gradnoise.lm.config import group_key
-from gradnoise.lm.group import GROUP_FILE, read_group
+from gradnoise.lm import checkpoint, files, runlog
 from gradnoise.study.spec import Run
+
+#: A group's file, in either harness: {"runs": [{"run_id", "run_dir", "config"}, ...], ...}.
+GROUP_FILE = "group.json"
 
 GROUPS_DIR = "groups"
 
@@ -54,6 +56,14 @@ def run_directory(study_dir: Path, run_id: str) -> Path:
     return Path(study_dir) / "runs" / run_id
 
 
+def last_step(run_dir: Path) -> int:
+    """The step of the run's last train log line, or, for a run that logs evals alone (the
+    MNIST task), of its last eval line (0 if none)."""
+    train, evaluation = runlog.read_log_tail(run_dir)
+    line = train or evaluation
+    return int(line["step"]) if line else 0
+
+
 def group_directory(study_dir: Path, group_id: str) -> Path:
     """A group's directory in its study: group.json, the group's checkpoints and logs."""
     return Path(study_dir) / GROUPS_DIR / group_id
@@ -70,10 +80,19 @@ def launched_groups(study_dir: Path) -> dict[str, list[str]]:
     if not root.is_dir():
         return {}
     return {
-        directory.name: [member.run_id for member in read_group(directory)]
+        directory.name: _member_ids(directory / GROUP_FILE)
         for directory in sorted(root.iterdir())
         if (directory / GROUP_FILE).is_file()
     }
+
+
+def _member_ids(path: Path) -> list[str]:
+    """The run ids a group file lists (the LM and the MNIST harness write the same "runs")."""
+    document = files.read_json(path, "group file")
+    try:
+        return [str(run["run_id"]) for run in document["runs"]]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} is not a group file ({{'runs': [{{'run_id', ...}}]}})") from None
 
 
 def plan_groups(todo: list[Run], all_runs: list[Run], study_dir: Path, batch_models: int) -> list[Group]:
@@ -102,12 +121,13 @@ def plan_groups(todo: list[Run], all_runs: list[Run], study_dir: Path, batch_mod
         if batch_models == 1 or checkpoint.latest(run_directory(study_dir, run.run_id)) is not None:
             formed.append([run])
             continue
-        members = open_groups.setdefault(group_key(run.config), [])
+        key = run.task.group_key(run.config)
+        members = open_groups.setdefault(key, [])
         if not members:
             formed.append(members)  # in the order of its first member
         members.append(run)
         if len(members) == batch_models:
-            del open_groups[group_key(run.config)]
+            del open_groups[key]
     for members in formed:
         group_id = new_group_id(members) if len(members) > 1 else None
         groups.append(Group(group_id, tuple(members), tuple(members)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gradnoise.lm import runlog
 from gradnoise.study.executors import Attempt
+from gradnoise.study.plan import last_step
 from gradnoise.study.store import Store
 
 
@@ -38,11 +39,10 @@ class Progress:
         self.steps_todo = steps_todo
 
     def finished(self, attempt: Attempt, status: str, reason: str = "") -> None:
-        reached = (
-            attempt.run.config.max_iters if status in runlog.FINISHED else runlog.last_step(attempt.run_dir)
-        )
+        total = attempt.run.task.total_steps(attempt.run.config)
+        reached = total if status in runlog.FINISHED else last_step(attempt.run_dir)
         self.steps_done += max(0, reached - attempt.first_step)
-        self.steps_todo -= attempt.run.config.max_iters - reached  # never trained in this session
+        self.steps_todo -= total - reached  # never trained in this session
         if self.enabled:
             self._clear()
             suffix = f": {reason}" if reason else ""
@@ -54,7 +54,7 @@ class Progress:
             return
         self.last_draw = time.time()
         counts = self.store.counts()
-        steps_now = self.steps_done + sum(max(0, runlog.last_step(a.run_dir) - a.first_step) for a in active)
+        steps_now = self.steps_done + sum(max(0, last_step(a.run_dir) - a.first_step) for a in active)
         elapsed = time.time() - self.started
         eta = "?"
         if steps_now > 0:
@@ -65,7 +65,10 @@ class Progress:
             f"{counts['diverged']} diverged · elapsed {duration(elapsed)} · ETA {eta}"
         ]
         if self.tty:
-            lines += ["  " + run_line(a.name, a.run_dir, a.run.config.max_iters, a.device) for a in active]
+            lines += [
+                "  " + run_line(a.name, a.run_dir, a.run.task.total_steps(a.run.config), a.device)
+                for a in active
+            ]
             self._clear()
         print("\n".join(lines), file=self.stream, flush=True)
         self.drawn_lines = len(lines) if self.tty else 0
@@ -82,13 +85,16 @@ class Progress:
 
 
 def run_line(name: str, run_dir: Path, max_iters: int, device: str | None) -> str:
-    """`name [device]  step s/max  loss l  val v @ step`, from the tail of the run's log."""
+    """`name [device]  step s/max  loss l  val v @ step`, from the tail of the run's log
+    (`step s/max  test acc a` for a run that logs evals alone)."""
     train, evaluation = runlog.read_log_tail(run_dir)
     parts = [name, f"[{device}]"] if device else [name]
     if train:
         parts.append(f"step {train['step']}/{max_iters}")
         if train.get("loss") is not None:
             parts.append(f"loss {train['loss']:.4f}")
+    elif evaluation and evaluation.get("test_acc") is not None:
+        parts.append(f"step {evaluation['step']}/{max_iters}  test acc {evaluation['test_acc']:.3f}")
     else:
         parts.append("starting")
     if evaluation and evaluation.get("val_loss") is not None:

@@ -40,9 +40,9 @@ import yaml
 
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic, provenance, runlog
-from gradnoise.study import identity
+from gradnoise.study import identity, tasks
 from gradnoise.study.executors import Executor, Outcome, check_options, make_executor, run_name
-from gradnoise.study.plan import Group, plan_groups, run_directory
+from gradnoise.study.plan import Group, last_step, plan_groups, run_directory
 from gradnoise.study.progress import Progress, run_line
 from gradnoise.study.spec import Run, StudySpec, canonical, load_spec, runs_differ
 from gradnoise.study.store import STORE_FILE, Store
@@ -95,7 +95,10 @@ def run_study(
             display = Progress(spec.name, store, enabled=progress)
             display.start(
                 sum(
-                    max(0, run.config.max_iters - runlog.last_step(run_directory(study_dir, run.run_id)))
+                    max(
+                        0,
+                        run.task.total_steps(run.config) - last_step(run_directory(study_dir, run.run_id)),
+                    )
                     for run in todo
                 )
             )
@@ -123,7 +126,8 @@ def run_study(
 
 def default_batch_models(spec: StudySpec, devices: list[str] | None) -> int:
     """CUDA_BATCH_MODELS where the runs train on CUDA (--devices names a GPU; without
-    --devices, their device is cuda, or auto with a GPU on this machine), else 1."""
+    --devices, their device is cuda, or auto with a GPU on this machine), else the task's
+    CPU default (1 for the LM task; 40 for the MNIST one, whose small model batches well)."""
     if devices is not None:
         on_cuda = any(device.startswith("cuda") for device in devices)
     else:
@@ -132,7 +136,7 @@ def default_batch_models(spec: StudySpec, devices: list[str] | None) -> int:
             run.config.device.startswith("cuda") or (run.config.device == "auto" and gpu_here)
             for run in spec.runs
         )
-    return CUDA_BATCH_MODELS if on_cuda else 1
+    return CUDA_BATCH_MODELS if on_cuda else spec.task.cpu_batch_models
 
 
 def _selected_runs(spec: StudySpec, datasets: list[str] | None) -> list[Run]:
@@ -276,11 +280,17 @@ def study_status(study_dir: Path) -> str:
         f"numerics: {identity.numerics_summary(runs)}",
     ]
     running = [r for r in runs if r["status"] == "running"]
+    task = tasks.task_of_spec(study["spec"])
     if running:
         lines.append("running:" if driver_alive else "interrupted (resume with `gradnoise study run`):")
         lines += [
             "  "
-            + run_line(_row_name(r), run_directory(study_dir, r["id"]), r["config"]["max_iters"], r["device"])
+            + run_line(
+                _row_name(r),
+                run_directory(study_dir, r["id"]),
+                task.total_steps(task.from_dict(r["config"])),
+                r["device"],
+            )
             for r in running
         ]
     elif not driver_alive and counts["pending"]:

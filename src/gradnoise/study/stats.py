@@ -4,6 +4,10 @@ Seeds are paired (seed s means the same init, batches and dropout masks for
 every method), so methods are compared through per-seed differences
 d_s = method_s − baseline_s. Every test and quantile comes from scipy.stats;
 degenerate inputs give NaN plus a `note` saying why, never an exception.
+
+Whether runs train (a yes/no per run) is counted: k of n with a Wilson or Clopper–Pearson
+interval, and two methods paired on seeds by McNemar's exact test (its binomial tail
+summed in exact integers).
 """
 
 from __future__ import annotations
@@ -331,3 +335,83 @@ def interaction_contrast(
     return paired_comparison(
         paired_differences(treatment, control), paired_differences(versus_treatment, versus_control)
     )
+
+
+# ---- proportions: how many runs train ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """k of n runs, with a 95% interval for the proportion."""
+
+    k: int
+    n: int
+    low: float
+    high: float
+
+    @property
+    def fraction(self) -> float:
+        return self.k / self.n if self.n else NAN
+
+
+def _check_count(k: int, n: int) -> None:
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k <= n):
+        raise ValueError(f"need integers 0 ≤ k ≤ n, got k={k!r}, n={n!r}")
+
+
+def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> Proportion:
+    """Wilson's score interval for k successes in n trials (NaN bounds where n = 0):
+
+    p̂ = k/n,  z = Φ⁻¹(1 − α/2),
+    centre = (p̂ + z²/2n) / (1 + z²/n),
+    half   = z / (1 + z²/n) · sqrt(p̂(1 − p̂)/n + z²/4n²)
+    """
+    _check_count(k, n)
+    if n == 0:
+        return Proportion(k, n, NAN, NAN)
+    z = float(scipy.stats.norm.ppf(1 - (1 - confidence) / 2))
+    p = k / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return Proportion(k, n, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def clopper_pearson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> Proportion:
+    """The exact (Clopper–Pearson) interval: the α/2 and 1 − α/2 quantiles of
+    Beta(k, n − k + 1) and Beta(k + 1, n − k); 0 where k = 0, 1 where k = n."""
+    _check_count(k, n)
+    if n == 0:
+        return Proportion(k, n, NAN, NAN)
+    alpha = 1 - confidence
+    low = 0.0 if k == 0 else float(scipy.stats.beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(scipy.stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return Proportion(k, n, low, high)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Paired binary outcomes: b pairs where only the control succeeded, c where only the
+    treatment did, and the exact two-sided p-value of b against c."""
+
+    b: int
+    c: int
+    p: float
+
+
+def mcnemar_exact(pairs: Iterable[tuple[bool, bool]]) -> McNemar:
+    """McNemar's exact test on (control succeeded, treatment succeeded) pairs: under H0 each
+    discordant pair is the treatment's with probability 1/2, so with m = b + c,
+
+        p = min(1, 2 · Σ_{i=0}^{min(b, c)} C(m, i) / 2^m)    (p = 1 where m = 0)
+
+    Concordant pairs carry no information about the difference and do not enter."""
+    b = c = 0
+    for control, treatment in pairs:
+        b += bool(control) and not treatment
+        c += bool(treatment) and not control
+    m = b + c
+    if m == 0:
+        return McNemar(0, 0, 1.0)
+    tail = sum(math.comb(m, i) for i in range(min(b, c) + 1)) / 2**m
+    return McNemar(b, c, min(1.0, 2 * tail))

@@ -40,7 +40,9 @@ FINISHED = runlog.FINISHED
 TRAIN_METRICS = runlog.TRAIN_FIELDS
 EVAL_METRICS = runlog.EVAL_FIELDS
 CURVE_KINDS = runlog.KINDS
-CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS)
+#: Logged by the MNIST task's evals beside the losses (higher is better).
+ACCURACY_METRICS = ("test_acc",)
+CURVE_COLUMNS = ("run_id", "kind", "step", "time_s", *TRAIN_METRICS, *EVAL_METRICS, *ACCURACY_METRICS)
 FINAL_METRICS = runlog.FINAL_METRICS
 
 _INTEGER_FINALS = {"steps": "INTEGER", "best_val_step": "INTEGER", "parameters": "INTEGER"}
@@ -61,7 +63,7 @@ PROVENANCE_COLUMNS = {
 #: Per table, the value columns that may be newer than a store (added when it is opened).
 _VALUE_COLUMNS = {
     "runs": {name: sql_type for name, (_, _, sql_type) in PROVENANCE_COLUMNS.items()},
-    "curves": {m: "REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS)},
+    "curves": {m: "REAL" for m in (*TRAIN_METRICS, *EVAL_METRICS, *ACCURACY_METRICS)},
     "finals": {m: _INTEGER_FINALS.get(m, "REAL") for m in FINAL_METRICS},
 }
 

@@ -20,20 +20,30 @@ also the exact final val and test loss) with the stored ones:
 
 A run mismatches when a stored point is missing from the rerun or differs beyond what is
 allowed; the line then says where it first differs and what differs in what made it.
+
+A study of the MNIST task compares its evals' test accuracy, test loss and train loss
+(MNIST_COMPARED), under the same rules and tolerances (an accuracy tolerance of 0.02 is 20
+digits of mnist_5k's 1,000); a rerun of its first `steps` steps trains whole epochs
+(the batches of an epoch do not depend on how many follow) and compares the evals up to
+`steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from gradnoise.errors import UserError
 from gradnoise.lm import provenance, runlog
 from gradnoise.lm.config import TrainConfig
+from gradnoise.study import tasks
 from gradnoise.study.executors import run_name
 from gradnoise.study.store import STORE_FILE, Store, run_code, run_numerics
 
@@ -45,6 +55,8 @@ TOLERANCE = 0.02
 COMPARED = (("train", "loss"), ("eval", "train_loss"), ("eval", "val_loss"), ("eval", "test_loss"))
 #: Finals compared for a whole run (the exact pass over the whole split).
 COMPARED_FINALS = ("val_loss_full", "test_loss_full")
+#: What an MNIST run's rerun is compared on: its evals (it logs no train lines).
+MNIST_COMPARED = (("eval", "test_acc"), ("eval", "test_loss"), ("eval", "train_loss"))
 #: Threads for a rerun of a run that did not record its own.
 DEFAULT_THREADS = 1
 
@@ -86,19 +98,22 @@ def verify_study(
     on_verdict=None,
 ) -> Outcome:
     """Rerun and compare (see the module docstring); on_verdict(verdict) as each run ends."""
-    rows, finals, curves = _read(Path(study_dir), run_ids)
+    rows, finals, curves, task = _read(Path(study_dir), run_ids)
     chosen = _choose(rows, count, run_ids, seed)
     verdicts = []
     for row in chosen:
-        limit = _check_steps(steps, row)
-        verdict = _verify_run(row, finals.get(row["id"]), curves[row["id"]], limit, whole=steps is None)
+        limit = _check_steps(steps, row, task)
+        if task.name == "mnist":
+            verdict = _verify_mnist_run(row, curves[row["id"]], limit)
+        else:
+            verdict = _verify_run(row, finals.get(row["id"]), curves[row["id"]], limit, whole=steps is None)
         if on_verdict is not None:
             on_verdict(verdict)
         verdicts.append(verdict)
     return Outcome(verdicts)
 
 
-def _read(study_dir: Path, run_ids) -> tuple[list[dict], dict, dict]:
+def _read(study_dir: Path, run_ids) -> tuple[list[dict], dict, dict, tasks.Task]:
     database = study_dir / STORE_FILE
     if not database.is_file():
         raise UserError(f"{study_dir} holds no study (no {STORE_FILE})")
@@ -106,10 +121,11 @@ def _read(study_dir: Path, run_ids) -> tuple[list[dict], dict, dict]:
         rows = [r for r in store.runs() if r["status"] in runlog.FINISHED]
         finals = {f["id"]: f for f in store.finals()}
         points = store.curves([r["id"] for r in rows])
+        task = tasks.task_of_spec(store.study()["spec"])
     curves: dict[str, list[dict]] = {r["id"]: [] for r in rows}
     for point in points:
         curves[point["run_id"]].append(point)
-    return rows, finals, curves
+    return rows, finals, curves, task
 
 
 def _choose(rows: list[dict], count, run_ids, seed) -> list[dict]:
@@ -128,8 +144,8 @@ def _choose(rows: list[dict], count, run_ids, seed) -> list[dict]:
     return random.Random(seed).sample(rows, count)
 
 
-def _check_steps(steps, row: dict) -> int:
-    max_iters = row["config"]["max_iters"]
+def _check_steps(steps, row: dict, task: tasks.Task) -> int:
+    max_iters = task.total_steps(task.from_dict(row["config"]))
     if steps is None:
         return max_iters
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= max_iters:
@@ -200,14 +216,46 @@ def _code_text(code: dict) -> str:
     return label if "source" in label else f"{label} (source {code['source_sha256'][:12]})"
 
 
-def _compare(stored: list[dict], rerun: list[dict], steps: int, exact: bool) -> tuple[str | None, float, int]:
+def _verify_mnist_run(row: dict, stored_curves: list[dict], steps: int) -> Verdict:
+    """Rerun an MNIST run for the whole epochs that hold its first `steps` steps, on the
+    stored run's thread count, in a temporary directory, and compare its evals."""
+    from gradnoise.mnist.trainer import train
+
+    stored_numerics = run_numerics(row)
+    cfg = tasks.MNIST.from_dict(row["config"])
+    steps_per_epoch = cfg.total_steps() // cfg.epochs
+    short = cfg.replace(epochs=min(cfg.epochs, math.ceil(steps / steps_per_epoch)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads((stored_numerics or {}).get("threads") or DEFAULT_THREADS)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradnoise-verify-") as scratch, _quiet_trainer():
+            result = train(short, Path(scratch) / row["id"])
+            rerun = runlog.read_curves(Path(scratch) / row["id"])
+    finally:
+        torch.set_num_threads(threads)
+    exact, why_not = _exact_expected(row, stored_numerics, result["provenance"])
+    name = run_name(row["id"], row["dataset"], row["method"], row["seed"])
+    first, largest, compared = _compare(stored_curves, rerun, steps, exact, MNIST_COMPARED)
+    span = "whole run" if steps == cfg.total_steps() else f"steps ≤ {steps}"
+    if first is not None:
+        return Verdict(row["id"], False, f"{name}: MISMATCH ({span}): {first}; {why_not or 'same code'}")
+    if exact:
+        line = f"{name}: exact ({span}, {compared} values equal; same code and numerics)"
+        return Verdict(row["id"], True, line)
+    agreement = "bit for bit" if largest == 0 else f"within tolerance, largest |Δ| {largest:.2g}"
+    return Verdict(row["id"], True, f"{name}: agrees {agreement} ({span}, {compared} values; {why_not})")
+
+
+def _compare(
+    stored: list[dict], rerun: list[dict], steps: int, exact: bool, fields=COMPARED
+) -> tuple[str | None, float, int]:
     """(where the rerun first differs or None, the largest |Δ|, how many values were compared)."""
     again = {(p["kind"], p["step"]): p for p in rerun}
     largest, compared = 0.0, 0
     for point in sorted(stored, key=lambda p: (p["step"], p["kind"] != "eval")):
         if point["step"] > steps:
             continue
-        for kind, field in COMPARED:
+        for kind, field in fields:
             if point["kind"] != kind or point.get(field) is None:
                 continue
             new = again.get((kind, point["step"]), {}).get(field)
@@ -250,10 +298,12 @@ def _differs(kind: str, field: str, step: int, new: float, old: float) -> str:
 @contextlib.contextmanager
 def _quiet_trainer():
     """The reruns' own eval lines stay out of the verify output (warnings still show)."""
-    logger = logging.getLogger("gradnoise.lm")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    loggers = [logging.getLogger("gradnoise.lm"), logging.getLogger("gradnoise.mnist")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

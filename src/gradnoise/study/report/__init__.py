@@ -34,6 +34,10 @@ The pieces, each usable alone:
     tables     the tables and caveats, as text
     render     Markdown, HTML and CSV
 
+A study of the MNIST task (a spec with `task: mnist`) gets the report `settings` builds
+from its spec's `settings_table:` instead: the classifier paper's table, the fraction of
+runs that train with its paired test, a strip plot of every run, its runs.
+
 What is particular to one study comes from its spec: `table:` (a
 paper-style table), `published:` (reference values) and `dose_response:` (noise
 levels compared as one family), read from the spec the store holds. A study
@@ -53,10 +57,12 @@ import gradnoise
 from gradnoise.errors import UserError
 from gradnoise.lm import atomic
 from gradnoise.study import identity
-from gradnoise.study.report import plots, render, sentences, tables, verdict
+from gradnoise.study.layout import parse_settings_table
+from gradnoise.study.report import plots, render, sentences, settings, tables, verdict
 from gradnoise.study.report.analysis import Analysis, analyze, headline_metric, load_study
 from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
+from gradnoise.study.tasks import LM, task_of_spec
 
 #: Where the warnings matplotlib issues point: its own modules, or the plotting code calling it.
 PLOTTING_MODULES = r"(matplotlib|gradnoise\.study\.report\.plots)(\.|$)"
@@ -78,17 +84,55 @@ def write_report(study_dir: Path, *, allow_mixed_code: bool = False) -> Path:
         groups = identity.code_groups(rows)
         if not allow_mixed_code:
             identity.refuse_mixed(name, groups)
-        analysis = analyze(load_study(store))
+        spec = store.study()["spec"]
+        analysis = analyze(load_study(store)) if task_of_spec(spec) is LM else None
+        finals = store.finals() if analysis is None else []
     made_by = f"code: {identity.describe(groups)}; numerics: {identity.numerics_summary(rows)}"
     if identity.mixed(groups):
         made_by = f"MIXED CODE, compared anyway (--allow-mixed-code): {made_by}"
+
+    def build(building: Path) -> None:
+        if analysis is not None:
+            _build(analysis, building, made_by)
+        else:
+            _build_settings(name, spec, rows, finals, building, made_by)
+
     report_dir = study_dir / "report"
     with warnings.catch_warnings():
         # matplotlib's remarks on a plot of few points (identical axis limits, nothing to
         # log-scale) are no news to the reader of the report: the plot is drawn regardless.
         warnings.filterwarnings("ignore", module=PLOTTING_MODULES)
-        atomic.build_directory(report_dir, lambda building: _build(analysis, building, made_by), replace=True)
+        atomic.build_directory(report_dir, build, replace=True)
     return report_dir
+
+
+def _build_settings(
+    name: str, spec: dict, runs: list[dict], finals: list[dict], directory: Path, made_by: str
+):
+    """The report of a study whose task is not the LM one (see `settings`)."""
+    task = task_of_spec(spec)
+    layout = parse_settings_table(spec, "in the study's store")
+    counts = {status: sum(r["status"] == status for r in runs) for status in ("done", "diverged", "failed")}
+    caveats = [
+        *[str(line) for line in spec.get("caveats") or []],
+        f"{len(runs)} runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed, "
+        f"{len(runs) - sum(counts.values())} not finished.",
+    ]
+    if layout is None:
+        lead, sections = [], [Section("Runs", tables=[settings.runs_table(finals, next(iter(task.metrics)))])]
+    else:
+        results = settings.settings_rows(runs, finals, layout, task)
+        settings.write_csvs(directory, results, finals, layout.metric)
+        answer, sections = settings.sections(results, layout, finals, directory)
+        lead = [answer]
+    description = str(spec.get("description") or "").strip()
+    stamp = f"gradnoise {gradnoise.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. Runs made by {made_by}"
+    (directory / "report.md").write_text(
+        render.markdown(name, description, stamp, caveats, sections, lead), encoding="utf-8"
+    )
+    (directory / "index.html").write_text(
+        render.page(name, description, stamp, caveats, sections, lead), encoding="utf-8"
+    )
 
 
 def _answer(analysis: Analysis, directory: Path) -> Section | None:

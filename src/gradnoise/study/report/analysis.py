@@ -47,6 +47,7 @@ from gradnoise.study.stats import (
     summarize,
 )
 from gradnoise.study.store import Store
+from gradnoise.study.tasks import HIGHER, LOWER, MNIST
 
 LOSS_UNIT = "nats/char"
 BPC_UNIT = "bits/char"
@@ -56,12 +57,14 @@ HORIZON_FRACTION = 0.01
 
 @dataclass(frozen=True)
 class Metric:
-    """A final metric as the report names it."""
+    """A final metric as the report names it; `better` says which way is better ("lower" for
+    a loss, "higher" for an accuracy: `tasks.Task.metrics`)."""
 
     key: str
     label: str
     unit: str
     meaning: str = ""
+    better: str = LOWER
 
 
 METRICS = {
@@ -134,8 +137,19 @@ RUN_METRICS = (
 
 
 def metric(key: str) -> Metric:
-    """The report's name for a final metric (the key itself for those it has no words for)."""
-    return METRICS.get(key) or Metric(key, key, "")
+    """The report's name for a final metric (the key itself for those it has no words for),
+    with its direction (a metric some task calls higher-is-better is so here too)."""
+    return METRICS.get(key) or Metric(key, key, "", better=MNIST.better(key))
+
+
+def improvement_sign(key: str) -> int:
+    """−1 where a lower value is better (a loss: Δ < 0 helps), +1 where a higher one is."""
+    return 1 if metric(key).better == HIGHER else -1
+
+
+def improves(key: str, difference: float) -> bool:
+    """Whether a difference (method − control) in `key` is in the better direction."""
+    return improvement_sign(key) * difference > 0
 
 
 # ---- the study, as loaded -------------------------------------------------------------------

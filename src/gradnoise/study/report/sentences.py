@@ -16,6 +16,8 @@ from gradnoise.study.report.analysis import (
     DoseRow,
     Study,
     headline_metric,
+    improvement_sign,
+    improves,
     metric,
 )
 from gradnoise.study.report.tables import (
@@ -48,10 +50,11 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
         rows = [r for r in analysis.dose(dataset, key) if not math.isnan(r.t_p_holm)]
         if not rows:
             continue
-        better, worse = _significant(rows, -1), _significant(rows, +1)
+        sign = improvement_sign(key)
+        better, worse = _significant(rows, sign), _significant(rows, -sign)
         family = f"Holm across {len(rows)} noise levels, α = {ALPHA}"
         if better:
-            largest = min(better, key=lambda r: r.comparison.mean_diff)
+            largest = max(better, key=lambda r: sign * r.comparison.mean_diff)
             text = (
                 f"{metric(key).label}: {_count(len(better), 'noise level')} of {len(rows)} "
                 f"{'is' if len(better) == 1 else 'are'} significantly better than {baseline} "
@@ -61,7 +64,7 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
         else:
             text = (
                 f"{metric(key).label}: no noise level is significantly better than {baseline} "
-                f"({family}); {_closest(rows, 'noise level', _dose_effect)}."
+                f"({family}); {_closest(rows, 'noise level', _dose_effect, sign)}."
             )
         if worse:
             text += (
@@ -85,9 +88,9 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     ]
     if not rows:
         return None
-    best = min(rows, key=lambda r: (r.t_p_holm, r.comparison.mean_diff))
+    best = min(rows, key=lambda r: (r.t_p_holm, -improvement_sign(key) * r.comparison.mean_diff))
     c = best.comparison
-    word = "inconclusive" if best.t_p_holm >= ALPHA else ("better" if c.mean_diff < 0 else "worse")
+    word = "inconclusive" if best.t_p_holm >= ALPHA else ("better" if improves(key, c.mean_diff) else "worse")
     text = (
         f"Best-supported finding ({dataset}, {metric(key).label}): {best.method} vs {study.baseline}: "
         f"**{word}**, Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} (95% CI {signed(c.ci_low, 3)} to "
@@ -183,14 +186,16 @@ def _statuses(study: Study, dataset: str, method: str) -> str:
     return f"{_count(len(statuses), 'run')}: " + ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def _closest(rows, noun: str, describe) -> str:
-    """Of the rows whose mean is below the baseline's, the one with the lowest adjusted p; or
-    that there is none (so a worse method is never presented as the nearest to helping)."""
-    lower = [r for r in rows if r.comparison.mean_diff < 0]
-    if not lower:
-        return f"every {noun}'s mean is above the baseline's"
-    closest = min(lower, key=lambda r: r.t_p_holm)
-    return f"the lowest adjusted p among those below the baseline is at {describe(closest)}"
+def _closest(rows, noun: str, describe, sign: int = -1) -> str:
+    """Of the rows whose mean is on the better side of the baseline's (below it for a loss,
+    `sign` −1; above for an accuracy, +1), the one with the lowest adjusted p; or that there
+    is none (so a worse method is never presented as the nearest to helping)."""
+    side, other = ("below", "above") if sign < 0 else ("above", "below")
+    helping = [r for r in rows if sign * r.comparison.mean_diff > 0]
+    if not helping:
+        return f"every {noun}'s mean is {other} the baseline's"
+    closest = min(helping, key=lambda r: r.t_p_holm)
+    return f"the lowest adjusted p among those {side} the baseline is at {describe(closest)}"
 
 
 def _significant(rows, sign: int) -> list:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.study.hypotheses import Contrast, Hypothesis
-from gradnoise.study.report.analysis import LOSS_UNIT, Analysis, Study, metric
+from gradnoise.study.report.analysis import LOSS_UNIT, Analysis, Study, improves, metric
 from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
 from gradnoise.study.stats import (
     Comparison,
@@ -48,6 +48,8 @@ class HypothesisRow:
     p: float
     p_holm: float
     alpha: float
+    #: the primary metric (its direction decides better / worse)
+    hypothesis_metric: str = "val_loss_full"
 
     @property
     def word(self) -> str:
@@ -57,7 +59,7 @@ class HypothesisRow:
             return INCONCLUSIVE
         if self.equivalence is not None:
             return f"equivalent within ±{self.hypothesis.margin:g}"
-        return BETTER if self.comparison.mean_diff < 0 else WORSE
+        return BETTER if improves(self.hypothesis_metric, self.comparison.mean_diff) else WORSE
 
     @property
     def interval(self) -> tuple[float, float, str]:
@@ -96,7 +98,7 @@ def hypothesis_rows(study: Study) -> list[HypothesisRow]:
                 tested.append((dataset, h, comparison, None, comparison.t_p))
     adjusted = holm([p for *_, p in tested])
     return [
-        HypothesisRow(dataset, h, c, e, p, p_adj, block.alpha)
+        HypothesisRow(dataset, h, c, e, p, p_adj, block.alpha, block.metric)
         for (dataset, h, c, e, p), p_adj in zip(tested, adjusted, strict=True)
     ]
 
@@ -124,7 +126,8 @@ def family_sentence(study: Study, rows: list[HypothesisRow]) -> str:
     return (
         f"{len(rows)} pre-registered {'test' if len(rows) == 1 else 'tests'}, one "
         f"{block.correction.capitalize()} family at α = {block.alpha:g}, on "
-        f"{metric(block.metric).label} (lower is better); the rest of this report is exploratory."
+        f"{metric(block.metric).label} ({metric(block.metric).better} is better); the rest of this "
+        "report is exploratory."
     )
 
 
@@ -336,10 +339,12 @@ def findings_tables(analysis: Analysis, dataset: str, alpha: float = 0.05) -> li
             columns += [f"Δ vs {reference}", "95% CI", "p (Holm)", "verdict"]
         body = []
         for r in rows:
-            line = [r.method, *_finding_cells(r.comparison, r.t_p_holm, alpha)]
+            line = [r.method, *_finding_cells(r.comparison, r.t_p_holm, alpha, key)]
             if reference:
                 other = against.get(r.method)
-                line += _finding_cells(other.comparison, other.t_p_holm, alpha) if other else [MISSING] * 4
+                line += (
+                    _finding_cells(other.comparison, other.t_p_holm, alpha, key) if other else [MISSING] * 4
+                )
             body.append(line)
         tables.append(
             Table(
@@ -357,12 +362,12 @@ def findings_tables(analysis: Analysis, dataset: str, alpha: float = 0.05) -> li
     return tables
 
 
-def _finding_cells(c: Comparison, p_holm: float, alpha: float) -> list[str]:
+def _finding_cells(c: Comparison, p_holm: float, alpha: float, key: str) -> list[str]:
     if math.isnan(p_holm):
         word = "no test"
     elif p_holm >= alpha:
         word = "inconclusive"
     else:
-        word = "better" if c.mean_diff < 0 else "worse"
+        word = "better" if improves(key, c.mean_diff) else "worse"
     ci = MISSING if math.isnan(c.ci_low) else f"[{signed(c.ci_low)}, {signed(c.ci_high)}]"
     return [signed(c.mean_diff), ci, p_value(p_holm), word]
