@@ -26,9 +26,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradnoise.lm.checkpoint import export
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage.checkpoint import export
+from gradnoise.lm.training.trainer import train
 
 TINY = dict(
     n_layer=1,

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from gradnoise.lm import checkpoint
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

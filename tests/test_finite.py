@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint, finite
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training import finite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint, group
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.model import GPT
-from gradnoise.lm.trainer import train, train_group
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training import group
+from gradnoise.lm.training.trainer import train, train_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ import pytest
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, rundir
-from gradnoise.lm.checkpoint import export
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage import checkpoint, rundir
+from gradnoise.lm.storage.checkpoint import export
+from gradnoise.lm.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,8 +15,8 @@ import yaml
 
 import test_study_run
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint
-from gradnoise.lm.group import read_group
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.group import read_group
 from gradnoise.study import executors
 from gradnoise.study.plan import group_directory, plan_groups, run_directory
 from gradnoise.study.runner import run_study

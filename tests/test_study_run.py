@@ -16,7 +16,7 @@ import yaml
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm.runlog import read_curves
+from gradnoise.lm.storage.runlog import read_curves
 from gradnoise.study.runner import run_study, study_status
 from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.store import Store

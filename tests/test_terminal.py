@@ -22,9 +22,10 @@ import torch
 
 from gradnoise.cli import main
 from gradnoise.cli.common import configure_logging
-from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.data import corpora
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.trainer import train
 from gradnoise.study.runner import open_study
 from gradnoise.study.spec import load_spec, packaged_specs
 
@@ -54,7 +55,7 @@ def gradnoise(*argv, **kwargs):
 
 def val_windows() -> int:
     """Windows of the final exact pass over shakespeare_char's val split (block 16)."""
-    return math.ceil((len(data.load("shakespeare_char").splits["val"]) - 1) / TINY["block_size"])
+    return math.ceil((len(corpora.load("shakespeare_char").splits["val"]) - 1) / TINY["block_size"])
 
 
 def test_in_a_log_file_no_bar_but_one_line_per_eval_and_the_final_pass(tmp_path):

@@ -4,6 +4,6 @@ from gradnoise.lm import GPT
 model = GPT.from_pretrained("exports/shakespeare")
 """
 
-from gradnoise.lm.model import GPT, GPTConfig
+from gradnoise.lm.model.gpt import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig"]

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, checkpoint, files, replicas, rundir
-from gradnoise.lm.data import derive_seed
+from gradnoise.lm.data.corpora import derive_seed
 from gradnoise.lm.devices import describe_device, resolve_device
+from gradnoise.lm.storage import atomic, checkpoint, files, rundir
+from gradnoise.lm.training import replicas
 from gradnoise.mnist import data
 from gradnoise.mnist.config import MnistConfig, check_group
 from gradnoise.mnist.model import DeepMLP

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, runlog
 from gradnoise.lm.config import TrainConfig
-from gradnoise.lm.group import Member, write_group
+from gradnoise.lm.storage import atomic, runlog
+from gradnoise.lm.training.group import Member, write_group
 from gradnoise.study.plan import Group, group_directory, run_directory
 from gradnoise.study.spec import Run
 from gradnoise.study.store import STORE_FILE
@@ -468,8 +468,8 @@ def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | No
     """
     import torch
 
-    from gradnoise.lm.data import gradnoise_home
-    from gradnoise.lm.trainer import train, train_group
+    from gradnoise.lm.data.corpora import gradnoise_home
+    from gradnoise.lm.training.trainer import train, train_group
 
     torch.set_num_threads(1)
     shared = Path(study_dir)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint
 from gradnoise.lm.config import group_key
-from gradnoise.lm.group import GROUP_FILE, read_group
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.group import GROUP_FILE, read_group
 from gradnoise.study.spec import Run
 
 GROUPS_DIR = "groups"

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
 from gradnoise.study import identity
 from gradnoise.study.report import plots, render, sentences, tables, verdict
 from gradnoise.study.report.analysis import Analysis, analyze, headline_metric, load_study

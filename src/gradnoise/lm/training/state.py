@@ -34,13 +34,13 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, runlog
 from gradnoise.lm.config import LATER_KEYS, TrainConfig, read_config
-from gradnoise.lm.distributed import DistributedEnv, gather_rng_states, restore_rng_state
-from gradnoise.lm.files import read_json
-from gradnoise.lm.group import GROUP_FILE, REPLICA_FILE, read_replica_link
-from gradnoise.lm.model import load_weights, weights_for_saving
-from gradnoise.lm.replicas import Freezer
+from gradnoise.lm.model.gpt import load_weights, weights_for_saving
+from gradnoise.lm.storage import checkpoint, runlog
+from gradnoise.lm.storage.files import read_json
+from gradnoise.lm.training.distributed import DistributedEnv, gather_rng_states, restore_rng_state
+from gradnoise.lm.training.group import GROUP_FILE, REPLICA_FILE, read_replica_link
+from gradnoise.lm.training.replicas import Freezer
 from gradnoise.replicated import ReplicatedGradientNoise
 
 # Settings a resumed run may change: they do not alter the computation.

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
+from gradnoise.lm.storage import atomic, files
 
 # A saved model (save_pretrained): its GPTConfig, its weights and its vocabulary.
 CONFIG_FILE = "config.json"
@@ -475,7 +475,7 @@ def sample_text(
     seed: int = 0,
 ) -> str:
     """prompt + max_new_tokens generated characters; the same seed gives the same text."""
-    from gradnoise.lm.data import Corpus
+    from gradnoise.lm.data.corpora import Corpus
 
     if not prompt:
         raise UserError("the prompt is empty; give at least one character, e.g. a newline")

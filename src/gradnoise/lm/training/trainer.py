@@ -2,7 +2,7 @@
 
 One loop trains M ≥ 1 runs at once (`train_group`): a group's runs differ only in
 config.PER_REPLICA_KEYS, and train as one GPT whose weights have a leading replica
-dimension (gradnoise.lm.model), with one optimizer step for all. A plain run is the
+dimension (gradnoise.lm.model.gpt), with one optimizer step for all. A plain run is the
 group of one. Per optimizer step (`step` counts completed steps, from 0):
 
     lr_t = warmup / cosine schedule (learning_rate)
@@ -40,7 +40,7 @@ Randomness, and why each source has its own stream (the study pairs methods by s
     augmentation  a torch.Generator seeded from (seed, "augmentation"): turning character
                   substitution on does not shift the batch stream
     noise         GradientNoise's own generator, seeded from (seed, "noise")
-    eval batches  fixed for every method and seed (see gradnoise.lm.evaluation)
+    eval batches  fixed for every method and seed (see gradnoise.lm.training.evaluation)
 So for a seed, every method sees the same init, batches and dropout masks. In a group each
 run has its own init, batch, augmentation and noise streams, seeded as above from its own
 seed; replica m therefore starts from its run alone's weights, sees its batches and gets
@@ -56,16 +56,16 @@ GradientNoise uses the same seed on every rank, so the replicas stay identical. 
 logs and checkpoints.
 
 The pieces: the group at step 0 (model, optimizer, noise, data streams) is built by
-gradnoise.lm.setup, what a resume needs is a `RunState` (gradnoise.lm.state), scoring is
-`Evaluator` (gradnoise.lm.evaluation), ranks and the stop vote are in
-gradnoise.lm.distributed, the outputs (config.json, log.jsonl, result.json) are
-gradnoise.lm.runlog's and checkpoints/ gradnoise.lm.checkpoint's. Timings (`time_s`,
+gradnoise.lm.training.setup, what a resume needs is a `RunState` (gradnoise.lm.training.state), scoring is
+`Evaluator` (gradnoise.lm.training.evaluation), ranks and the stop vote are in
+gradnoise.lm.training.distributed, the outputs (config.json, log.jsonl, result.json) are
+gradnoise.lm.storage.runlog's and checkpoints/ gradnoise.lm.storage.checkpoint's. Timings (`time_s`,
 train_s) count training only, not evaluation or checkpointing, so time-to-target is
 comparable across methods.
 
 Outputs: every run writes its own run directory (config.json, provenance.json, log.jsonl,
 result.json) exactly as alone; a group's checkpoints (all replicas in one) go to its group directory,
-and each member's run directory gets a replica.json pointing there (gradnoise.lm.group),
+and each member's run directory gets a replica.json pointing there (gradnoise.lm.training.group),
 through which export and sample find its weights.
 """
 
@@ -80,12 +80,14 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, finite, group, provenance, replicas, rundir, runlog, setup
 from gradnoise.lm.config import TrainConfig
+from gradnoise.lm.data import corpora
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
-from gradnoise.lm.distributed import DistributedEnv, StopRequest
-from gradnoise.lm.evaluation import Evaluator
-from gradnoise.lm.state import (
+from gradnoise.lm.storage import checkpoint, rundir, runlog
+from gradnoise.lm.training import finite, group, provenance, replicas, setup
+from gradnoise.lm.training.distributed import DistributedEnv, StopRequest
+from gradnoise.lm.training.evaluation import Evaluator
+from gradnoise.lm.training.state import (
     Clock,
     PendingLosses,
     Replica,
@@ -121,7 +123,7 @@ def train(
 
     Result: {"status": "done" | "diverged" | "interrupted", "error", "device", "host",
     "world_size", "finals": {...}, "provenance": {...}} (finals: see
-    gradnoise.lm.runlog.final_metrics; provenance: gradnoise.lm.provenance, and
+    gradnoise.lm.storage.runlog.final_metrics; provenance: gradnoise.lm.training.provenance, and
     runlog.write_provenance for "attempts" and "consistent").
     """
 
@@ -142,7 +144,7 @@ def train_group(
     on_step: Callable[[int, torch.Tensor, torch.Tensor], bool | None] | None = None,
     threads: int | None = None,
 ) -> list[dict]:
-    """Train a group of runs (see gradnoise.lm.group) as one batched model: their configs
+    """Train a group of runs (see gradnoise.lm.training.group) as one batched model: their configs
     differ only in config.PER_REPLICA_KEYS. Each run writes its own run directory exactly
     as `train` does (its result as its run alone's, up to floating-point reassociation);
     the group's checkpoints go to group_dir. Returns their results in order.
@@ -198,7 +200,7 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step, th
     ended = [finished_result(d, c) if resume else None for c, d in zip(cfgs, run_dirs, strict=True)]
     if all(result is not None for result in ended):
         return ended
-    corpus = data.load(cfg.dataset)
+    corpus = corpora.load(cfg.dataset)
     splits = setup.splits(corpus, cfg)
     logs = [
         runlog.RunLog(
@@ -394,11 +396,11 @@ def global_batch(
     from its own generators, inputs augmented with its own char_substitution."""
     xs, ys = [], []
     for replica, cfg in zip(run.replicas, cfgs, strict=True):
-        x, y = data.get_batch(
+        x, y = corpora.get_batch(
             tokens, cfg.batch_size * run.dist_env.world_size, cfg.block_size, replica.batch_generator
         )
         if cfg.char_substitution > 0:
-            x = data.substitute_characters(x, cfg.char_substitution, vocab_size, replica.augment_generator)
+            x = corpora.substitute_characters(x, cfg.char_substitution, vocab_size, replica.augment_generator)
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
@@ -526,7 +528,7 @@ def evaluate(run: RunState, model, evaluator: Evaluator, step: int, logs: list[r
 
 def check_divergence(run: RunState, cfgs, losses: list[tuple[int, list[float]]], step: int) -> None:
     """Add the read-back step losses to each run's progress; a run whose loss is not finite,
-    or whose weights, optimizer state (gradnoise.lm.finite) or clipped gradient norm are not
+    or whose weights, optimizer state (gradnoise.lm.training.finite) or clipped gradient norm are not
     (an update can break them while its loss is still finite, and they must not be
     evaluated, checkpointed or reported as done) is marked diverged and frozen."""
     broken = finite.nonfinite_by_replica(run.optimizer, run.params, len(run.replicas))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
 
 
 def read_json(path: Path, what: str):

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
+from gradnoise.lm.storage import atomic, files
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CorpusSpec:
         most `prepare` unpacks (see size_limit).
     splits: (split, percent) in corpus order; boundaries are
         n·(cumulative percent) // 100, so 90/5/5 of 10^8 is exactly 90M/5M/5M.
-    packaged: file under gradnoise/lm/corpora used when no source is given.
+    packaged: file under gradnoise/lm/data/packaged used when no source is given.
     """
 
     name: str
@@ -422,7 +422,7 @@ def _read_source(spec: CorpusSpec, source: str | None, limit: int, progress: boo
     """The bytes of the (possibly compressed) corpus and a description of where they came from;
     no more than an archive of a corpus of `limit` bytes can be."""
     if source is None and spec.packaged is not None:
-        packaged = resources.files("gradnoise.lm").joinpath("corpora", spec.packaged)
+        packaged = resources.files("gradnoise.lm.data").joinpath("packaged", spec.packaged)
         return packaged.read_bytes(), f"packaged copy of {spec.url}"
     url = source or spec.url
     most = limit + int(limit * ARCHIVE_OVERHEAD) + (1 << 16)

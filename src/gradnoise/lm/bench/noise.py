@@ -25,11 +25,11 @@ the model's gradients, against two references measured in the same run:
 Effective bandwidth of a noise op = 8 bytes per fp32 gradient element (the
 gradient read and written once) / time.
 
-`bench_train`: one run of the harness trainer (`gradnoise.lm.trainer.train`)
+`bench_train`: one run of the harness trainer (`gradnoise.lm.training.trainer.train`)
 in a temporary directory: wall time including evaluation, median ms/step,
 tokens/s.
 
-`bench_batch`: the batched trainer's step (`gradnoise.lm.trainer.train_step`, M
+`bench_batch`: the batched trainer's step (`gradnoise.lm.training.trainer.train_step`, M
 runs of a preset as one model, seeds 0 … M−1) for each M in turn, in one process:
 ms per step, runs per hour (M runs of the preset's max_iters steps, evaluation not
 counted) and the speed-up in runs per hour over M = 1.
@@ -52,11 +52,12 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import config, replicas
+from gradnoise.lm import config
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.devices import describe_device, resolve_device, sync
-from gradnoise.lm.model import GPT
-from gradnoise.lm.setup import build_optimizer
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.training import replicas
+from gradnoise.lm.training.setup import build_optimizer
 
 PRESETS = tuple(config.PRESETS)
 SIGMA = 0.01
@@ -412,11 +413,11 @@ def bench_batch(
     replica's), "max_iters", "steps", "noise", "rows": [{"models", "step_ms",
     "runs_per_hour", "speedup", "peak_memory_gib" (CUDA; else None)}]}.
     """
-    from gradnoise.lm import data
-    from gradnoise.lm.distributed import DistributedEnv
-    from gradnoise.lm.setup import Hyper, new_run, splits
-    from gradnoise.lm.state import Clock
-    from gradnoise.lm.trainer import global_batch, train_step
+    from gradnoise.lm.data import corpora
+    from gradnoise.lm.training.distributed import DistributedEnv
+    from gradnoise.lm.training.setup import Hyper, new_run, splits
+    from gradnoise.lm.training.state import Clock
+    from gradnoise.lm.training.trainer import global_batch, train_step
 
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
@@ -428,7 +429,7 @@ def bench_batch(
     base = resolve_config("shakespeare_char", preset, {"device": str(torch_device), "noise": noise})
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
-    corpus = data.load(base.dataset)
+    corpus = corpora.load(base.dataset)
     tokens = splits(corpus, base)["train"]
     steps = steps or BATCH_STEPS[(torch_device.type, preset)]
     result = {
@@ -521,7 +522,7 @@ def bench_train(
     after the last step), "train_s" (optimizer steps only), "step_ms_median",
     "tokens_per_s", "val_loss", "best_val_loss", "config"}.
     """
-    from gradnoise.lm.trainer import train
+    from gradnoise.lm.training.trainer import train
 
     cfg = resolve_config(dataset, preset, overrides)
     last_step_at = []

@@ -32,12 +32,9 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files, runlog
 from gradnoise.lm.config import read_config
-from gradnoise.lm.data import vocabulary_size
-from gradnoise.lm.finite import all_finite
-from gradnoise.lm.group import REPLICA_FILE, read_replica_link
-from gradnoise.lm.model import (
+from gradnoise.lm.data.corpora import vocabulary_size
+from gradnoise.lm.model.gpt import (
     GPT,
     SAVED_FILES,
     WEIGHTS_FILE,
@@ -47,6 +44,9 @@ from gradnoise.lm.model import (
     read_vocab,
     replica_weights,
 )
+from gradnoise.lm.storage import atomic, files, runlog
+from gradnoise.lm.training.finite import all_finite
+from gradnoise.lm.training.group import REPLICA_FILE, read_replica_link
 
 log = logging.getLogger(__name__)
 
