@@ -24,7 +24,7 @@ import torch
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm.data import corpora
+from gradnoise.lm.data import batches, corpora, sources
 
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
@@ -195,8 +195,8 @@ def test_default_source_is_the_registry_url(home, http_root, monkeypatch):
     root, base_url = http_root
     raw = enwik8_like(20_000)
     (root / "enwik8.zip").write_bytes(compressed(raw, "zip", member="enwik8"))
-    spec = dataclasses.replace(corpora.CORPORA["enwik8"], url=f"{base_url}/enwik8.zip")
-    monkeypatch.setitem(corpora.CORPORA, "enwik8", spec)
+    spec = dataclasses.replace(sources.CORPORA["enwik8"], url=f"{base_url}/enwik8.zip")
+    monkeypatch.setitem(sources.CORPORA, "enwik8", spec)
 
     corpora.prepare("enwik8", sha256=sha256(raw), home=home, progress=False)
 
@@ -379,7 +379,7 @@ def test_prepare_again_replaces_the_corpus(home, tmp_path):
 
 def test_get_batch_windows_are_consecutive_tokens_and_y_is_x_shifted():
     tokens = np.arange(1_000, dtype=np.uint16)  # token value == its position
-    x, y = corpora.get_batch(tokens, 8, 16, torch.Generator().manual_seed(0))
+    x, y = batches.get_batch(tokens, 8, 16, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 16)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x, x[:, :1] + torch.arange(16))
@@ -389,7 +389,7 @@ def test_get_batch_windows_are_consecutive_tokens_and_y_is_x_shifted():
 
 def test_get_batch_uses_every_valid_offset_and_only_those():
     tokens = np.arange(12, dtype=np.uint8)
-    x, y = corpora.get_batch(tokens, 2_000, 10, torch.Generator().manual_seed(0))
+    x, y = batches.get_batch(tokens, 2_000, 10, torch.Generator().manual_seed(0))
     # offsets 0 and 1 are the only windows of 10 + 1 tokens; each has probability 1/2
     starts = x[:, 0]
     assert set(starts.tolist()) == {0, 1}
@@ -401,15 +401,15 @@ def test_get_batch_uses_every_valid_offset_and_only_those():
 def test_get_batch_is_reproducible_for_a_seed_and_ignores_the_global_rng():
     tokens = np.random.default_rng(0).integers(0, 65, 10_000).astype(np.uint8)
 
-    def batches(seed):
+    def draws(seed):
         generator = torch.Generator().manual_seed(seed)
-        return [corpora.get_batch(tokens, 4, 32, generator) for _ in range(3)]
+        return [batches.get_batch(tokens, 4, 32, generator) for _ in range(3)]
 
     torch.manual_seed(1)
-    first = batches(7)
+    first = draws(7)
     torch.manual_seed(2)
-    again = batches(7)
-    other = batches(8)
+    again = draws(7)
+    other = draws(8)
     for (x1, y1), (x2, y2) in zip(first, again, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other, strict=True))
@@ -418,7 +418,7 @@ def test_get_batch_is_reproducible_for_a_seed_and_ignores_the_global_rng():
 
 def test_get_batch_rejects_a_split_shorter_than_a_block():
     with pytest.raises(UserError, match="block_size=16"):
-        corpora.get_batch(np.zeros(16, np.uint8), 2, 16, torch.Generator())
+        batches.get_batch(np.zeros(16, np.uint8), 2, 16, torch.Generator())
 
 
 # --- CLI -----------------------------------------------------------------------

@@ -10,12 +10,13 @@ import torch
 
 from gradnoise.cli import main
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.model.gpt import GPT, weights_for_saving
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.model.weights import weights_for_saving
 from gradnoise.lm.storage import checkpoint
 from gradnoise.lm.training import group, replicas
 from gradnoise.lm.training.distributed import DistributedEnv
+from gradnoise.lm.training.progress import Clock
 from gradnoise.lm.training.setup import new_run
-from gradnoise.lm.training.state import Clock
 from gradnoise.lm.training.trainer import train, train_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,8 +13,9 @@ import torch
 
 from gradnoise.errors import UserError
 from gradnoise.lm.config import MAX_SEED, TrainConfig
-from gradnoise.lm.data import corpora
-from gradnoise.lm.model.gpt import GPT, GPTConfig, sample_text
+from gradnoise.lm.data import corpora, sources
+from gradnoise.lm.model.gpt import GPT, GPTConfig
+from gradnoise.lm.model.sampling import sample_text
 from gradnoise.lm.storage import checkpoint, files
 from gradnoise.study.spec import parse_spec
 from gradnoise.study.store import Store
@@ -58,13 +59,13 @@ def test_a_gzip_bomb_is_refused_after_reading_what_the_corpus_may_hold(tmp_path)
 
 
 def test_a_user_checksum_allows_a_margin_over_the_canonical_size():
-    spec = corpora.CORPORA["text8"]
-    assert corpora.size_limit(spec, None) == spec.size
-    assert corpora.size_limit(spec, "0" * 64) == spec.size + spec.size // 10
+    spec = sources.CORPORA["text8"]
+    assert sources.size_limit(spec, None) == spec.size
+    assert sources.size_limit(spec, "0" * 64) == spec.size + spec.size // 10
 
 
 def test_default_download_addresses_use_https():
-    for spec in corpora.CORPORA.values():
+    for spec in sources.CORPORA.values():
         assert spec.url.startswith("https://"), spec.url
 
 

@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from gradnoise.errors import UserError
 from gradnoise.lm import GPT, GPTConfig
-from gradnoise.lm.model.gpt import read_vocab, sample_text
+from gradnoise.lm.model.sampling import sample_text
+from gradnoise.lm.model.weights import read_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -70,11 +70,11 @@ def _prepare_mnist(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from gradnoise.lm.data import corpora
+    from gradnoise.lm.data import corpora, sources
 
     home = args.home or corpora.gradnoise_home()
     rows = {row["name"]: row for row in corpora.prepared(home=home)}
-    for name, spec in corpora.CORPORA.items():
+    for name, spec in sources.CORPORA.items():
         row = rows.pop(name, None)
         shipped = " (ships with gradnoise)" if spec.packaged else ""
         if row is not None:

@@ -223,7 +223,7 @@ def _report(result: dict, run_dir: Path) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     from gradnoise.lm.devices import resolve_device
-    from gradnoise.lm.model.gpt import sample_text
+    from gradnoise.lm.model.sampling import sample_text
     from gradnoise.lm.storage.checkpoint import load_trained
 
     if args.max_new_tokens < 0:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.lm.data.corpora import CORPORA
+from gradnoise.lm.data.sources import CORPORA
 from gradnoise.lm.devices import DTYPES, check_device_name
 from gradnoise.lm.model.gpt import GPTConfig
 from gradnoise.lm.storage import files

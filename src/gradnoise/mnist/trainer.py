@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm.data.corpora import derive_seed
 from gradnoise.lm.devices import describe_device, resolve_device
+from gradnoise.lm.seeding import derive_seed
 from gradnoise.lm.storage import atomic, checkpoint, files, rundir
 from gradnoise.lm.training import replicas
 from gradnoise.mnist import data

@@ -62,7 +62,7 @@ import yaml
 from gradnoise import schedules
 from gradnoise.errors import UserError
 from gradnoise.lm.config import DATASETS, LATER_KEYS, MAX_SEED, PRESETS, TrainConfig, resolve_config
-from gradnoise.lm.data.corpora import CORPORA
+from gradnoise.lm.data.sources import CORPORA
 from gradnoise.lm.storage.runlog import FINAL_METRICS
 from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
 

@@ -1,6 +1,4 @@
-"""Benchmarks (they print figures; nothing here is a test).
-
-`bench_noise`: what gradient noise costs. One process, one model and one
+"""`bench_noise`: what gradient noise costs. One process, one model and one
 optimizer per preset; the variants take turns step by step (round-robin, the
 starting variant rotating each repetition), so drift in clock speed or in
 other load on the machine hits every variant alike:
@@ -24,104 +22,35 @@ the model's gradients, against two references measured in the same run:
 
 Effective bandwidth of a noise op = 8 bytes per fp32 gradient element (the
 gradient read and written once) / time.
-
-`bench_train`: one run of the harness trainer (`gradnoise.lm.training.trainer.train`)
-in a temporary directory: wall time including evaluation, median ms/step,
-tokens/s.
-
-`bench_batch`: the batched trainer's step (`gradnoise.lm.training.trainer.train_step`, M
-runs of a preset as one model, seeds 0 … M−1) for each M in turn, in one process:
-ms per step, runs per hour (M runs of the preset's max_iters steps, evaluation not
-counted) and the speed-up in runs per hour over M = 1.
-
-One file (about 600 lines): the three benchmarks share their timing and printing
-helpers, and only the CLI's `gradnoise bench` reads them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import statistics
-import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import config
+from gradnoise.lm.bench.timing import PRESETS, WARMUP_STEPS, Timer, environment, interleaved, quartiles_ms
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.devices import describe_device, resolve_device, sync
+from gradnoise.lm.devices import describe_device, resolve_device
 from gradnoise.lm.model.gpt import GPT
 from gradnoise.lm.training import replicas
 from gradnoise.lm.training.setup import build_optimizer
 
-PRESETS = tuple(config.PRESETS)
 SIGMA = 0.01
 BYTES_PER_ELEMENT = 8  # an fp32 gradient read and written once
 # Steps per variant when --steps is not given: a paper-model step takes seconds on CPU.
 # On CUDA a small model's step is bound by the host (Python and kernel launches), whose
 # speed wanders by ±10% from block to block: many interleaved steps make the medians steady.
 DEFAULT_STEPS = {("cpu", "tiny"): 30, ("cpu", "paper"): 3, ("cuda", "tiny"): 300, ("cuda", "paper"): 200}
-WARMUP_STEPS = {"cpu": 1, "cuda": 5}  # CUDA: torch.compile and autotuning happen here
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
 # Targets of the library issue.
 CPU_FILL_RATIO_TARGET = 0.7  # gradnoise op ≤ 0.7 × the single-threaded normal fill
 GPU_OVERHEAD_TARGET_PCT = 0.5  # of the paper model's compiled bf16 step
 GPU_COPY_FRACTION_TARGET_PCT = 50.0
-
-
-# --- timing ---------------------------------------------------------------------------
-
-
-class Timer:
-    """Seconds per call of a function: perf_counter on CPU; on CUDA events around
-    `repeat` back-to-back calls, then a synchronize (the device starts idle)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, function: Callable[[], object], repeat: int = 1) -> float:
-        if self.device.type != "cuda":
-            start = time.perf_counter()
-            for _ in range(repeat):
-                function()
-            return (time.perf_counter() - start) / repeat
-        torch.cuda.synchronize(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            function()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000 / repeat
-
-
-def interleaved(measures: dict[str, Callable[[], float]], repetitions: int) -> dict[str, list[float]]:
-    """Run every measure once per repetition, the order rotating so none is always first."""
-    names = list(measures)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for repetition in range(repetitions):
-        shift = repetition % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(measures[name]())
-    return samples
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str):
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
 
 
 # --- the noise ops and their references -------------------------------------------------
@@ -158,13 +87,6 @@ def copy_bandwidth(device: torch.device, timer: Timer, repetitions: int = 10) ->
 
 def _percent(value: float, reference: float) -> float:
     return 100.0 * (value - reference) / reference
-
-
-def _quartiles_ms(samples: list[float]) -> list[float]:
-    if len(samples) < 2:
-        return [1e3 * samples[0]] * 2
-    low, _, high = statistics.quantiles(samples, n=4)
-    return [1e3 * low, 1e3 * high]
 
 
 def bench_noise(
@@ -270,7 +192,7 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
     log(f"{preset}: timing training steps")
     step_samples = interleaved(step_measures, repetitions)
     step_ms = {name: 1e3 * statistics.median(samples) for name, samples in step_samples.items()}
-    step_ms_iqr = {name: _quartiles_ms(samples) for name, samples in step_samples.items()}
+    step_ms_iqr = {name: quartiles_ms(samples) for name, samples in step_samples.items()}
 
     # The noise ops alone, on the gradients of one more backward pass.
     train_step()
@@ -381,196 +303,3 @@ def format_noise_report(result: dict) -> str:
                 f"{'met' if t['met'] else 'NOT met'}"
             )
     return "\n".join(lines)
-
-
-# --- bench batch ------------------------------------------------------------------------
-
-BATCH_STEPS = {("cpu", "tiny"): 20, ("cpu", "paper"): 2, ("cuda", "tiny"): 200, ("cuda", "paper"): 100}
-
-
-def parse_models(text: str) -> list[int]:
-    """ "1,2,4,8" → [1, 2, 4, 8]; UserError unless a comma-separated list of integers ≥ 1."""
-    try:
-        models = [int(part) for part in text.split(",")]
-    except ValueError:
-        models = []
-    if not models or min(models) < 1:
-        raise UserError(f"--models {text!r} is not allowed: give replica counts ≥ 1, e.g. 1,2,4,8,16")
-    return models
-
-
-def bench_batch(
-    preset: str = "tiny",
-    models: list[int] = (1, 2, 4, 8, 16),
-    device: str = "cpu",
-    steps: int | None = None,
-    noise: str = "none",
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Time the batched step for each replica count M (see the module docstring).
-
-    Returns {"device", "torch", "threads", "dtype", "compile", "preset", "params" (one
-    replica's), "max_iters", "steps", "noise", "rows": [{"models", "step_ms",
-    "runs_per_hour", "speedup", "peak_memory_gib" (CUDA; else None)}]}.
-    """
-    from gradnoise.lm.data import corpora
-    from gradnoise.lm.training.distributed import DistributedEnv
-    from gradnoise.lm.training.setup import Hyper, new_run, splits
-    from gradnoise.lm.training.state import Clock
-    from gradnoise.lm.training.trainer import global_batch, train_step
-
-    if preset not in PRESETS:
-        raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
-    if steps is not None and steps < 1:
-        raise UserError(f"steps={steps} is not allowed: steps must be an integer ≥ 1")
-    log = log or (lambda message: None)
-    torch_device = resolve_device(device)
-    cuda = torch_device.type == "cuda"
-    base = resolve_config("shakespeare_char", preset, {"device": str(torch_device), "noise": noise})
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
-    corpus = corpora.load(base.dataset)
-    tokens = splits(corpus, base)["train"]
-    steps = steps or BATCH_STEPS[(torch_device.type, preset)]
-    result = {
-        "device": describe_device(torch_device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "compile": cuda,
-        "preset": preset,
-        "max_iters": base.max_iters,
-        "steps": steps,
-        "noise": base.noise,
-        "rows": [],
-    }
-    for count in models:
-        cfgs = [base.replace(seed=seed) for seed in range(count)]
-        if cuda:
-            torch._dynamo.reset()  # each M compiles afresh, never against the previous M's cache limit
-        run = new_run(cfgs, corpus.vocab_size, torch_device, dtype, DistributedEnv(), Clock())
-        result["params"] = sum(p.numel() for p in run.params) // count
-        model = torch.compile(run.model) if cuda else run.model
-        hyper = Hyper.of(cfgs, torch_device)
-
-        def next_batch(run=run, cfgs=cfgs):
-            return global_batch(run, tokens, cfgs, corpus.vocab_size)
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(torch_device)
-        log(f"M = {count}: warming up")
-        for step in range(WARMUP_STEPS[torch_device.type]):
-            train_step(run, model, step, base, hyper, next_batch, autocast)
-        sync(torch_device)
-        log(f"M = {count}: timing {steps} steps")
-        start = time.perf_counter()
-        for step in range(steps):
-            train_step(run, model, step, base, hyper, next_batch, autocast)
-        sync(torch_device)
-        step_s = (time.perf_counter() - start) / steps
-        runs_per_hour = count * 3600 / (step_s * base.max_iters)
-        first = result["rows"][0]["runs_per_hour"] if result["rows"] else runs_per_hour
-        result["rows"].append(
-            {
-                "models": count,
-                "step_ms": 1e3 * step_s,
-                "runs_per_hour": runs_per_hour,
-                "speedup": runs_per_hour / first,
-                "peak_memory_gib": torch.cuda.max_memory_allocated(torch_device) / 2**30 if cuda else None,
-            }
-        )
-        del run, model
-        if cuda:
-            torch.cuda.empty_cache()
-    return result
-
-
-def format_batch_report(result: dict) -> str:
-    lines = [
-        f"gradnoise bench batch: preset {result['preset']} ({result['params']:,} parameters per model), "
-        f"{result['device']}, {result['dtype']}, compile {result['compile']}, {result['threads']} threads",
-        f"  {result['steps']} timed steps per M; runs/hour = M runs of {result['max_iters']:,} steps "
-        f"(evaluation not counted); noise {result['noise']}",
-        "",
-        f"  {'M':>4}  {'ms/step':>10}  {'ms/step/run':>11}  {'runs/hour':>10}  {'speed-up':>8}  "
-        f"{'peak GiB':>8}",
-    ]
-    for row in result["rows"]:
-        memory = "" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
-        lines.append(
-            f"  {row['models']:>4}  {row['step_ms']:>10.1f}  {row['step_ms'] / row['models']:>11.2f}  "
-            f"{row['runs_per_hour']:>10.1f}  {row['speedup']:>7.2f}×  {memory:>8}"
-        )
-    return "\n".join(lines)
-
-
-# --- bench train ------------------------------------------------------------------------
-
-
-def bench_train(
-    dataset: str = "shakespeare_char",
-    preset: str = "paper",
-    overrides: dict | None = None,
-    progress: bool = True,
-) -> dict:
-    """Run the harness trainer once in a temporary directory and time it.
-
-    Returns {"device", "dataset", "preset", "steps", "wall_s" (the whole
-    `train` call: setup, compilation, training, evals, checkpoints, the final
-    exact eval), "to_last_step_s" (from the call to the end of the last
-    optimizer step: setup, compilation, training and every eval but the one
-    after the last step), "train_s" (optimizer steps only), "step_ms_median",
-    "tokens_per_s", "val_loss", "best_val_loss", "config"}.
-    """
-    from gradnoise.lm.training.trainer import train
-
-    cfg = resolve_config(dataset, preset, overrides)
-    last_step_at = []
-
-    def mark_step(step, inputs, targets) -> None:
-        if step == cfg.max_iters:
-            last_step_at.append(time.perf_counter())
-
-    with tempfile.TemporaryDirectory(prefix="gradnoise-bench-") as run_dir:
-        start = time.perf_counter()
-        result = train(cfg, Path(run_dir) / "run", progress=progress, on_step=mark_step)
-        wall_s = time.perf_counter() - start
-    finals = result["finals"]
-    if result["status"] != "done":
-        raise UserError(f"the benchmark run did not finish: {result['status']}: {result['error']}")
-    step_s = finals["step_time_median_s"]
-    return {
-        "device": result["device"],
-        "dataset": dataset,
-        "preset": preset,
-        "steps": finals["steps"],
-        "wall_s": wall_s,
-        "to_last_step_s": last_step_at[0] - start if last_step_at else None,
-        "train_s": finals["train_s"],
-        "step_ms_median": None if step_s is None else 1e3 * step_s,
-        "tokens_per_s": finals["tokens_per_s"],
-        "val_loss": finals["val_loss"],
-        "best_val_loss": finals["best_val_loss"],
-        "config": cfg.to_dict(),
-    }
-
-
-def format_train_report(result: dict) -> str:
-    def number(value, form: str) -> str:
-        return "n/a" if value is None else format(value, form)
-
-    return "\n".join(
-        [
-            f"gradnoise bench train: {result['dataset']}, preset {result['preset']}, {result['device']}",
-            f"  steps            {result['steps']}",
-            f"  wall time        {result['wall_s']:.1f} s (everything: setup, compile, training, "
-            "evals, checkpoints, final exact eval)",
-            f"  to last step     {number(result['to_last_step_s'], '.1f')} s (setup, compile, training "
-            "and the evals before the last step)",
-            f"  training time    {result['train_s']:.1f} s (optimizer steps only)",
-            f"  ms/step          {number(result['step_ms_median'], '.2f')} (median over log windows)",
-            f"  tokens/s         {number(result['tokens_per_s'], ',.0f')}",
-            f"  val loss         final {number(result['val_loss'], '.4f')}, "
-            f"best {number(result['best_val_loss'], '.4f')} nats",
-        ]
-    )

@@ -34,8 +34,8 @@ import torch
 from gradnoise.errors import UserError
 from gradnoise.lm.config import read_config
 from gradnoise.lm.data.corpora import vocabulary_size
-from gradnoise.lm.model.gpt import (
-    GPT,
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.model.weights import (
     SAVED_FILES,
     WEIGHTS_FILE,
     holds_only_saved_model,

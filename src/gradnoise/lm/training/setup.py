@@ -14,11 +14,13 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
+from gradnoise.lm import seeding
 from gradnoise.lm.config import TrainConfig
 from gradnoise.lm.data import corpora
 from gradnoise.lm.model.gpt import GPT
 from gradnoise.lm.training import replicas
-from gradnoise.lm.training.state import Clock, Replica, RunState
+from gradnoise.lm.training.progress import Clock
+from gradnoise.lm.training.state import Replica, RunState
 
 
 @dataclass
@@ -68,8 +70,8 @@ def new_run(cfgs: list[TrainConfig], vocab_size: int, device, dtype, dist_env, c
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         replicas=[
             Replica(
-                batch_generator=torch.Generator().manual_seed(corpora.derive_seed(c.seed, "batches")),
-                augment_generator=torch.Generator().manual_seed(corpora.derive_seed(c.seed, "augmentation")),
+                batch_generator=torch.Generator().manual_seed(seeding.derive_seed(c.seed, "batches")),
+                augment_generator=torch.Generator().manual_seed(seeding.derive_seed(c.seed, "augmentation")),
             )
             for c in cfgs
         ],
@@ -104,7 +106,7 @@ def build_noise(
     if all(schedule is None for schedule in parsed):
         return None
     lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
-    seeds = [corpora.derive_seed(c.seed, "noise") for c in cfgs]
+    seeds = [seeding.derive_seed(c.seed, "noise") for c in cfgs]
     modes = [c.noise_mode for c in cfgs]
     correlations = [c.noise_correlation for c in cfgs]
     return gradnoise.ReplicatedGradientNoise(

@@ -81,23 +81,21 @@ import torch
 
 from gradnoise.errors import UserError
 from gradnoise.lm.config import TrainConfig
-from gradnoise.lm.data import corpora
+from gradnoise.lm.data import augment, batches, corpora
 from gradnoise.lm.devices import describe_device, resolve_dtype, sync, to_device
 from gradnoise.lm.storage import checkpoint, rundir, runlog
 from gradnoise.lm.training import finite, group, provenance, replicas, setup
 from gradnoise.lm.training.distributed import DistributedEnv, StopRequest
 from gradnoise.lm.training.evaluation import Evaluator
-from gradnoise.lm.training.state import (
-    Clock,
-    PendingLosses,
-    Replica,
-    RunState,
+from gradnoise.lm.training.progress import Clock, PendingLosses
+from gradnoise.lm.training.resume import (
     check_group_members,
     check_owner,
     check_resumable,
     finished_result,
     refuse_existing_run,
 )
+from gradnoise.lm.training.state import Replica, RunState
 
 
 def train(
@@ -347,7 +345,7 @@ def _train(cfgs, run_dirs, group_dir, dist_env, *, resume, progress, on_step, th
 
 def check_directories(cfgs, run_dirs: list[Path], group_dir: Path | None, resume: bool) -> None:
     """UserError unless every directory may be written: a fresh run's hold no run, and each
-    run's holds nothing but its own (state.check_owner)."""
+    run's holds nothing but its own (resume.check_owner)."""
     if not resume:
         for directory in run_dirs + ([group_dir] if group_dir is not None else []):
             refuse_existing_run(directory)
@@ -396,11 +394,11 @@ def global_batch(
     from its own generators, inputs augmented with its own char_substitution."""
     xs, ys = [], []
     for replica, cfg in zip(run.replicas, cfgs, strict=True):
-        x, y = corpora.get_batch(
+        x, y = batches.get_batch(
             tokens, cfg.batch_size * run.dist_env.world_size, cfg.block_size, replica.batch_generator
         )
         if cfg.char_substitution > 0:
-            x = corpora.substitute_characters(x, cfg.char_substitution, vocab_size, replica.augment_generator)
+            x = augment.substitute_characters(x, cfg.char_substitution, vocab_size, replica.augment_generator)
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
