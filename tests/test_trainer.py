@@ -24,7 +24,8 @@ from gradnoise.lm.data import corpora
 from gradnoise.lm.storage import checkpoint
 from gradnoise.lm.storage.runlog import FINAL_METRICS
 from gradnoise.lm.training.setup import build_noise, build_optimizer
-from gradnoise.lm.training.trainer import learning_rate, train
+from gradnoise.lm.training.step import learning_rate
+from gradnoise.lm.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""`bench_batch`: the batched trainer's step (`gradnoise.lm.training.trainer.train_step`, M
+"""`bench_batch`: the batched trainer's step (`gradnoise.lm.training.step.train_step`, M
 runs of a preset as one model, seeds 0 … M−1) for each M in turn, in one process:
 ms per step, runs per hour (M runs of the preset's max_iters steps, evaluation not
 counted) and the speed-up in runs per hour over M = 1.
@@ -48,7 +48,7 @@ def bench_batch(
     from gradnoise.lm.training.distributed import DistributedEnv
     from gradnoise.lm.training.progress import Clock
     from gradnoise.lm.training.setup import Hyper, new_run, splits
-    from gradnoise.lm.training.trainer import global_batch, train_step
+    from gradnoise.lm.training.step import global_batch, train_step
 
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
