@@ -14,7 +14,12 @@ import torch
 from gradnoise.errors import UserError
 from gradnoise.lm.bench.timing import PRESETS, WARMUP_STEPS
 from gradnoise.lm.config import resolve_config
+from gradnoise.lm.data import corpora
 from gradnoise.lm.devices import describe_device, resolve_device, sync
+from gradnoise.lm.training.distributed import DistributedEnv
+from gradnoise.lm.training.progress import Clock
+from gradnoise.lm.training.setup import Hyper, new_run, splits
+from gradnoise.lm.training.step import global_batch, train_step
 
 BATCH_STEPS = {("cpu", "tiny"): 20, ("cpu", "paper"): 2, ("cuda", "tiny"): 200, ("cuda", "paper"): 100}
 
@@ -44,12 +49,6 @@ def bench_batch(
     replica's), "max_iters", "steps", "noise", "rows": [{"models", "step_ms",
     "runs_per_hour", "speedup", "peak_memory_gib" (CUDA; else None)}]}.
     """
-    from gradnoise.lm.data import corpora
-    from gradnoise.lm.training.distributed import DistributedEnv
-    from gradnoise.lm.training.progress import Clock
-    from gradnoise.lm.training.setup import Hyper, new_run, splits
-    from gradnoise.lm.training.step import global_batch, train_step
-
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
     if steps is not None and steps < 1:
@@ -59,7 +58,6 @@ def bench_batch(
     cuda = torch_device.type == "cuda"
     base = resolve_config("shakespeare_char", preset, {"device": str(torch_device), "noise": noise})
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    autocast = torch.autocast(torch_device.type, dtype=dtype, enabled=dtype != torch.float32)
     corpus = corpora.load(base.dataset)
     tokens = splits(corpus, base)["train"]
     steps = steps or BATCH_STEPS[(torch_device.type, preset)]
@@ -76,29 +74,8 @@ def bench_batch(
         "rows": [],
     }
     for count in models:
-        cfgs = [base.replace(seed=seed) for seed in range(count)]
-        if cuda:
-            torch._dynamo.reset()  # each M compiles afresh, never against the previous M's cache limit
-        run = new_run(cfgs, corpus.vocab_size, torch_device, dtype, DistributedEnv(), Clock())
-        result["params"] = sum(p.numel() for p in run.params) // count
-        model = torch.compile(run.model) if cuda else run.model
-        hyper = Hyper.of(cfgs, torch_device)
-
-        def next_batch(run=run, cfgs=cfgs):
-            return global_batch(run, tokens, cfgs, corpus.vocab_size)
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(torch_device)
-        log(f"M = {count}: warming up")
-        for step in range(WARMUP_STEPS[torch_device.type]):
-            train_step(run, model, step, base, hyper, next_batch, autocast)
-        sync(torch_device)
-        log(f"M = {count}: timing {steps} steps")
-        start = time.perf_counter()
-        for step in range(steps):
-            train_step(run, model, step, base, hyper, next_batch, autocast)
-        sync(torch_device)
-        step_s = (time.perf_counter() - start) / steps
+        step_s, params, peak = _time_group(base, count, corpus, tokens, torch_device, dtype, steps, log)
+        result["params"] = params
         runs_per_hour = count * 3600 / (step_s * base.max_iters)
         first = result["rows"][0]["runs_per_hour"] if result["rows"] else runs_per_hour
         result["rows"].append(
@@ -107,13 +84,45 @@ def bench_batch(
                 "step_ms": 1e3 * step_s,
                 "runs_per_hour": runs_per_hour,
                 "speedup": runs_per_hour / first,
-                "peak_memory_gib": torch.cuda.max_memory_allocated(torch_device) / 2**30 if cuda else None,
+                "peak_memory_gib": peak,
             }
         )
-        del run, model
-        if cuda:
-            torch.cuda.empty_cache()
     return result
+
+
+def _time_group(base, count, corpus, tokens, device, dtype, steps, log) -> tuple[float, int, float | None]:
+    """Seconds per step of a group of `count` runs of `base` (seeds 0 … count−1), one replica's
+    parameter count, and the peak GiB of device memory (CUDA; else None)."""
+    cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    cfgs = [base.replace(seed=seed) for seed in range(count)]
+    if cuda:
+        torch._dynamo.reset()  # each M compiles afresh, never against the previous M's cache limit
+    run = new_run(cfgs, corpus.vocab_size, device, dtype, DistributedEnv(), Clock())
+    params = sum(p.numel() for p in run.params) // count
+    model = torch.compile(run.model) if cuda else run.model
+    hyper = Hyper.of(cfgs, device)
+
+    def next_batch(run=run):
+        return global_batch(run, tokens, cfgs, corpus.vocab_size)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"M = {count}: warming up")
+    for step in range(WARMUP_STEPS[device.type]):
+        train_step(run, model, step, base, hyper, next_batch, autocast)
+    sync(device)
+    log(f"M = {count}: timing {steps} steps")
+    start = time.perf_counter()
+    for step in range(steps):
+        train_step(run, model, step, base, hyper, next_batch, autocast)
+    sync(device)
+    step_s = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    del run, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return step_s, params, peak
 
 
 def format_batch_report(result: dict) -> str:

@@ -134,15 +134,40 @@ def bench_noise(
 
 
 def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_gb_s, log) -> dict:
-    cuda = device.type == "cuda"
     cfg = resolve_config("shakespeare_char", preset)
+    optimizer, params, train_step = _training_step(cfg, device, dtype, use_compile)
+    numel = sum(p.numel() for p in params)
+    hooks = _noise_hooks(optimizer, params, device)
+    step_samples = _time_steps(optimizer, train_step, hooks, timer, device, repetitions, preset, log)
+    step_ms = {name: 1e3 * statistics.median(samples) for name, samples in step_samples.items()}
+    train_step()  # the noise ops alone, on the gradients of one more backward pass
+    op_seconds = _time_noise_ops([p.grad for p in params], numel, device, timer, repetitions, preset, log)
+    op_gb_s = {name: BYTES_PER_ELEMENT * numel / s / 1e9 for name, s in op_seconds.items()}
+    overhead = {name: _percent(ms, step_ms["none"]) for name, ms in step_ms.items() if name != "none"}
+    return {
+        "params": numel,
+        "batch_size": cfg.batch_size,
+        "block_size": cfg.block_size,
+        "model": f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, dropout {cfg.dropout}",
+        "steps": repetitions,
+        "step_ms": step_ms,
+        "step_ms_iqr": {name: quartiles_ms(samples) for name, samples in step_samples.items()},
+        "overhead_pct": overhead,
+        "op_us": {name: 1e6 * s for name, s in op_seconds.items()},
+        "op_gb_s": op_gb_s,
+        "op_pct_of_copy": {name: 100 * gb / copy_gb_s for name, gb in op_gb_s.items()},
+        "targets": _targets(device, op_seconds, overhead, op_gb_s["gradnoise"], copy_gb_s),
+    }
+
+
+def _training_step(cfg, device, dtype, use_compile):
+    """The harness's step on a fixed batch: (optimizer, trainable parameters, step function)."""
     torch.manual_seed(0)
     raw_model = GPT(cfg.model_config(vocab_size=65)).to(device)
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizer = build_optimizer(raw_model, cfg, device)
     replicas.WeightDecay(optimizer, [cfg.weight_decay], decoupled=True)  # the trainer's AdamW decay
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    numel = sum(p.numel() for p in params)
     batches = torch.Generator().manual_seed(0)
     x = torch.randint(65, (cfg.batch_size, cfg.block_size), generator=batches).to(device)
     y = torch.randint(65, (cfg.batch_size, cfg.block_size), generator=batches).to(device)
@@ -156,6 +181,12 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
 
+    return optimizer, params, train_step
+
+
+def _noise_hooks(optimizer, params, device) -> dict[str, Callable[[], None] | None]:
+    """The noise variants, each as what a step pre-hook calls (None: no noise)."""
+
     def noise() -> gradnoise.GradientNoise:
         return gradnoise.GradientNoise(optimizer, gradnoise.schedules.Constant(SIGMA), attach=False)
 
@@ -164,7 +195,7 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
         "loop": lambda: loop_noise_([p.grad for p in params if p.grad is not None], SIGMA),
         "gradnoise": noise().apply,
     }
-    if cuda:
+    if device.type == "cuda":
         unfused = noise()
 
         def apply_unfused() -> None:
@@ -172,6 +203,13 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
                 unfused.apply()
 
         hooks["gradnoise-unfused"] = apply_unfused
+    return hooks
+
+
+def _time_steps(
+    optimizer, train_step, hooks, timer, device, repetitions, preset, log
+) -> dict[str, list[float]]:
+    """Each variant's step times in seconds, the variants interleaved step by step after a warm-up."""
 
     def measure_step(hook) -> Callable[[], float]:
         def measure() -> float:
@@ -190,13 +228,12 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
     log(f"{preset}: warming up")
     interleaved(step_measures, WARMUP_STEPS[device.type])
     log(f"{preset}: timing training steps")
-    step_samples = interleaved(step_measures, repetitions)
-    step_ms = {name: 1e3 * statistics.median(samples) for name, samples in step_samples.items()}
-    step_ms_iqr = {name: quartiles_ms(samples) for name, samples in step_samples.items()}
+    return interleaved(step_measures, repetitions)
 
-    # The noise ops alone, on the gradients of one more backward pass.
-    train_step()
-    grads = [p.grad for p in params]
+
+def _time_noise_ops(grads, numel, device, timer, repetitions, preset, log) -> dict[str, float]:
+    """Median seconds of each noise op alone on `grads`, and of the fill reference."""
+    cuda = device.type == "cuda"
     workspace: dict = {}
     generator = torch.Generator().manual_seed(0)
     fill = NormalFill(numel, device)
@@ -217,24 +254,7 @@ def _bench_preset(preset, device, dtype, repetitions, use_compile, timer, copy_g
     interleaved(op_measures, 2)
     log(f"{preset}: timing the noise op alone")
     op_samples = interleaved(op_measures, max(10, 3 * repetitions))
-    op_seconds = {name: statistics.median(samples) for name, samples in op_samples.items()}
-    op_gb_s = {name: BYTES_PER_ELEMENT * numel / s / 1e9 for name, s in op_seconds.items()}
-
-    overhead = {name: _percent(ms, step_ms["none"]) for name, ms in step_ms.items() if name != "none"}
-    return {
-        "params": numel,
-        "batch_size": cfg.batch_size,
-        "block_size": cfg.block_size,
-        "model": f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, dropout {cfg.dropout}",
-        "steps": repetitions,
-        "step_ms": step_ms,
-        "step_ms_iqr": step_ms_iqr,
-        "overhead_pct": overhead,
-        "op_us": {name: 1e6 * s for name, s in op_seconds.items()},
-        "op_gb_s": op_gb_s,
-        "op_pct_of_copy": {name: 100 * gb / copy_gb_s for name, gb in op_gb_s.items()},
-        "targets": _targets(device, op_seconds, overhead, op_gb_s["gradnoise"], copy_gb_s),
-    }
+    return {name: statistics.median(samples) for name, samples in op_samples.items()}
 
 
 def _targets(device, op_seconds, overhead, gradnoise_gb_s, copy_gb_s) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gradnoise.errors import UserError
 from gradnoise.lm.config import resolve_config
+from gradnoise.lm.training.trainer import train
 
 
 def bench_train(
@@ -27,8 +28,6 @@ def bench_train(
     after the last step), "train_s" (optimizer steps only), "step_ms_median",
     "tokens_per_s", "val_loss", "best_val_loss", "config"}.
     """
-    from gradnoise.lm.training.trainer import train
-
     cfg = resolve_config(dataset, preset, overrides)
     last_step_at = []
 
