@@ -21,21 +21,9 @@ from gradnoise.lm.training import group
 from gradnoise.lm.training.trainer import train
 from gradnoise.study.report import write_report
 from gradnoise.study.store import Store
+from helpers import configs
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=4,
-    eval_interval=2,
-    eval_iters=1,
-    log_interval=2,
-    checkpoint_interval=2,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=4, eval_interval=2, log_interval=2, checkpoint_interval=2)
 
 
 def tiny(**changes):

@@ -14,22 +14,11 @@ from gradnoise.study import executors
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
+from helpers.configs import STUDY
 
 ray = pytest.importorskip("ray")
 
-TINY = {
-    "n_layer": 1,
-    "n_head": 2,
-    "n_embd": 32,
-    "block_size": 32,
-    "batch_size": 4,
-    "max_iters": 20,
-    "eval_interval": 10,
-    "eval_iters": 2,
-    "log_interval": 5,
-    "checkpoint_interval": 10,
-    "final_eval": False,
-}
+TINY = STUDY
 
 
 @pytest.fixture(scope="module")

@@ -28,21 +28,10 @@ from gradnoise.lm.storage import checkpoint
 from gradnoise.lm.training.trainer import train
 from gradnoise.study.runner import open_study
 from gradnoise.study.spec import load_spec, packaged_specs
+from helpers import configs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=20,
-    eval_interval=10,
-    eval_iters=1,
-    log_interval=5,
-    checkpoint_interval=10,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=20, eval_interval=10, log_interval=5, checkpoint_interval=10, final_eval=None)
 OVERRIDES = [f"{k}={v}" for k, v in TINY.items()]
 EVAL_LINE = r"step (\d+)/20: train loss \d\.\d{4}, val loss \d\.\d{4}"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
