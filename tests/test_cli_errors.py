@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.storage.checkpoint import export
+from gradnoise.lm.training.trained import export
 from gradnoise.lm.training.trainer import train
 from helpers import configs
 

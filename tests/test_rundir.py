@@ -13,7 +13,7 @@ from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.storage import checkpoint, rundir
-from gradnoise.lm.storage.checkpoint import export
+from gradnoise.lm.training.trained import export
 from gradnoise.lm.training.trainer import train
 from helpers import configs
 

@@ -23,6 +23,7 @@ from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.data import corpora
 from gradnoise.lm.storage import checkpoint
 from gradnoise.lm.storage.runlog import FINAL_METRICS
+from gradnoise.lm.training import trained
 from gradnoise.lm.training.setup import build_noise, build_optimizer
 from gradnoise.lm.training.step import learning_rate
 from gradnoise.lm.training.trainer import train
@@ -288,11 +289,11 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     assert finals["val_bpc"] == pytest.approx(finals["val_loss"] / math.log(2))
     assert finals["steps"] == 30 and finals["test_loss_full"] is None
     assert finals["train_loss_window"] == trains[-1]["loss"]  # the last window's train-mode mean
-    model_parameters = sum(p.numel() for p in checkpoint.load_trained(run)[0].parameters())
+    model_parameters = sum(p.numel() for p in trained.load_trained(run)[0].parameters())
     assert finals["parameters"] == model_parameters
 
     # The exact pass, recomputed here from the saved model: whole windows, then the tail.
-    model, _ = checkpoint.load_trained(run)
+    model, _ = trained.load_trained(run)
     model.eval()
     val = torch.from_numpy(np.asarray(corpora.load("shakespeare_char").splits["val"], dtype=np.int64))
     whole = (len(val) - 1) // 32

@@ -78,7 +78,10 @@ def register(commands) -> None:
     )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(func=_train)
+    _register_sample_and_export(commands)
 
+
+def _register_sample_and_export(commands) -> None:
     sample = commands.add_parser(
         "sample",
         parents=[VERBOSITY],
@@ -224,7 +227,7 @@ def _report(result: dict, run_dir: Path) -> None:
 def _sample(args: argparse.Namespace) -> int:
     from gradnoise.lm.devices import resolve_device
     from gradnoise.lm.model.sampling import sample_text
-    from gradnoise.lm.storage.checkpoint import load_trained
+    from gradnoise.lm.training.trained import load_trained
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 0")
@@ -243,7 +246,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gradnoise.lm.storage.checkpoint import export
+    from gradnoise.lm.training.trained import export
 
     out = export(args.run_dir, args.out_dir, force=args.force)
     log.info(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm.bench.timing import PRESETS, WARMUP_STEPS
+from gradnoise.lm.bench.timing import PRESETS, WARMUP_STEPS, timed_device
 from gradnoise.lm.config import resolve_config
 from gradnoise.lm.data import corpora
-from gradnoise.lm.devices import describe_device, resolve_device, sync
+from gradnoise.lm.devices import describe_device, sync
 from gradnoise.lm.training.distributed import DistributedEnv
 from gradnoise.lm.training.progress import Clock
 from gradnoise.lm.training.setup import Hyper, new_run, splits
@@ -51,13 +51,10 @@ def bench_batch(
     """
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)}")
-    if steps is not None and steps < 1:
-        raise UserError(f"steps={steps} is not allowed: steps must be an integer ≥ 1")
     log = log or (lambda message: None)
-    torch_device = resolve_device(device)
+    torch_device, dtype = timed_device(device, steps)
     cuda = torch_device.type == "cuda"
     base = resolve_config("shakespeare_char", preset, {"device": str(torch_device), "noise": noise})
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     corpus = corpora.load(base.dataset)
     tokens = splits(corpus, base)["train"]
     steps = steps or BATCH_STEPS[(torch_device.type, preset)]

@@ -33,9 +33,17 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm.bench.timing import PRESETS, WARMUP_STEPS, Timer, environment, interleaved, quartiles_ms
+from gradnoise.lm.bench.timing import (
+    PRESETS,
+    WARMUP_STEPS,
+    Timer,
+    environment,
+    interleaved,
+    quartiles_ms,
+    timed_device,
+)
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.devices import describe_device, resolve_device
+from gradnoise.lm.devices import describe_device
 from gradnoise.lm.model.gpt import GPT
 from gradnoise.lm.training import replicas
 from gradnoise.lm.training.setup import build_optimizer
@@ -107,12 +115,9 @@ def bench_noise(
     for preset in presets:
         if preset not in PRESETS:
             raise UserError(f"preset={preset!r} is not allowed: use {', '.join(PRESETS)} or both")
-    if steps is not None and steps < 1:
-        raise UserError(f"steps={steps} is not allowed: steps must be an integer ≥ 1")
     log = log or (lambda message: None)
-    torch_device = resolve_device(device)
+    torch_device, dtype = timed_device(device, steps)
     cuda = torch_device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     timer = Timer(torch_device)
     log(f"measuring copy bandwidth on {describe_device(torch_device)}")
     result = {

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import torch
 
+from gradnoise.errors import UserError
 from gradnoise.lm import config
+from gradnoise.lm.devices import resolve_device
 
 PRESETS = tuple(config.PRESETS)
 
@@ -71,3 +73,13 @@ def quartiles_ms(samples: list[float]) -> list[float]:
         return [1e3 * samples[0]] * 2
     low, _, high = statistics.quantiles(samples, n=4)
     return [1e3 * low, 1e3 * high]
+
+
+def timed_device(device: str, steps: int | None) -> tuple[torch.device, torch.dtype]:
+    """The device to time on and the dtype its steps train in (bf16 on a CUDA device that
+    has it); UserError unless steps, when given, is at least 1."""
+    if steps is not None and steps < 1:
+        raise UserError(f"steps={steps} is not allowed: steps must be an integer ≥ 1")
+    torch_device = resolve_device(device)
+    cuda = torch_device.type == "cuda"
+    return torch_device, torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from gradnoise.lm.storage import files
+from gradnoise.lm.storage.files import WEIGHTS_FILE
 
 # A saved model (save_pretrained): its GPTConfig, its weights and its vocabulary.
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"
 SAVED_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
 

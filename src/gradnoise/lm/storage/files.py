@@ -21,6 +21,9 @@ import torch
 from gradnoise.errors import UserError
 from gradnoise.lm.storage import atomic
 
+# Where weights are kept, in a checkpoint and in a saved model alike (safetensors).
+WEIGHTS_FILE = "model.safetensors"
+
 
 def read_json(path: Path, what: str):
     """The JSON document in `path`; UserError if it cannot be read or is not JSON text."""
