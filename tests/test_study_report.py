@@ -13,9 +13,9 @@ import pytest
 
 from gradnoise.errors import UserError
 from gradnoise.study.report import render, sentences, tables, write_report
-from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.report.analysis import analyze
 from gradnoise.study.stats import summarize
-from gradnoise.study.store import Store
+from helpers import fabricated
 from helpers.fabricated import (
     DATASET,
     EVAL_STEPS,
@@ -41,8 +41,7 @@ def study_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def analysis(study_dir):
-    with Store(study_dir / "study.sqlite") as store:
-        return analyze(load_study(store))
+    return fabricated.analyzed(study_dir)
 
 
 def student_t_p(t: float) -> float:

@@ -27,28 +27,13 @@ from gradnoise.lm.training import trained
 from gradnoise.lm.training.setup import build_noise, build_optimizer
 from gradnoise.lm.training.step import learning_rate
 from gradnoise.lm.training.trainer import train
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A model small enough that a step takes milliseconds on one CPU thread.
-SMALL = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=8,
-    max_iters=30,
-    warmup_iters=5,
-    eval_interval=10,
-    eval_iters=3,
-    log_interval=5,
-    checkpoint_interval=10,
-    final_eval=False,
-    dropout=0.1,
-    device="cpu",
-    lr=1e-3,
-    min_lr=1e-4,
-)
+SMALL = configs.two_layers(8, 30, eval_interval=10, log_interval=5, checkpoint_interval=10, eval_iters=3)
+SMALL |= dict(warmup_iters=5, dropout=0.1, lr=1e-3, min_lr=1e-4)
 LOSS_KEYS = (
     "steps",
     "train_loss",

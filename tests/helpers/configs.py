@@ -35,3 +35,29 @@ def tiny(
 
 # The tiny study the study tests run (no device: a study places its runs itself).
 STUDY = tiny(20, 10, 5, 10, wide=True, eval_iters=2, device=None)
+
+
+def two_layers(
+    batch_size: int,
+    max_iters: int,
+    eval_interval: int,
+    log_interval: int,
+    checkpoint_interval: int,
+    **more,
+) -> dict:
+    """Two layers of 32 wide (a step still takes milliseconds on one CPU thread), trained on
+    the CPU max_iters steps with the intervals given, no final exact pass; then `more`."""
+    return {
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "block_size": 32,
+        "batch_size": batch_size,
+        "max_iters": max_iters,
+        "eval_interval": eval_interval,
+        "log_interval": log_interval,
+        "checkpoint_interval": checkpoint_interval,
+        "final_eval": False,
+        "device": "cpu",
+        **more,
+    }

@@ -5,6 +5,7 @@ import math
 
 from gradnoise import schedules
 from gradnoise.lm.config import resolve_config
+from gradnoise.study.report.analysis import analyze, load_study
 from gradnoise.study.store import Store
 
 MAX_ITERS = 600
@@ -138,3 +139,39 @@ def fill_store(directory, spec: dict) -> None:
                     result, curves = fabricated_result(method, 9.0, float("nan"))
                     result |= {"status": "diverged", "error": "loss is nan at step 12"}
                     store.record_result(run_id, result, curves[:2])
+
+
+def done_runs_spec(name: str, methods: dict, seeds, dataset: str, **more) -> dict:
+    """The spec of a study that store_done_runs stores: the tiny preset for 100 steps, each
+    method against "baseline"; then `more` (hypotheses, dose_response, …)."""
+    return {
+        "name": name,
+        "preset": "tiny",
+        "datasets": [dataset],
+        "seeds": len(seeds),
+        "baseline": "baseline",
+        "overrides": {"max_iters": 100},
+        "methods": methods,
+        **more,
+    }
+
+
+def store_done_runs(directory, spec: dict, methods: dict, seeds, dataset: str, result_of) -> None:
+    """A store in `directory` holding `spec`'s study with one done run per method × seed (the
+    tiny preset for 100 steps with the method's overrides); result_of(method, index of the
+    seed, seed) → (finals, curves)."""
+    with Store(directory / "study.sqlite") as store:
+        store.create_study(spec["name"], spec)
+        for method, overrides in methods.items():
+            for index, seed in enumerate(seeds):
+                config = resolve_config(dataset, "tiny", {"max_iters": 100, **overrides, "seed": seed})
+                run_id = f"{method}-{seed}"
+                store.add_runs([(run_id, dataset, method, seed, config.to_dict())])
+                finals, curves = result_of(method, index, seed)
+                store.record_result(run_id, {"status": "done", "finals": finals}, curves)
+
+
+def analyzed(study_dir):
+    """The report's analysis of the study stored in study_dir."""
+    with Store(study_dir / "study.sqlite") as store:
+        return analyze(load_study(store))

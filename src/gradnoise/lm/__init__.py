@@ -1,4 +1,5 @@
-"""The small-LM harness: corpora (`data`), a nanoGPT-style model, its trainer and checkpoints.
+"""The small-LM harness: corpora (`data`), a nanoGPT-style GPT (`model`), its trainer
+(`training`), a run's files (`storage`) and the benchmarks (`bench`).
 
 from gradnoise.lm import GPT
 model = GPT.from_pretrained("exports/shakespeare")
