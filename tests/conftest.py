@@ -26,9 +26,9 @@ def private_data_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("gradnoise_home")
     os.environ["GRADNOISE_HOME"] = str(home)
     os.environ["OMP_NUM_THREADS"] = "1"
-    from gradnoise.lm import data
+    from gradnoise.lm.data import corpora
 
-    data.load("shakespeare_char")  # prepared once, before concurrent workers could race to it
+    corpora.load("shakespeare_char")  # prepared once, before concurrent workers could race to it
     yield home
     for key, value in saved.items():
         if value is None:

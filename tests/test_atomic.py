@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
 
 
 def write_then_fail(directory):

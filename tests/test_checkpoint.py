@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint
+from gradnoise.lm.storage import checkpoint
 
 
 def weights(seed):

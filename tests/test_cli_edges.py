@@ -15,26 +15,15 @@ import pytest
 
 from gradnoise.cli import build_parser, main
 from gradnoise.errors import UserError
-from gradnoise.lm import files, group
 from gradnoise.lm.config import parse_overrides, resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage import files
+from gradnoise.lm.training import group
+from gradnoise.lm.training.trainer import train
 from gradnoise.study.report import write_report
 from gradnoise.study.store import Store
+from helpers import configs
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=4,
-    eval_interval=2,
-    eval_iters=1,
-    log_interval=2,
-    checkpoint_interval=2,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=4, eval_interval=2, log_interval=2, checkpoint_interval=2)
 
 
 def tiny(**changes):
@@ -72,7 +61,7 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
 def test_a_group_says_whose_eval_each_line_is_and_that_it_stopped_once(tmp_path, capsys, monkeypatch):
     members = [group.Member(f"r{m}", tmp_path / f"r{m}", tiny(seed=m, max_iters=8)) for m in range(3)]
     group.write_group(tmp_path / "g", members)
-    from gradnoise.lm import trainer
+    from gradnoise.lm.training import trainer
 
     original = trainer.train_group
 

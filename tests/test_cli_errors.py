@@ -26,24 +26,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradnoise.lm.checkpoint import export
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.training.trained import export
+from gradnoise.lm.training.trainer import train
+from helpers import configs
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=4,
-    eval_interval=2,
-    eval_iters=1,
-    log_interval=2,
-    checkpoint_interval=2,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=4, eval_interval=2, log_interval=2, checkpoint_interval=2)
 OVERRIDES = [f"{k}={v}" for k, v in TINY.items()]
 CHECKPOINT = Path("run/checkpoints/step_0000002")  # the run stops there, so it can resume
 WTE = "transformer.wte.weight"

@@ -24,7 +24,7 @@ import torch
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm import data
+from gradnoise.lm.data import batches, corpora, sources
 
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 ENWIK8_SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
@@ -99,14 +99,14 @@ def http_root(tmp_path, monkeypatch):
 
 
 def test_shakespeare_prepared_from_the_package(home):
-    packaged = resources.files("gradnoise.lm").joinpath("corpora", "shakespeare_char.txt")
+    packaged = resources.files("gradnoise.lm.data").joinpath("packaged", "shakespeare_char.txt")
     text_bytes = packaged.read_bytes()
     assert len(text_bytes) == 1_115_394
     assert sha256(text_bytes) == SHAKESPEARE_SHA256
     text = text_bytes.decode("ascii")
 
-    directory = data.prepare("shakespeare_char", home=home, progress=False)
-    corpus = data.load("shakespeare_char", home=home)
+    directory = corpora.prepare("shakespeare_char", home=home, progress=False)
+    corpus = corpora.load("shakespeare_char", home=home)
 
     assert directory == home / "shakespeare_char"
     assert corpus.vocab_size == 65
@@ -123,11 +123,11 @@ def test_shakespeare_prepared_from_the_package(home):
 
 def test_load_prepares_shakespeare_on_first_use_under_gradnoise_home(home, monkeypatch):
     monkeypatch.setenv("GRADNOISE_HOME", str(home))
-    assert data.gradnoise_home() == home
-    corpus = data.load("shakespeare_char")
+    assert corpora.gradnoise_home() == home
+    corpus = corpora.load("shakespeare_char")
     assert (home / "shakespeare_char" / "meta.json").is_file()
     assert corpus.decode(corpus.splits["train"][:14]) == "First Citizen:"
-    assert [row["name"] for row in data.prepared()] == ["shakespeare_char"]
+    assert [row["name"] for row in corpora.prepared()] == ["shakespeare_char"]
 
 
 def test_enwik8_like_zip_is_split_90_5_5_as_bytes(home, tmp_path):
@@ -137,8 +137,8 @@ def test_enwik8_like_zip_is_split_90_5_5_as_bytes(home, tmp_path):
     source = tmp_path / "enwik8.zip"
     source.write_bytes(compressed(raw, "zip", member="enwik8"))
 
-    data.prepare("enwik8", str(source), sha256(raw), home=home, progress=False)
-    corpus = data.load("enwik8", home=home)
+    corpora.prepare("enwik8", str(source), sha256(raw), home=home, progress=False)
+    corpus = corpora.load("enwik8", home=home)
 
     assert corpus.vocab_size == 256 and corpus.meta["vocab"] == "bytes"
     for split, expected in slices_90_5_5(raw).items():
@@ -159,8 +159,8 @@ def test_text8_like_corpus_is_a_27_char_vocabulary_split_90_5_5(home, tmp_path, 
     source = tmp_path / f"text8.{fmt}"
     source.write_bytes(compressed(raw, fmt, member="text8"))
 
-    data.prepare("text8", str(source), sha256(raw), home=home, progress=False)
-    corpus = data.load("text8", home=home)
+    corpora.prepare("text8", str(source), sha256(raw), home=home, progress=False)
+    corpus = corpora.load("text8", home=home)
 
     vocab = sorted(TEXT8_ALPHABET)
     assert corpus.meta["vocab"] == vocab and corpus.vocab_size == 27
@@ -182,7 +182,7 @@ def test_download_from_a_local_http_server_says_so_without_a_bar_in_a_log(home, 
     argv = ["data", "prepare", "text8", "--source", f"{base_url}/text8.zip", "--sha256", sha256(raw)]
     assert main([*argv, "--home", str(home)]) == 0
 
-    corpus = data.load("text8", home=home)
+    corpus = corpora.load("text8", home=home)
     assert corpus.decode(corpus.splits["test"]) == slices_90_5_5(raw)["test"].decode()
     assert corpus.meta["source"] == f"{base_url}/text8.zip"
     # stderr is not a terminal here: no carriage-return bar, one line instead.
@@ -195,18 +195,18 @@ def test_default_source_is_the_registry_url(home, http_root, monkeypatch):
     root, base_url = http_root
     raw = enwik8_like(20_000)
     (root / "enwik8.zip").write_bytes(compressed(raw, "zip", member="enwik8"))
-    spec = dataclasses.replace(data.CORPORA["enwik8"], url=f"{base_url}/enwik8.zip")
-    monkeypatch.setitem(data.CORPORA, "enwik8", spec)
+    spec = dataclasses.replace(sources.CORPORA["enwik8"], url=f"{base_url}/enwik8.zip")
+    monkeypatch.setitem(sources.CORPORA, "enwik8", spec)
 
-    data.prepare("enwik8", sha256=sha256(raw), home=home, progress=False)
+    corpora.prepare("enwik8", sha256=sha256(raw), home=home, progress=False)
 
-    assert data.load("enwik8", home=home).splits["val"].tobytes() == raw[18_000:19_000]
+    assert corpora.load("enwik8", home=home).splits["val"].tobytes() == raw[18_000:19_000]
 
 
 def test_missing_url_is_a_user_error(home, http_root):
     _, base_url = http_root
     with pytest.raises(UserError, match=r"cannot download .*/missing\.zip"):
-        data.prepare("text8", f"{base_url}/missing.zip", home=home, progress=False)
+        corpora.prepare("text8", f"{base_url}/missing.zip", home=home, progress=False)
     assert not home.exists()
 
 
@@ -295,30 +295,30 @@ def test_bad_corpus_is_rejected_and_nothing_written(home, tmp_path, case):
     source = tmp_path / "source.bin"
     source.write_bytes(contents)
     with pytest.raises(UserError, match=message):
-        data.prepare(name, str(source), pinned, home=home, progress=False)
+        corpora.prepare(name, str(source), pinned, home=home, progress=False)
     assert not home.exists()
 
 
 def test_unknown_corpus_and_unreadable_source_are_user_errors(home, tmp_path):
     with pytest.raises(UserError, match="unknown corpus 'wiki103'; allowed: shakespeare_char"):
-        data.prepare("wiki103", home=home)
+        corpora.prepare("wiki103", home=home)
     with pytest.raises(UserError, match=r"cannot read source .*nope\.zip"):
-        data.prepare("text8", str(tmp_path / "nope.zip"), home=home)
+        corpora.prepare("text8", str(tmp_path / "nope.zip"), home=home)
     with pytest.raises(UserError, match="unknown corpus"):
-        data.load("wiki103", home=home)
+        corpora.load("wiki103", home=home)
     assert not home.exists()
 
 
 def test_unprepared_download_corpus_tells_how_to_prepare_it(home):
     with pytest.raises(UserError, match="gradnoise data prepare enwik8"):
-        data.load("enwik8", home=home)
+        corpora.load("enwik8", home=home)
 
 
 def test_interrupted_prepare_keeps_the_previous_directory_and_leaves_no_temp(home, tmp_path, monkeypatch):
     first, second = text8_like(seed=0), text8_like(seed=1)
     source = tmp_path / "text8"
     source.write_bytes(first)
-    data.prepare("text8", str(source), sha256(first), home=home, progress=False)
+    corpora.prepare("text8", str(source), sha256(first), home=home, progress=False)
 
     written = []
 
@@ -328,14 +328,14 @@ def test_interrupted_prepare_keeps_the_previous_directory_and_leaves_no_temp(hom
         written.append(path)
         tokens.tofile(path)
 
-    monkeypatch.setattr(data, "_write_split", write_then_interrupt)
+    monkeypatch.setattr(corpora, "_write_split", write_then_interrupt)
     source.write_bytes(second)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare("text8", str(source), sha256(second), home=home, progress=False)
+        corpora.prepare("text8", str(source), sha256(second), home=home, progress=False)
 
     assert written  # the interrupt came mid-way, after a split file was written
     assert [entry.name for entry in home.iterdir()] == ["text8"]
-    corpus = data.load("text8", home=home)
+    corpus = corpora.load("text8", home=home)
     assert corpus.meta["source_sha256"] == sha256(first)
     assert corpus.splits["train"].size == 90_000
 
@@ -348,9 +348,9 @@ def test_interrupted_first_prepare_leaves_nothing(home, tmp_path, monkeypatch):
     def interrupt(path, tokens):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "_write_split", interrupt)
+    monkeypatch.setattr(corpora, "_write_split", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare("text8", str(source), sha256(raw), home=home, progress=False)
+        corpora.prepare("text8", str(source), sha256(raw), home=home, progress=False)
     assert list(home.iterdir()) == []
 
 
@@ -359,11 +359,11 @@ def test_prepare_again_replaces_the_corpus(home, tmp_path):
     for seed in (0, 1):
         raw = text8_like(seed=seed)
         source.write_bytes(raw)
-        data.prepare("text8", str(source), sha256(raw), home=home, progress=False)
-    corpus = data.load("text8", home=home)
+        corpora.prepare("text8", str(source), sha256(raw), home=home, progress=False)
+    corpus = corpora.load("text8", home=home)
     assert corpus.decode(corpus.splits["val"]) == slices_90_5_5(raw)["val"].decode()
     assert [entry.name for entry in home.iterdir()] == ["text8"]
-    assert data.prepared(home=home) == [
+    assert corpora.prepared(home=home) == [
         {
             "name": "text8",
             "path": str(home / "text8"),
@@ -379,7 +379,7 @@ def test_prepare_again_replaces_the_corpus(home, tmp_path):
 
 def test_get_batch_windows_are_consecutive_tokens_and_y_is_x_shifted():
     tokens = np.arange(1_000, dtype=np.uint16)  # token value == its position
-    x, y = data.get_batch(tokens, 8, 16, torch.Generator().manual_seed(0))
+    x, y = batches.get_batch(tokens, 8, 16, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 16)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x, x[:, :1] + torch.arange(16))
@@ -389,7 +389,7 @@ def test_get_batch_windows_are_consecutive_tokens_and_y_is_x_shifted():
 
 def test_get_batch_uses_every_valid_offset_and_only_those():
     tokens = np.arange(12, dtype=np.uint8)
-    x, y = data.get_batch(tokens, 2_000, 10, torch.Generator().manual_seed(0))
+    x, y = batches.get_batch(tokens, 2_000, 10, torch.Generator().manual_seed(0))
     # offsets 0 and 1 are the only windows of 10 + 1 tokens; each has probability 1/2
     starts = x[:, 0]
     assert set(starts.tolist()) == {0, 1}
@@ -401,15 +401,15 @@ def test_get_batch_uses_every_valid_offset_and_only_those():
 def test_get_batch_is_reproducible_for_a_seed_and_ignores_the_global_rng():
     tokens = np.random.default_rng(0).integers(0, 65, 10_000).astype(np.uint8)
 
-    def batches(seed):
+    def draws(seed):
         generator = torch.Generator().manual_seed(seed)
-        return [data.get_batch(tokens, 4, 32, generator) for _ in range(3)]
+        return [batches.get_batch(tokens, 4, 32, generator) for _ in range(3)]
 
     torch.manual_seed(1)
-    first = batches(7)
+    first = draws(7)
     torch.manual_seed(2)
-    again = batches(7)
-    other = batches(8)
+    again = draws(7)
+    other = draws(8)
     for (x1, y1), (x2, y2) in zip(first, again, strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other, strict=True))
@@ -418,7 +418,7 @@ def test_get_batch_is_reproducible_for_a_seed_and_ignores_the_global_rng():
 
 def test_get_batch_rejects_a_split_shorter_than_a_block():
     with pytest.raises(UserError, match="block_size=16"):
-        data.get_batch(np.zeros(16, np.uint8), 2, 16, torch.Generator())
+        batches.get_batch(np.zeros(16, np.uint8), 2, 16, torch.Generator())
 
 
 # --- CLI -----------------------------------------------------------------------
@@ -461,7 +461,7 @@ def test_cli_list_when_nothing_is_prepared_shows_the_packaged_corpus(home, capsy
         "enwik8             not prepared: gradnoise data prepare enwik8",
         "text8              not prepared: gradnoise data prepare text8",
     ]
-    data.load("shakespeare_char", home=home)  # prepared on first use
+    corpora.load("shakespeare_char", home=home)  # prepared on first use
     assert main(["data", "list", "--home", str(home)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].startswith("shakespeare_char   vocab 65   train 1,003,854, val 111,540")

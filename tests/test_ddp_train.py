@@ -9,29 +9,16 @@ import sys
 import pytest
 import torch
 
-from gradnoise.lm import checkpoint
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.trainer import train
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PER_RANK = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=4,
-    grad_accum=2,
-    max_iters=16,
-    warmup_iters=4,
-    eval_interval=8,
-    eval_iters=3,
-    log_interval=4,
-    checkpoint_interval=8,
-    dropout=0.0,
-    final_eval=True,
-    device="cpu",
-    noise="exp:sigma0=0.05,gamma=0.95",
+PER_RANK = configs.two_layers(4, 16, eval_interval=8, log_interval=4, checkpoint_interval=8, eval_iters=3)
+PER_RANK |= dict(
+    grad_accum=2, warmup_iters=4, dropout=0.0, final_eval=True, noise="exp:sigma0=0.05,gamma=0.95"
 )
 
 

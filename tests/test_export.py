@@ -8,25 +8,14 @@ import pytest
 from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.lm import GPT, GPTConfig
-from gradnoise.lm.checkpoint import export
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.training.trained import export
+from gradnoise.lm.training.trainer import train
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=4,
-    eval_interval=4,
-    eval_iters=1,
-    log_interval=2,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=4, eval_interval=4, log_interval=2)
 EXPORT_FILES = ["config.json", "model.safetensors", "vocab.json"]
 
 

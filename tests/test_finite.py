@@ -7,24 +7,13 @@ import pytest
 import torch
 
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint, finite
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training import finite
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=20,
-    eval_interval=10,
-    eval_iters=1,
-    log_interval=5,
-    checkpoint_interval=5,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=20, eval_interval=10, log_interval=5, checkpoint_interval=5)
 
 
 def adamw_after_one_step(gradient_scale: float):

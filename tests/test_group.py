@@ -4,8 +4,9 @@ import pytest
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm import group, runlog
 from gradnoise.lm.config import PER_REPLICA_KEYS, group_key, resolve_config
+from gradnoise.lm.storage import runlog
+from gradnoise.lm.training import group
 
 QUICK = {"max_iters": 6, "eval_interval": 3, "eval_iters": 1, "log_interval": 3, "final_eval": False}
 

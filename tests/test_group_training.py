@@ -9,35 +9,22 @@ import pytest
 import torch
 
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint, group, replicas
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.distributed import DistributedEnv
-from gradnoise.lm.model import GPT, weights_for_saving
-from gradnoise.lm.setup import new_run
-from gradnoise.lm.state import Clock
-from gradnoise.lm.trainer import train, train_group
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.model.weights import weights_for_saving
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training import group, replicas
+from gradnoise.lm.training.distributed import DistributedEnv
+from gradnoise.lm.training.progress import Clock
+from gradnoise.lm.training.setup import new_run
+from gradnoise.lm.training.trainer import train, train_group
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A small model and few hundred steps: a group of 6 and its runs alone take ~30 s on one thread.
-BASE = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=8,
-    grad_accum=2,
-    max_iters=200,
-    warmup_iters=10,
-    lr=3e-3,
-    eval_interval=100,
-    eval_iters=4,
-    log_interval=10,
-    checkpoint_interval=0,
-    final_eval=False,
-    dropout=0.0,
-    device="cpu",
-)
+BASE = configs.two_layers(8, 200, eval_interval=100, log_interval=10, checkpoint_interval=0, eval_iters=4)
+BASE |= dict(grad_accum=2, warmup_iters=10, lr=3e-3, dropout=0.0)
 # Each run differs from the first in per-replica settings only; the last one diverges.
 MEMBERS = {
     "plain": dict(seed=0),

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data, files
 from gradnoise.lm.config import MAX_SEED, TrainConfig
-from gradnoise.lm.model import GPT, GPTConfig, sample_text
+from gradnoise.lm.data import corpora, sources
+from gradnoise.lm.model.gpt import GPT, GPTConfig
+from gradnoise.lm.model.sampling import sample_text
+from gradnoise.lm.storage import checkpoint, files
 from gradnoise.study.spec import parse_spec
 from gradnoise.study.store import Store
 
@@ -47,7 +49,7 @@ def test_a_gzip_bomb_is_refused_after_reading_what_the_corpus_may_hold(tmp_path)
     tracemalloc.start()
     try:
         with pytest.raises(UserError, match=r"unpacks to more than 1,115,394 bytes"):
-            data.prepare("shakespeare_char", str(source), home=tmp_path / "home", progress=False)
+            corpora.prepare("shakespeare_char", str(source), home=tmp_path / "home", progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -57,13 +59,13 @@ def test_a_gzip_bomb_is_refused_after_reading_what_the_corpus_may_hold(tmp_path)
 
 
 def test_a_user_checksum_allows_a_margin_over_the_canonical_size():
-    spec = data.CORPORA["text8"]
-    assert data.size_limit(spec, None) == spec.size
-    assert data.size_limit(spec, "0" * 64) == spec.size + spec.size // 10
+    spec = sources.CORPORA["text8"]
+    assert sources.size_limit(spec, None) == spec.size
+    assert sources.size_limit(spec, "0" * 64) == spec.size + spec.size // 10
 
 
 def test_default_download_addresses_use_https():
-    for spec in data.CORPORA.values():
+    for spec in sources.CORPORA.values():
         assert spec.url.startswith("https://"), spec.url
 
 
@@ -82,7 +84,10 @@ def test_a_damaged_meta_json_says_to_prepare_again(tmp_path, meta, message):
     directory = tmp_path / "shakespeare_char"
     directory.mkdir()
     (directory / "meta.json").write_bytes(meta)
-    for read in (lambda: data.load("shakespeare_char", home=tmp_path), lambda: data.prepared(home=tmp_path)):
+    for read in (
+        lambda: corpora.load("shakespeare_char", home=tmp_path),
+        lambda: corpora.prepared(home=tmp_path),
+    ):
         with pytest.raises(UserError, match=message) as error:
             read()
         assert "gradnoise data prepare shakespeare_char` again" in str(error.value)

@@ -18,7 +18,7 @@ from gradnoise.errors import UserError
 from gradnoise.mnist import data, trainer
 from gradnoise.mnist.config import MnistConfig, parse_overrides, write_group
 from gradnoise.mnist.model import DeepMLP, drop
-from test_mnist_data import md5s, write_mnist
+from helpers.mnist import md5s, write_mnist
 
 NOISE = "neelakantan:eta=0.01,gamma=0.55"
 

@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from gradnoise.errors import UserError
 from gradnoise.lm import GPT, GPTConfig
-from gradnoise.lm.model import read_vocab, sample_text
+from gradnoise.lm.model.sampling import sample_text
+from gradnoise.lm.model.weights import read_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +150,7 @@ def test_sample_text_encodes_prompt_and_decodes_output():
 
 
 def test_replicas_have_their_own_dropout_rates():
-    from gradnoise.lm.model import Dropout
+    from gradnoise.lm.model.gpt import Dropout
 
     rates, n = (0.0, 0.3, 0.6), 40_000
     torch.manual_seed(0)

@@ -165,3 +165,36 @@ def test_layers_import_only_downwards():
         if level(imported) > level(module) and module != "gradnoise.__main__"
     ]
     assert not upward
+
+
+def test_the_harness_packages_import_only_downwards():
+    # Inside lm: storage, devices and seeding at the bottom, then data, model, config,
+    # training, and the benchmarks on top (lm/__init__ exports the model: it is on top too).
+    tiers = [
+        ("gradnoise.lm.storage", "gradnoise.lm.devices", "gradnoise.lm.seeding"),
+        ("gradnoise.lm.data",),
+        ("gradnoise.lm.model",),
+        ("gradnoise.lm.config",),
+        ("gradnoise.lm.training",),
+        ("gradnoise.lm.bench", "gradnoise.lm"),
+    ]
+
+    def place(module):
+        """(tier, package) of a harness module: the longest prefix that names one."""
+        matches = [
+            (len(p), n, p) for n, names in enumerate(tiers) for p in names if f"{module}.".startswith(f"{p}.")
+        ]
+        return max(matches)[1:] if matches else None
+
+    graph = module_graph()
+    harness = [module for module in graph if place(module) is not None]
+    assert "gradnoise.lm.training.trainer" in harness and "gradnoise.lm.storage.checkpoint" in harness
+    sideways_or_up = [
+        (module, imported)
+        for module in harness
+        for imported in graph[module]
+        if place(imported) is not None
+        and place(imported)[1] != place(module)[1]
+        and place(imported)[0] >= place(module)[0]
+    ]
+    assert not sideways_or_up

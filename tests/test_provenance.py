@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradnoise.lm import provenance, runlog
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.storage import runlog
+from gradnoise.lm.training import provenance
+from gradnoise.lm.training.trainer import train
+from helpers import configs
 
-TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, max_iters=10)
-TINY |= dict(eval_interval=5, eval_iters=2, log_interval=5, checkpoint_interval=5, final_eval=False)
+TINY = configs.tiny(
+    max_iters=10, eval_interval=5, log_interval=5, checkpoint_interval=5, wide=True, eval_iters=2, device=None
+)
 
 
 def git(directory: Path, *args: str) -> str:

@@ -10,27 +10,16 @@ import pytest
 import torch
 
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint, group
 from gradnoise.lm.config import resolve_config
-from gradnoise.lm.model import GPT
-from gradnoise.lm.trainer import train, train_group
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training import group
+from gradnoise.lm.training.trainer import train, train_group
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=6,
-    eval_interval=3,
-    eval_iters=1,
-    log_interval=3,
-    checkpoint_interval=3,
-    final_eval=False,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=6, eval_interval=3, log_interval=3, checkpoint_interval=3)
 
 
 def tiny(**changes):

@@ -13,18 +13,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-import test_study_run
 from gradnoise.cli import main
-from gradnoise.lm import checkpoint
-from gradnoise.lm.group import read_group
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.group import read_group
 from gradnoise.study import executors
 from gradnoise.study.plan import group_directory, plan_groups, run_directory
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.store import Store
+from helpers import configs
+from helpers.studies import latest_checkpoint_step, log_lines, processes_with, wait_for
 
-# test_study_run's tiny study, pinned to the CPU (groups are formed per device).
-TINY = {**test_study_run.TINY, "device": "cpu"}
+# The tiny study, pinned to the CPU (groups are formed per device).
+TINY = {**configs.STUDY, "device": "cpu"}
 # Long enough to be killed after its first checkpoint, short enough to finish soon after.
 LONG = {"max_iters": 200, "eval_interval": 100, "log_interval": 10, "checkpoint_interval": 20}
 # Per-replica settings (the noise, weight decay) may share a process; the learning rate may not.
@@ -236,29 +237,7 @@ def test_batched_study_stores_the_same_rows_as_one_run_per_process(tmp_path):
 
 def group_pids(group_dir: Path) -> list[int]:
     """Processes training the group in group_dir."""
-    return test_study_run.processes_with("--group", str(group_dir))
-
-
-def latest_checkpoint_step(directory: Path) -> int | None:
-    pointer = directory / checkpoint.CHECKPOINTS / checkpoint.LATEST
-    return int(pointer.read_text().strip().rsplit("_", 1)[-1]) if pointer.exists() else None
-
-
-def log_lines(run_dir: Path, through_step: int) -> list[str]:
-    path = run_dir / "log.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [line for line in lines if json.loads(line)["step"] <= through_step]
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return processes_with("--group", str(group_dir))
 
 
 def test_a_killed_group_resumes_and_records_every_run_once(tmp_path):

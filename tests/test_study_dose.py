@@ -8,10 +8,8 @@ import statistics
 import pytest
 import scipy.stats
 
-from gradnoise.lm.config import resolve_config
 from gradnoise.study.report import sentences, tables, verdict, write_report
-from gradnoise.study.report.analysis import analyze, load_study
-from gradnoise.study.store import Store
+from helpers import fabricated
 
 DATASET = "shakespeare_char"
 PARAMETERS = 10_000
@@ -22,17 +20,14 @@ METHODS = {
     "rel-0.1": {"noise": "relative:const:sigma=0.1"},
     "dropout-0.1": {"dropout": 0.1},
 }
-SPEC = {
-    "name": "dose",
-    "preset": "tiny",
-    "datasets": [DATASET],
-    "seeds": len(SEEDS),
-    "baseline": "baseline",
-    "overrides": {"max_iters": 100},
-    "methods": METHODS,
-    "dose_response": {"methods": ["rel-0.1", "abs-1e-4"], "references": ["dropout-0.1"]},
-    "findings": {"reference": "dropout-0.1", "metrics": ["val_loss_full"]},
-}
+SPEC = fabricated.done_runs_spec(
+    "dose",
+    METHODS,
+    SEEDS,
+    DATASET,
+    dose_response={"methods": ["rel-0.1", "abs-1e-4"], "references": ["dropout-0.1"]},
+    findings={"reference": "dropout-0.1", "metrics": ["val_loss_full"]},
+)
 BASELINE = {"val_loss_full": [2.50, 2.52, 2.48, 2.51], "best_val_loss": [2.40, 2.43, 2.38, 2.41]}
 # method − baseline per seed. abs-1e-4 is clearly better on the final val loss, rel-0.1 is
 # clearly worse on the best val loss; one of rel-0.1's final differences is exactly zero.
@@ -67,31 +62,25 @@ def logged_sigma(method: str, seed: int) -> list[float]:
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dose")
-    with Store(directory / "study.sqlite") as store:
-        store.create_study(SPEC["name"], SPEC)
-        for method, overrides in METHODS.items():
-            for index, seed in enumerate(SEEDS):
-                config = resolve_config(DATASET, "tiny", {"max_iters": 100, **overrides, "seed": seed})
-                run_id = f"{method}-{seed}"
-                store.add_runs([(run_id, DATASET, method, seed, config.to_dict())])
-                finals = {"steps": 100, "parameters": PARAMETERS, "step_time_median_s": 0.01}
-                for key in BASELINE:
-                    finals[key] = BASELINE[key][index] + DIFFS[method][key][index]
-                curves = [
-                    {"kind": "train", "step": 10 * (i + 1), "loss": 2.0, "sigma": sigma, "grad_norm": norm}
-                    for i, (sigma, norm) in enumerate(
-                        zip(logged_sigma(method, seed), grad_norms(seed), strict=True)
-                    )
-                ]
-                store.record_result(run_id, {"status": "done", "finals": finals}, curves)
+
+    def result_of(method, index, seed):
+        finals = {"steps": 100, "parameters": PARAMETERS, "step_time_median_s": 0.01}
+        for key in BASELINE:
+            finals[key] = BASELINE[key][index] + DIFFS[method][key][index]
+        curves = [
+            {"kind": "train", "step": 10 * (i + 1), "loss": 2.0, "sigma": sigma, "grad_norm": norm}
+            for i, (sigma, norm) in enumerate(zip(logged_sigma(method, seed), grad_norms(seed), strict=True))
+        ]
+        return finals, curves
+
+    fabricated.store_done_runs(directory, SPEC, METHODS, SEEDS, DATASET, result_of)
     write_report(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
 def analysis(study_dir):
-    with Store(study_dir / "study.sqlite") as store:
-        return analyze(load_study(store))
+    return fabricated.analyzed(study_dir)
 
 
 def paired_t_p(method: str, key: str) -> float:

@@ -8,12 +8,12 @@ import pytest
 from gradnoise.cli import main
 from gradnoise.cli.common import configure_logging
 from gradnoise.errors import UserError
-from gradnoise.lm import provenance
+from gradnoise.lm.training import provenance
 from gradnoise.study.identity import code_groups
 from gradnoise.study.report import write_report
 from gradnoise.study.runner import study_status, warn_if_other_code
 from gradnoise.study.store import Store
-from test_study_report import FINALS, SPEC, fabricated_result, fill_store
+from helpers.fabricated import FINALS, SPEC, fabricated_result, fill_store
 
 NUMERICS = {
     "torch": "2.13.0",

@@ -18,7 +18,7 @@ from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.stats import clopper_pearson_interval, mcnemar_exact, wilson_interval
 from gradnoise.study.store import STORE_FILE, Store
 from gradnoise.study.tasks import MNIST
-from test_mnist_data import md5s, write_mnist
+from helpers.mnist import md5s, write_mnist
 
 NOISE = "neelakantan:eta=0.01,gamma=0.55"
 
@@ -284,7 +284,7 @@ def test_a_killed_mnist_group_resumes_exactly(tmp_path, small_mnist):
 
     from gradnoise.study.plan import group_directory, plan_groups
     from gradnoise.study.runner import run_study
-    from test_study_run import processes_with
+    from helpers.studies import processes_with
 
     long = {"depth": 4, "width": 16, "batch_size": 16, "epochs": 50}
     long |= {"eval_every": 60, "checkpoint_every": 120}  # 600 steps: a checkpoint to kill after

@@ -7,29 +7,18 @@ import socket
 import pytest
 import yaml
 
-from gradnoise.lm import data
-from gradnoise.lm.group import read_group
-from gradnoise.lm.runlog import read_curves
+from gradnoise.lm.data import corpora
+from gradnoise.lm.storage.runlog import read_curves
+from gradnoise.lm.training.group import read_group
 from gradnoise.study import executors
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
+from helpers.configs import STUDY
 
 ray = pytest.importorskip("ray")
 
-TINY = {
-    "n_layer": 1,
-    "n_head": 2,
-    "n_embd": 32,
-    "block_size": 32,
-    "batch_size": 4,
-    "max_iters": 20,
-    "eval_interval": 10,
-    "eval_iters": 2,
-    "log_interval": 5,
-    "checkpoint_interval": 10,
-    "final_eval": False,
-}
+TINY = STUDY
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +80,7 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     config = load_spec("quick", TINY).runs[0].config.to_dict()
     elsewhere = tmp_path / "not-on-this-node" / "mystudy"
     output = executors.train_in_worker({"abc123": config}, str(elsewhere), None)
-    run_dir = data.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
+    run_dir = corpora.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
     assert not elsewhere.exists()
     assert output["results"]["abc123"]["status"] == "done"
     assert output["results"]["abc123"] == json.loads((run_dir / "result.json").read_text())

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,85 +15,23 @@ import yaml
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm.runlog import read_curves
+from gradnoise.lm.storage.runlog import read_curves
 from gradnoise.study.runner import run_study, study_status
 from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.store import Store
+from helpers.configs import STUDY
+from helpers.studies import latest_checkpoint_step, log_lines, processes_with, wait_for, write_spec
 
-TINY = {
-    "n_layer": 1,
-    "n_head": 2,
-    "n_embd": 32,
-    "block_size": 32,
-    "batch_size": 4,
-    "max_iters": 20,
-    "eval_interval": 10,
-    "eval_iters": 2,
-    "log_interval": 5,
-    "checkpoint_interval": 10,
-    "final_eval": False,
-}
+TINY = STUDY
 # Passes validation, fails in the trainer: the val split is shorter than one block.
 FAILING = {"block_size": 200_000}
 # Long enough to be killed after its first checkpoint, short enough to finish soon after.
 LONG = {"max_iters": 500, "eval_interval": 250, "log_interval": 10, "checkpoint_interval": 20}
 
 
-def write_spec(directory: Path, name: str, methods: dict, seeds=1, overrides=None) -> Path:
-    spec = {
-        "name": name,
-        "preset": "tiny",
-        "datasets": ["shakespeare_char"],
-        "seeds": seeds,
-        "overrides": {**TINY, **(overrides or {})},
-        "methods": methods,
-        "caveats": ["a test study"],
-    }
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def log_lines(run_dir: Path, through_step: int | None = None) -> list[str]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    if through_step is None:
-        return lines
-    return [line for line in lines if json.loads(line)["step"] <= through_step]
-
-
-def latest_checkpoint_step(run_dir: Path) -> int | None:
-    latest = run_dir / "checkpoints" / "LATEST"
-    return int(latest.read_text().strip().rsplit("_", 1)[-1]) if latest.exists() else None
-
-
-def processes_with(*arguments: str) -> list[int]:
-    """Processes whose command line holds every one of `arguments` (from /proc)."""
-    wanted = [argument.encode() for argument in arguments]
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if all(argument in command for argument in wanted):
-                pids.append(int(entry.name))
-    return pids
-
-
 def worker_pids(run_dir: Path) -> list[int]:
     """Processes training into run_dir."""
     return processes_with("train", str(run_dir))
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_one_row_per_run_and_no_duplicate_curves(study_dir: Path, spec) -> None:

@@ -14,9 +14,9 @@ import yaml
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.lm import data
 from gradnoise.lm.config import CHOICES, TrainConfig, resolve_config
-from gradnoise.lm.model import GPT
+from gradnoise.lm.data import corpora
+from gradnoise.lm.model.gpt import GPT
 from gradnoise.study.spec import (
     DoseLayout,
     Published,
@@ -329,7 +329,7 @@ def test_unknown_spec_name_lists_the_packaged_ones():
 def tiny_gradient_rms_bound() -> float:
     """RMS(g) = ‖g‖/√N of the tiny model's gradient clipped at ‖g‖ ≤ 1."""
     cfg = resolve_config("shakespeare_char", "tiny")
-    model = GPT(cfg.model_config(data.load("shakespeare_char").vocab_size))
+    model = GPT(cfg.model_config(corpora.load("shakespeare_char").vocab_size))
     return cfg.grad_clip / math.sqrt(sum(p.numel() for p in model.parameters()))
 
 
@@ -609,7 +609,7 @@ def test_transfer_varies_width_and_data_against_controls_of_the_same_condition()
 def test_paper_tries_noise_at_1x_and_3x_its_gradient_rms_alone_and_on_top_of_dropout():
     paper = load_spec("paper")
     cfg = resolve_config("shakespeare_char", "paper")
-    model = GPT(cfg.model_config(data.load("shakespeare_char").vocab_size))
+    model = GPT(cfg.model_config(corpora.load("shakespeare_char").vocab_size))
     rms = cfg.grad_clip / math.sqrt(sum(p.numel() for p in model.parameters()))  # ≈ 3.05e-4
     constant = {}
     for run in paper.runs:

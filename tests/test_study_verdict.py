@@ -16,6 +16,7 @@ from gradnoise.study.report import verdict, write_report
 from gradnoise.study.report.analysis import load_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
+from helpers import fabricated
 
 DATASET = "shakespeare_char"
 SEEDS = (0, 1, 2, 3, 4)
@@ -47,16 +48,13 @@ HYPOTHESES = {
         {"id": "inter", "treatment": "rel+drop", "control": "drop", "versus": ["rel", "baseline"]},
     ],
 }
-SPEC = {
-    "name": "verdict",
-    "preset": "tiny",
-    "datasets": [DATASET],
-    "seeds": len(SEEDS),
-    "baseline": "baseline",
-    "overrides": {"max_iters": 100},
-    "methods": METHODS,
-    "hypotheses": HYPOTHESES,
-}
+SPEC = fabricated.done_runs_spec(
+    "verdict",
+    METHODS,
+    SEEDS,
+    DATASET,
+    hypotheses=HYPOTHESES,
+)
 
 
 def values(method: str) -> list[float]:
@@ -66,16 +64,12 @@ def values(method: str) -> list[float]:
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("verdict")
-    with Store(directory / "study.sqlite") as store:
-        store.create_study(SPEC["name"], SPEC)
-        for method, overrides in METHODS.items():
-            for index, seed in enumerate(SEEDS):
-                config = resolve_config(DATASET, "tiny", {"max_iters": 100, **overrides, "seed": seed})
-                run_id = f"{method}-{seed}"
-                store.add_runs([(run_id, DATASET, method, seed, config.to_dict())])
-                full = values(method)[index]
-                finals = {"steps": 100, "val_loss_full": full, "best_val_loss": full - 0.1, "val_loss": full}
-                store.record_result(run_id, {"status": "done", "finals": finals}, [])
+
+    def result_of(method, index, seed):
+        full = values(method)[index]
+        return {"steps": 100, "val_loss_full": full, "best_val_loss": full - 0.1, "val_loss": full}, []
+
+    fabricated.store_done_runs(directory, SPEC, METHODS, SEEDS, DATASET, result_of)
     write_report(directory)
     return directory
 

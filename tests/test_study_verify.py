@@ -12,7 +12,8 @@ from gradnoise.cli.common import configure_logging
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.verify import STEP0_TOLERANCE, TOLERANCE, verify_study
-from test_study_run import TINY, write_spec
+from helpers.configs import STUDY
+from helpers.studies import write_spec
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_other_code_is_named_and_compared_within_the_tolerance(study, tmp_path):
         (["--runs", "0"], "--runs 0: give an integer from 1 to 2"),
         (["--runs", "3"], "--runs 3: give an integer from 1 to 2"),
         (["--run", "nope"], "run(s) nope: not finished runs of this study"),
-        (["--runs", "1", "--steps", "0"], f"--steps 0: give an integer from 1 to {TINY['max_iters']}"),
+        (["--runs", "1", "--steps", "0"], f"--steps 0: give an integer from 1 to {STUDY['max_iters']}"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(study, capsys, args, message):

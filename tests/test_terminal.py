@@ -22,26 +22,16 @@ import torch
 
 from gradnoise.cli import main
 from gradnoise.cli.common import configure_logging
-from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, resolve_config
-from gradnoise.lm.trainer import train
+from gradnoise.lm.data import corpora
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.training.trainer import train
 from gradnoise.study.runner import open_study
 from gradnoise.study.spec import load_spec, packaged_specs
+from helpers import configs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    n_layer=1,
-    n_head=1,
-    n_embd=16,
-    block_size=16,
-    batch_size=4,
-    max_iters=20,
-    eval_interval=10,
-    eval_iters=1,
-    log_interval=5,
-    checkpoint_interval=10,
-    device="cpu",
-)
+TINY = configs.tiny(max_iters=20, eval_interval=10, log_interval=5, checkpoint_interval=10, final_eval=None)
 OVERRIDES = [f"{k}={v}" for k, v in TINY.items()]
 EVAL_LINE = r"step (\d+)/20: train loss \d\.\d{4}, val loss \d\.\d{4}"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -54,7 +44,7 @@ def gradnoise(*argv, **kwargs):
 
 def val_windows() -> int:
     """Windows of the final exact pass over shakespeare_char's val split (block 16)."""
-    return math.ceil((len(data.load("shakespeare_char").splits["val"]) - 1) / TINY["block_size"])
+    return math.ceil((len(corpora.load("shakespeare_char").splits["val"]) - 1) / TINY["block_size"])
 
 
 def test_in_a_log_file_no_bar_but_one_line_per_eval_and_the_final_pass(tmp_path):

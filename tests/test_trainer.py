@@ -19,33 +19,21 @@ from torch.nn import functional as F
 
 from gradnoise.cli import main
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, data
 from gradnoise.lm.config import TrainConfig, parse_overrides, resolve_config
-from gradnoise.lm.runlog import FINAL_METRICS
-from gradnoise.lm.setup import build_noise, build_optimizer
-from gradnoise.lm.trainer import learning_rate, train
+from gradnoise.lm.data import corpora
+from gradnoise.lm.storage import checkpoint
+from gradnoise.lm.storage.runlog import FINAL_METRICS
+from gradnoise.lm.training import trained
+from gradnoise.lm.training.setup import build_noise, build_optimizer
+from gradnoise.lm.training.step import learning_rate
+from gradnoise.lm.training.trainer import train
+from helpers import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A model small enough that a step takes milliseconds on one CPU thread.
-SMALL = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=8,
-    max_iters=30,
-    warmup_iters=5,
-    eval_interval=10,
-    eval_iters=3,
-    log_interval=5,
-    checkpoint_interval=10,
-    final_eval=False,
-    dropout=0.1,
-    device="cpu",
-    lr=1e-3,
-    min_lr=1e-4,
-)
+SMALL = configs.two_layers(8, 30, eval_interval=10, log_interval=5, checkpoint_interval=10, eval_iters=3)
+SMALL |= dict(warmup_iters=5, dropout=0.1, lr=1e-3, min_lr=1e-4)
 LOSS_KEYS = (
     "steps",
     "train_loss",
@@ -221,7 +209,7 @@ def test_weight_decay_only_on_matrices():
     model = GPT(cfg.model_config(vocab_size=20))
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     decayed, plain = optimizer.param_groups
-    # The decay itself is each replica's own (gradnoise.lm.replicas.WeightDecay), not the optimizer's.
+    # The decay itself is each replica's own (lm.training.replicas.WeightDecay), not the optimizer's.
     assert decayed["decay"] and not plain["decay"]
     assert decayed["weight_decay"] == plain["weight_decay"] == 0.0
     # Parameters are (replicas, …): matrices (and embeddings) have three dimensions.
@@ -235,7 +223,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_tiny_preset_learns(tmp_path):
-    corpus = data.load("shakespeare_char")
+    corpus = corpora.load("shakespeare_char")
     # The best a model without context can do: the unigram entropy of val under train's counts.
     counts = np.bincount(corpus.splits["train"], minlength=corpus.vocab_size) + 1
     unigram = float(-np.log(counts / counts.sum())[np.asarray(corpus.splits["val"])].mean())
@@ -286,13 +274,13 @@ def test_outputs_logs_and_exact_final_eval(tmp_path):
     assert finals["val_bpc"] == pytest.approx(finals["val_loss"] / math.log(2))
     assert finals["steps"] == 30 and finals["test_loss_full"] is None
     assert finals["train_loss_window"] == trains[-1]["loss"]  # the last window's train-mode mean
-    model_parameters = sum(p.numel() for p in checkpoint.load_trained(run)[0].parameters())
+    model_parameters = sum(p.numel() for p in trained.load_trained(run)[0].parameters())
     assert finals["parameters"] == model_parameters
 
     # The exact pass, recomputed here from the saved model: whole windows, then the tail.
-    model, _ = checkpoint.load_trained(run)
+    model, _ = trained.load_trained(run)
     model.eval()
-    val = torch.from_numpy(np.asarray(data.load("shakespeare_char").splits["val"], dtype=np.int64))
+    val = torch.from_numpy(np.asarray(corpora.load("shakespeare_char").splits["val"], dtype=np.int64))
     whole = (len(val) - 1) // 32
     inputs, targets = val[: whole * 32].view(whole, 32), val[1 : whole * 32 + 1].view(whole, 32)
     tail_x, tail_y = val[whole * 32 : -1], val[whole * 32 + 1 :]
@@ -386,7 +374,7 @@ def test_a_seeds_noise_is_the_same_draw_at_every_level():
 
 
 def test_train_fraction_trains_on_the_first_part_of_the_split(tmp_path):
-    train_tokens = np.asarray(data.load("shakespeare_char").splits["train"], dtype=np.uint8)
+    train_tokens = np.asarray(corpora.load("shakespeare_char").splits["train"], dtype=np.uint8)
     fraction = 0.01
     head = train_tokens[: int(len(train_tokens) * fraction)].tobytes()
 
@@ -438,7 +426,7 @@ def test_same_seed_same_batches_and_init_for_every_method(tmp_path):
 
     p = 0.3
     augmented, _, _ = batches_of("augment", char_substitution=p)
-    vocab = data.load("shakespeare_char").vocab_size
+    vocab = corpora.load("shakespeare_char").vocab_size
     changed = total = 0
     for (x, y), (bx, by) in zip(augmented, base, strict=True):
         assert torch.equal(y, by)  # targets untouched, the batch stream not shifted

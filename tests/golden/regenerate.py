@@ -54,7 +54,7 @@ def measure(threads: int) -> dict[str, float]:
     """The pinned values of the golden run trained on `threads` CPU threads:
     {"eval/train_loss@0": …, "train/noise_norm@5": …, …}."""
     from gradnoise.lm.config import resolve_config
-    from gradnoise.lm.trainer import train
+    from gradnoise.lm.training.trainer import train
 
     cfg = resolve_config("shakespeare_char", "tiny", CONFIG)
     with tempfile.TemporaryDirectory(prefix="gradnoise-golden-") as scratch:

@@ -94,18 +94,18 @@ def _log(message: str) -> None:
 
 
 def _noise(args: argparse.Namespace) -> int:
-    from gradnoise.lm import bench
+    from gradnoise.lm.bench import noise
 
-    presets = bench.PRESETS if args.preset == "both" else (args.preset,)
-    result = bench.bench_noise(
+    presets = noise.PRESETS if args.preset == "both" else (args.preset,)
+    result = noise.bench_noise(
         presets, device=args.device, steps=args.steps, compile=not args.no_compile, log=_log
     )
-    print(json.dumps(result, indent=2) if args.json else bench.format_noise_report(result))
+    print(json.dumps(result, indent=2) if args.json else noise.format_noise_report(result))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gradnoise.lm import bench
+    from gradnoise.lm.bench import train
     from gradnoise.lm.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
@@ -113,23 +113,23 @@ def _train(args: argparse.Namespace) -> int:
         overrides["max_iters"] = args.max_iters
     if args.device is not None:
         overrides["device"] = args.device
-    result = bench.bench_train(
+    result = train.bench_train(
         args.dataset, args.preset, overrides, progress=not args.no_progress and not quiet(args)
     )
-    print(json.dumps(result, indent=2) if args.json else bench.format_train_report(result))
+    print(json.dumps(result, indent=2) if args.json else train.format_train_report(result))
     return 0
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from gradnoise.lm import bench
+    from gradnoise.lm.bench import batch
 
-    result = bench.bench_batch(
+    result = batch.bench_batch(
         args.preset,
-        bench.parse_models(args.models),
+        batch.parse_models(args.models),
         device=args.device,
         steps=args.steps,
         noise=args.noise,
         log=_log,
     )
-    print(json.dumps(result, indent=2) if args.json else bench.format_batch_report(result))
+    print(json.dumps(result, indent=2) if args.json else batch.format_batch_report(result))
     return 0

@@ -46,10 +46,10 @@ def register(commands) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     if args.name == "mnist":
         return _prepare_mnist(args)
-    from gradnoise.lm import data
+    from gradnoise.lm.data import corpora
 
-    directory = data.prepare(args.name, args.source, args.sha256, home=args.home, progress=not quiet(args))
-    corpus = data.load(args.name, home=args.home)
+    directory = corpora.prepare(args.name, args.source, args.sha256, home=args.home, progress=not quiet(args))
+    corpus = corpora.load(args.name, home=args.home)
     sizes = ", ".join(f"{split} {len(tokens):,}" for split, tokens in corpus.splits.items())
     log.info(f"{args.name}: vocab {corpus.vocab_size}, {sizes} tokens -> {directory}")
     return 0
@@ -70,11 +70,11 @@ def _prepare_mnist(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from gradnoise.lm import data
+    from gradnoise.lm.data import corpora, sources
 
-    home = args.home or data.gradnoise_home()
-    rows = {row["name"]: row for row in data.prepared(home=home)}
-    for name, spec in data.CORPORA.items():
+    home = args.home or corpora.gradnoise_home()
+    rows = {row["name"]: row for row in corpora.prepared(home=home)}
+    for name, spec in sources.CORPORA.items():
         row = rows.pop(name, None)
         shipped = " (ships with gradnoise)" if spec.packaged else ""
         if row is not None:

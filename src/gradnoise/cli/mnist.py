@@ -48,7 +48,7 @@ def _config_keys() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gradnoise.lm import rundir
+    from gradnoise.lm.storage import rundir
     from gradnoise.mnist.config import parse_overrides, read_group
     from gradnoise.mnist.trainer import train_group
 

@@ -23,7 +23,11 @@ def register(commands) -> None:
 
     listing = actions.add_parser("list", parents=[VERBOSITY], help="the packaged study specs")
     listing.set_defaults(func=list_specs)
+    _register_run(actions)
+    _register_readers(actions)
 
+
+def _register_run(actions) -> None:
     run = actions.add_parser(
         "run",
         parents=[VERBOSITY],
@@ -81,6 +85,9 @@ def register(commands) -> None:
     run.add_argument("--no-progress", action="store_true", help="no live status display")
     run.set_defaults(func=run_spec)
 
+
+def _register_readers(actions) -> None:
+    """`study status`, `study report` and `study verify`: they read a study directory."""
     where = "a study directory, or a packaged spec's name for its default directory (studies/NAME)"
     status = actions.add_parser(
         "status", parents=[VERBOSITY], help="progress of a study (from another terminal)"

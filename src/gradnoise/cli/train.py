@@ -78,7 +78,10 @@ def register(commands) -> None:
     )
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     train.set_defaults(func=_train)
+    _register_sample_and_export(commands)
 
+
+def _register_sample_and_export(commands) -> None:
     sample = commands.add_parser(
         "sample",
         parents=[VERBOSITY],
@@ -125,10 +128,10 @@ def _config_keys() -> str:
 def _train(args: argparse.Namespace) -> int:
     if args.group is not None:
         return _train_group(args)
-    from gradnoise.lm import rundir
     from gradnoise.lm.config import parse_overrides, read_config, resolve_config
-    from gradnoise.lm.distributed import DistributedEnv
-    from gradnoise.lm.trainer import train
+    from gradnoise.lm.storage import rundir
+    from gradnoise.lm.training.distributed import DistributedEnv
+    from gradnoise.lm.training.trainer import train
 
     overrides = parse_overrides(args.overrides)
     if args.config_file is not None:
@@ -165,8 +168,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_group(args: argparse.Namespace) -> int:
-    from gradnoise.lm.group import read_group
-    from gradnoise.lm.trainer import train_group
+    from gradnoise.lm.training.group import read_group
+    from gradnoise.lm.training.trainer import train_group
 
     given = [
         name for name in ("dataset", "preset", "config_file", "run_dir") if getattr(args, name) is not None
@@ -222,9 +225,9 @@ def _report(result: dict, run_dir: Path) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from gradnoise.lm.checkpoint import load_trained
     from gradnoise.lm.devices import resolve_device
-    from gradnoise.lm.model import sample_text
+    from gradnoise.lm.model.sampling import sample_text
+    from gradnoise.lm.training.trained import load_trained
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens={args.max_new_tokens} must be ≥ 0")
@@ -243,7 +246,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gradnoise.lm.checkpoint import export
+    from gradnoise.lm.training.trained import export
 
     out = export(args.run_dir, args.out_dir, force=args.force)
     log.info(f"exported {args.run_dir} to {out} (load with gradnoise.lm.GPT.from_pretrained)")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from gradnoise import schedules
 from gradnoise.errors import UserError
-from gradnoise.lm import files
-from gradnoise.lm.data import CORPORA
+from gradnoise.lm.data.sources import CORPORA
 from gradnoise.lm.devices import DTYPES, check_device_name
-from gradnoise.lm.model import GPTConfig
+from gradnoise.lm.model.gpt import GPTConfig
+from gradnoise.lm.storage import files
 
 DATASETS = tuple(CORPORA)
 #: The largest seed: torch.manual_seed and SQLite's INTEGER take 64-bit signed values.
@@ -157,7 +157,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: The settings each replica of a batched group has for itself (see gradnoise.lm.group);
+#: The settings each replica of a batched group has for itself (see gradnoise.lm.training.group);
 #: every other key is shared by the group: architecture, optimizer and learning-rate
 #: schedule, batch, iterations, evaluation, device, dtype, compile, noise placement.
 #: The placement is shared because it is where in the step the noise goes (the loop's

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
 from gradnoise.lm.devices import check_device_name
-from gradnoise.lm.group import relative
+from gradnoise.lm.storage import atomic, files
+from gradnoise.lm.training.group import relative
 from gradnoise.mnist.data import NAMES, train_size
 from gradnoise.mnist.model import INITS
 

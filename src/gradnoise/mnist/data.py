@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
-from gradnoise.lm.data import gradnoise_home
+from gradnoise.lm.data.corpora import gradnoise_home
+from gradnoise.lm.storage import atomic, files
 
 NAMES = ("mnist_5k", "mnist")
 #: Digits in the train split of mnist_5k, and of the full MNIST as published.

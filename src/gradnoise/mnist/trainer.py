@@ -16,7 +16,7 @@ run's seed and the step). A replica whose loss turns non-finite is frozen (its s
 put back after every step) and recorded diverged; the others go on.
 
 Outputs: each run directory gets config.json, provenance.json (each attempt's code
-and numerics, as gradnoise.lm.provenance records them for LM runs), log.jsonl (an
+and numerics, as gradnoise.lm.training.provenance records them for LM runs), log.jsonl (an
 "eval" line every eval_every steps: step, epoch, test_acc, test_loss, train_loss over
 the window, sigma) and result.json (status, finals: steps, test_acc, test_loss,
 best_test_acc, train_loss, escape_step = the first evaluated step with test accuracy
@@ -44,9 +44,10 @@ import torch.nn.functional as F
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, checkpoint, files, provenance, replicas, rundir, runlog
-from gradnoise.lm.data import derive_seed
 from gradnoise.lm.devices import describe_device, resolve_device
+from gradnoise.lm.seeding import derive_seed
+from gradnoise.lm.storage import atomic, checkpoint, files, rundir, runlog
+from gradnoise.lm.training import provenance, replicas
 from gradnoise.mnist import data
 from gradnoise.mnist.config import MnistConfig, check_group
 from gradnoise.mnist.model import DeepMLP

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, runlog
+from gradnoise.lm.storage import atomic, runlog
 from gradnoise.study import tasks
 from gradnoise.study.plan import Group, group_directory, last_step, run_directory
 from gradnoise.study.spec import Run
@@ -475,7 +475,7 @@ def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | No
     """
     import torch
 
-    from gradnoise.lm.data import gradnoise_home
+    from gradnoise.lm.data.corpora import gradnoise_home
 
     torch.set_num_threads(1)
     shared = Path(study_dir)

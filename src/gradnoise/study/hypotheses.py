@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from gradnoise.errors import UserError
-from gradnoise.lm.runlog import FINAL_METRICS
+from gradnoise.lm.storage.runlog import FINAL_METRICS
 
 BLOCK_KEYS = ("metric", "alpha", "correction", "confirmatory", "contrasts")
 TEST_KEYS = ("id", "kind", "treatment", "control", "margin", "metric", "claim")

@@ -1,4 +1,4 @@
-"""Which code made a study's runs, from the store's per-run identity (gradnoise.lm.provenance).
+"""Which code made a study's runs, from the store's per-run identity (gradnoise.lm.training.provenance).
 
     groups = code_groups(store.runs())   # [(label, [run ids])], largest first; finished runs
     mixed(groups)                        # True: the runs came from more than one code
@@ -12,7 +12,8 @@ nothing shows that they are the same code.
 from __future__ import annotations
 
 from gradnoise.errors import UserError
-from gradnoise.lm import provenance, runlog
+from gradnoise.lm.storage import runlog
+from gradnoise.lm.training import provenance
 from gradnoise.study.store import run_code, run_numerics
 
 

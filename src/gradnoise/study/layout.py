@@ -20,7 +20,7 @@ import dataclasses
 import math
 
 from gradnoise.errors import UserError
-from gradnoise.lm.data import CORPORA
+from gradnoise.lm.data.sources import CORPORA
 from gradnoise.study.tasks import task_of_spec
 
 PUBLISHED_KEYS = ("source", "method", "values", "how")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import checkpoint, files, runlog
+from gradnoise.lm.storage import checkpoint, files, runlog
 from gradnoise.study.spec import Run
 
 #: A group's file, in either harness: {"runs": [{"run_id", "run_dir", "config"}, ...], ...}.

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from gradnoise.lm import runlog
+from gradnoise.lm.storage import runlog
 from gradnoise.study.executors import Attempt
 from gradnoise.study.plan import last_step
 from gradnoise.study.store import Store

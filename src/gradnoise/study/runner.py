@@ -39,7 +39,8 @@ import torch
 import yaml
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, provenance, runlog
+from gradnoise.lm.storage import atomic, runlog
+from gradnoise.lm.training import provenance
 from gradnoise.study import identity, tasks
 from gradnoise.study.executors import Executor, Outcome, check_options, make_executor, run_name
 from gradnoise.study.plan import Group, last_step, plan_groups, run_directory

@@ -7,7 +7,7 @@ Tables:
             host, device, started, finished, attempts, and what made its result
             (PROVENANCE_COLUMNS: the code's version, commit, dirty flag and source
             hash; torch, the device's model, dtype, threads, compile, replicas; and
-            whether every attempt of the run had the same; see gradnoise.lm.provenance)
+            whether every attempt of the run had the same; see gradnoise.lm.training.provenance)
     curves  every logged point: PRIMARY KEY (run_id, kind, step)
     finals  one row per finished run: the trainer's result["finals"]
 
@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import runlog
+from gradnoise.lm.storage import runlog
 
 #: The store's file in a study directory.
 STORE_FILE = "study.sqlite"
@@ -386,7 +386,7 @@ def _provenance_values(made_by) -> tuple:
 
 
 def run_code(row: dict) -> dict | None:
-    """A run row's code identity as gradnoise.lm.provenance writes it; None: unknown (a
+    """A run row's code identity as gradnoise.lm.training.provenance writes it; None: unknown (a
     run recorded before runs recorded it, or not finished)."""
     if not row.get("code_sha256"):
         return None
@@ -400,7 +400,7 @@ def run_code(row: dict) -> dict | None:
 
 
 def run_numerics(row: dict) -> dict | None:
-    """A run row's numerics (gradnoise.lm.provenance.numerics, the device's name aside);
+    """A run row's numerics (gradnoise.lm.training.provenance.numerics, the device's name aside);
     None where unknown."""
     if row.get("torch_version") is None:
         return None

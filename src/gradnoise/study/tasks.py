@@ -24,7 +24,7 @@ from pathlib import Path
 from gradnoise.errors import UserError
 from gradnoise.lm.config import DATASETS, LATER_KEYS, PRESETS, TrainConfig, parse_overrides, resolve_config
 from gradnoise.lm.config import group_key as lm_group_key
-from gradnoise.lm.runlog import FINAL_METRICS
+from gradnoise.lm.storage.runlog import FINAL_METRICS
 
 #: Where a run executes does not change what it computes, so it is not part of the run id.
 EXECUTION_KEYS = ("device",)
@@ -74,7 +74,7 @@ def canonical(value) -> str:
 
 
 def _lm_write_group(directory: Path, run_ids, run_dirs, configs) -> None:
-    from gradnoise.lm.group import Member, write_group
+    from gradnoise.lm.training.group import Member, write_group
 
     write_group(directory, [Member(i, d, c) for i, d, c in zip(run_ids, run_dirs, configs, strict=True)])
 
@@ -178,7 +178,7 @@ def train_in_process(task: Task, configs: list, run_dirs: list[Path], group_dir:
         from gradnoise.mnist.trainer import train_group
 
         return train_group(configs, run_dirs, group_dir or run_dirs[0], resume=True)
-    from gradnoise.lm.trainer import train, train_group
+    from gradnoise.lm.training.trainer import train, train_group
 
     if group_dir is None:
         return [train(configs[0], run_dirs[0], resume=True, progress=False)]

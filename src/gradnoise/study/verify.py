@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import provenance, runlog
 from gradnoise.lm.config import TrainConfig
+from gradnoise.lm.storage import runlog
+from gradnoise.lm.training import provenance
 from gradnoise.study import tasks
 from gradnoise.study.executors import run_name
 from gradnoise.study.store import STORE_FILE, Store, run_code, run_numerics
@@ -155,7 +156,7 @@ def _check_steps(steps, row: dict, task: tasks.Task) -> int:
 
 def _verify_run(row: dict, stored_finals, stored_curves: list[dict], steps: int, whole: bool) -> Verdict:
     """Rerun one run for `steps` steps in a temporary directory and compare."""
-    from gradnoise.lm.trainer import train
+    from gradnoise.lm.training.trainer import train
 
     stored_numerics = run_numerics(row)
     threads = (stored_numerics or {}).get("threads") or DEFAULT_THREADS

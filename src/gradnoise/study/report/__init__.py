@@ -55,7 +55,7 @@ from pathlib import Path
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
 from gradnoise.study import identity
 from gradnoise.study.layout import parse_settings_table
 from gradnoise.study.report import plots, render, sentences, settings, tables, verdict

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise import schedules
-from gradnoise.lm.runlog import FINAL_METRICS, GRADIENT_FIELDS
+from gradnoise.lm.storage.runlog import FINAL_METRICS, GRADIENT_FIELDS
 from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
 from gradnoise.study.plan import run_directory
 from gradnoise.study.spec import (

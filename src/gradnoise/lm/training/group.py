@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
 from gradnoise.lm.config import PER_REPLICA_KEYS, TrainConfig, group_key
+from gradnoise.lm.storage import atomic, files
 
 GROUP_FILE = "group.json"
 REPLICA_FILE = "replica.json"

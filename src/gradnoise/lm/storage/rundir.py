@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
-from gradnoise.lm.checkpoint import CHECKPOINTS
+from gradnoise.lm.storage import atomic
+from gradnoise.lm.storage.checkpoint import CHECKPOINTS
 
 LOCK_FILE = ".train.lock"
 # Where a killed writer may have left temporary entries: log/config/result, checkpoints.

@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
+
+# Where weights are kept, in a checkpoint and in a saved model alike (safetensors).
+WEIGHTS_FILE = "model.safetensors"
 
 
 def read_json(path: Path, what: str):

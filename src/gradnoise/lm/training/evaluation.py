@@ -12,7 +12,7 @@ The estimate's batches are drawn once, from a generator per split seeded from a
 constant (not from the run's seed): every method, seed and eval of a study is
 scored on the same batches. They stay on the device as this rank's rows,
 regrouped into chunks of EVAL_CHUNK batches: fewer, larger forward passes, the
-same mean. A batched model (M replicas, gradnoise.lm.model) scores every replica on
+same mean. A batched model (M replicas, gradnoise.lm.model.gpt) scores every replica on
 the same batches in the same forward pass.
 """
 
@@ -23,7 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from gradnoise.lm import data
+from gradnoise.lm import seeding
+from gradnoise.lm.data import batches
 from gradnoise.lm.devices import to_device
 
 EVAL_SEED = 1337
@@ -44,10 +45,10 @@ class Evaluator:
         """eval_iters global batches of one split; this rank's rows, in chunks, on the device."""
         cfg, world = self.cfg, self.dist_env.world_size
         tokens = self.splits[split]
-        generator = torch.Generator().manual_seed(data.derive_seed(EVAL_SEED, split))
+        generator = torch.Generator().manual_seed(seeding.derive_seed(EVAL_SEED, split))
         rows = self.dist_env.rows(cfg.batch_size)
         draws = [
-            data.get_batch(tokens, cfg.batch_size * world, cfg.block_size, generator)
+            batches.get_batch(tokens, cfg.batch_size * world, cfg.block_size, generator)
             for _ in range(cfg.eval_iters)
         ]
         x = torch.cat([x[rows] for x, _ in draws]).split(EVAL_CHUNK * cfg.batch_size)

@@ -7,7 +7,7 @@
                           {"kind": "eval", "step", "train_loss", "val_loss"[, "test_loss"],
                           "time_s"} at every eval
     run_dir/provenance.json  {"attempts": [{"from_step", "code", "numerics"}, ...]}: what
-                          made the run (gradnoise.lm.provenance), one entry per start or
+                          made the run (gradnoise.lm.training.provenance), one entry per start or
                           resume, written before its first step (a killed run has it)
     run_dir/result.json   {"status", "error", "device", "host", "world_size", "provenance",
                           "finals"}, written last and atomically; its provenance is the
@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic
+from gradnoise.lm.storage import atomic
 
 CONFIG_FILE = "config.json"
 PROVENANCE_FILE = "provenance.json"

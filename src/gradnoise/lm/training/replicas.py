@@ -1,6 +1,6 @@
 """What each replica of a batched model has for itself inside one optimizer step.
 
-The model's parameters are stacked (M, …) (gradnoise.lm.model), so the optimizer sees one
+The model's parameters are stacked (M, …) (gradnoise.lm.model.gpt), so the optimizer sees one
 tensor per weight for all replicas: AdamW and SGD update element by element, and their
 moments stay per replica by themselves. What torch computes over a whole parameter list
 is done here per replica instead, with each replica's own setting:
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gradnoise.lm.model import per_replica
+from gradnoise.lm.model.gpt import per_replica
 
 #: clip_grad_norm_'s guard against dividing by a zero norm.
 CLIP_EPS = 1e-6

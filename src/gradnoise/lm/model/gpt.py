@@ -31,13 +31,17 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gradnoise.errors import UserError
-from gradnoise.lm import atomic, files
+from gradnoise.lm.model.weights import (
+    CONFIG_FILE,
+    SAVED_FILES,
+    VOCAB_FILE,
+    WEIGHTS_FILE,
+    holds_only_saved_model,
+    load_weights,
+    weights_for_saving,
+)
+from gradnoise.lm.storage import atomic, files
 
-# A saved model (save_pretrained): its GPTConfig, its weights and its vocabulary.
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-VOCAB_FILE = "vocab.json"
-SAVED_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
 INIT_STD = 0.02  # GPT-2's N(0, 0.02) for every matrix
 
 
@@ -394,26 +398,6 @@ class GPT(nn.Module):
         return model.to(map_location)
 
 
-def is_saved_model(directory) -> bool:
-    """Whether `directory` holds what save_pretrained writes."""
-    return all((Path(directory) / name).is_file() for name in SAVED_FILES)
-
-
-def holds_only_saved_model(directory) -> bool:
-    """Whether `directory` holds what save_pretrained writes and nothing else."""
-    directory = Path(directory)
-    return (
-        directory.is_dir()
-        and sorted(p.name for p in directory.iterdir()) == sorted(SAVED_FILES)
-        and is_saved_model(directory)
-    )
-
-
-def read_vocab(directory) -> list[str] | str:
-    """The vocabulary save_pretrained stored beside the weights."""
-    return files.read_json(Path(directory) / VOCAB_FILE, "vocabulary")
-
-
 def gpt_config_from_dict(values: dict) -> GPTConfig:
     if not isinstance(values, dict):
         raise UserError(f"a model config must be a JSON object, got {values!r:.80}")
@@ -440,48 +424,3 @@ def cross_entropy(logits, targets, label_smoothing: float | torch.Tensor = 0.0) 
         uniform = -F.log_softmax(logits, dim=-1).mean(dim=-1).view(replicas, -1).mean(dim=1)
         loss = (1 - label_smoothing) * loss + label_smoothing * uniform
     return loss
-
-
-def weights_for_saving(model: GPT) -> dict[str, torch.Tensor]:
-    """state_dict without the tied duplicate (safetensors refuses shared storage). A plain
-    model's (replicas = 1) without the replica dimension: nanoGPT's names and shapes."""
-    state = model.state_dict()
-    state.pop("lm_head.weight")
-    if model.replicas == 1:
-        state = {k: v[0] for k, v in state.items()}
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def replica_weights(weights: dict[str, torch.Tensor], replica: int) -> dict[str, torch.Tensor]:
-    """Replica `replica` of a batched model's weights_for_saving: a plain model's weights."""
-    return {k: v[replica].contiguous() for k, v in weights.items()}
-
-
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str = "the weights") -> None:
-    """Load what weights_for_saving gives into `model`; UserError if a name, shape or dtype differs."""
-    files.check_tensors(state, weights_for_saving(model), source)
-    if model.replicas == 1:
-        state = {k: v.unsqueeze(0) for k, v in state.items()}
-    model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
-
-
-def sample_text(
-    model: GPT,
-    vocab: list[str] | str,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 0,
-) -> str:
-    """prompt + max_new_tokens generated characters; the same seed gives the same text."""
-    from gradnoise.lm.data import Corpus
-
-    if not prompt:
-        raise UserError("the prompt is empty; give at least one character, e.g. a newline")
-    codec = Corpus.of_vocabulary(vocab)
-    device = next(model.parameters()).device
-    idx = torch.from_numpy(codec.encode(prompt).astype("int64"))[None].to(device)
-    model.eval()
-    out = model.generate(idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
-    return codec.decode(out[0].cpu())

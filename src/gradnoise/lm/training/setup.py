@@ -1,4 +1,4 @@
-"""Set-up: a group of runs at step 0, built from their configs (gradnoise.lm.trainer trains it).
+"""Set-up: a group of runs at step 0, built from their configs (gradnoise.lm.training.trainer trains it).
 
 `new_run` draws each replica's weights from its own seed and builds the optimizer,
 each run's weight decay and noise, the GradScaler and each run's data streams;
@@ -14,10 +14,13 @@ import torch
 
 import gradnoise
 from gradnoise.errors import UserError
-from gradnoise.lm import data, replicas
+from gradnoise.lm import seeding
 from gradnoise.lm.config import TrainConfig
-from gradnoise.lm.model import GPT
-from gradnoise.lm.state import Clock, Replica, RunState
+from gradnoise.lm.data import corpora
+from gradnoise.lm.model.gpt import GPT
+from gradnoise.lm.training import replicas
+from gradnoise.lm.training.progress import Clock
+from gradnoise.lm.training.state import Replica, RunState
 
 
 @dataclass
@@ -67,8 +70,8 @@ def new_run(cfgs: list[TrainConfig], vocab_size: int, device, dtype, dist_env, c
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         replicas=[
             Replica(
-                batch_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "batches")),
-                augment_generator=torch.Generator().manual_seed(data.derive_seed(c.seed, "augmentation")),
+                batch_generator=torch.Generator().manual_seed(seeding.derive_seed(c.seed, "batches")),
+                augment_generator=torch.Generator().manual_seed(seeding.derive_seed(c.seed, "augmentation")),
             )
             for c in cfgs
         ],
@@ -103,7 +106,7 @@ def build_noise(
     if all(schedule is None for schedule in parsed):
         return None
     lanes = [schedule or gradnoise.schedules.Constant(0.0) for schedule in parsed]
-    seeds = [data.derive_seed(c.seed, "noise") for c in cfgs]
+    seeds = [seeding.derive_seed(c.seed, "noise") for c in cfgs]
     modes = [c.noise_mode for c in cfgs]
     correlations = [c.noise_correlation for c in cfgs]
     return gradnoise.ReplicatedGradientNoise(
@@ -117,7 +120,7 @@ def build_noise(
     )
 
 
-def splits(corpus: data.Corpus, cfg: TrainConfig) -> dict:
+def splits(corpus: corpora.Corpus, cfg: TrainConfig) -> dict:
     """The corpus's splits; of the train split only its first train_fraction."""
     splits = {name: corpus.splits[name] for name in ("train", "val", "test") if name in corpus.splits}
     splits["train"] = splits["train"][: int(len(splits["train"]) * cfg.train_fraction)]

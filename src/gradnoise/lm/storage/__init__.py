@@ -1,0 +1,1 @@
+"""A run's files: atomic writes, checked reads, checkpoints, run directories and the run log."""
