@@ -255,7 +255,7 @@ def test_a_tiny_neelakantan_study_runs_reports_and_verifies(tmp_path, small_mnis
 
 def test_the_reports_verdict_words_follow_the_metrics_direction():
     from gradnoise.study.report import verdict
-    from gradnoise.study.report.analysis import improvement_sign, improves, metric
+    from gradnoise.study.report.metrics import improvement_sign, improves, metric
     from gradnoise.study.report.sentences import _closest
     from gradnoise.study.stats import paired_comparison
 

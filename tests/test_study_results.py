@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from gradnoise.study.report import write_report
-from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.report.analysis import analyze
+from gradnoise.study.report.loading import load_study
 from gradnoise.study.runner import study_status
 from gradnoise.study.spec import load_spec, parse_published, parse_table
 from gradnoise.study.store import Store

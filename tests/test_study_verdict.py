@@ -13,7 +13,7 @@ import scipy.stats
 from gradnoise import schedules
 from gradnoise.lm.config import resolve_config
 from gradnoise.study.report import verdict, write_report
-from gradnoise.study.report.analysis import load_study
+from gradnoise.study.report.loading import load_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 from helpers import fabricated

@@ -5,7 +5,8 @@ import math
 
 from gradnoise import schedules
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report.analysis import analyze, load_study
+from gradnoise.study.report.analysis import analyze
+from gradnoise.study.report.loading import load_study
 from gradnoise.study.store import Store
 
 MAX_ITERS = 600

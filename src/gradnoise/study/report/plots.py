@@ -11,15 +11,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from gradnoise.study.report.analysis import (
-    HORIZON_FRACTION,
-    LOSS_UNIT,
-    Analysis,
-    ScheduleUse,
-    Study,
-    headline_metric,
-    metric,
-)
+from gradnoise.study.report.analysis import Analysis
+from gradnoise.study.report.conditions import HORIZON_FRACTION, ScheduleUse
+from gradnoise.study.report.loading import Study, headline_metric
+from gradnoise.study.report.metrics import LOSS_UNIT, metric
 from gradnoise.study.stats import paired_comparison
 
 #: The zoomed panels of the loss curves show this last part of the run.

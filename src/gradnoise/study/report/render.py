@@ -10,7 +10,8 @@ import math
 import re
 from pathlib import Path
 
-from gradnoise.study.report.analysis import RUN_METRICS, SUMMARY_METRICS, Analysis
+from gradnoise.study.report.analysis import Analysis
+from gradnoise.study.report.metrics import RUN_METRICS, SUMMARY_METRICS
 from gradnoise.study.report.tables import Link, Section, Table
 
 # ---- Markdown -------------------------------------------------------------------------------

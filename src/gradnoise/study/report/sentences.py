@@ -8,18 +8,10 @@ from __future__ import annotations
 import math
 
 from gradnoise.lm.config import resolve_config
-from gradnoise.study.report.analysis import (
-    HORIZON_FRACTION,
-    LOSS_METRICS,
-    LOSS_UNIT,
-    Analysis,
-    DoseRow,
-    Study,
-    headline_metric,
-    improvement_sign,
-    improves,
-    metric,
-)
+from gradnoise.study.report.analysis import Analysis, DoseRow
+from gradnoise.study.report.conditions import HORIZON_FRACTION
+from gradnoise.study.report.loading import Study, headline_metric
+from gradnoise.study.report.metrics import LOSS_METRICS, LOSS_UNIT, improvement_sign, improves, metric
 from gradnoise.study.report.tables import (
     MISSING,
     difference,

@@ -8,20 +8,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradnoise.study.report.analysis import (
-    BPC_METRICS,
-    BPC_UNIT,
-    LOSS_METRICS,
-    LOSS_UNIT,
-    RUN_METRICS,
-    Analysis,
-    PublishedRow,
-    Study,
-    SummaryRow,
-    compared_metrics,
-    headline_metric,
-    metric,
-)
+from gradnoise.study.report.analysis import Analysis, PublishedRow, SummaryRow, compared_metrics
+from gradnoise.study.report.loading import Study, headline_metric
+from gradnoise.study.report.metrics import BPC_METRICS, BPC_UNIT, LOSS_METRICS, LOSS_UNIT, RUN_METRICS, metric
 from gradnoise.study.stats import Comparison, Summary
 
 MISSING = "—"
