@@ -244,7 +244,7 @@ def test_findings_table_gives_each_method_the_word_its_test_allows(analysis, stu
 
 def test_a_findings_reference_must_be_a_method():
     from gradnoise.errors import UserError
-    from gradnoise.study.spec import parse_findings
+    from gradnoise.study.layout import parse_findings
 
     with pytest.raises(UserError, match="reference='dropout' is not one of the methods"):
         parse_findings({**SPEC, "findings": {"reference": "dropout"}})

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from gradnoise.study.layout import parse_published, parse_table
 from gradnoise.study.report import write_report
 from gradnoise.study.report.analysis import analyze
 from gradnoise.study.report.loading import load_study
 from gradnoise.study.runner import study_status
-from gradnoise.study.spec import load_spec, parse_published, parse_table
+from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

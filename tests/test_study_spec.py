@@ -17,15 +17,8 @@ from gradnoise.errors import UserError
 from gradnoise.lm.config import CHOICES, TrainConfig, resolve_config
 from gradnoise.lm.data import corpora
 from gradnoise.lm.model.gpt import GPT
-from gradnoise.study.spec import (
-    DoseLayout,
-    Published,
-    load_spec,
-    packaged_specs,
-    parse_spec,
-    run_id,
-    runs_differ,
-)
+from gradnoise.study.layout import DoseLayout, Published
+from gradnoise.study.spec import load_spec, packaged_specs, parse_spec, run_id, runs_differ
 
 
 def base_spec(**changes) -> dict:

@@ -82,20 +82,6 @@ from gradnoise.study.layout import (
 )
 from gradnoise.study.tasks import EXECUTION_KEYS, LM, Task, canonical, task_of
 
-# The layout's names, as this module offered them before the layout had its own.
-__all__ = [
-    "DoseLayout",
-    "FindingsLayout",
-    "Published",
-    "SettingsTable",
-    "TableLayout",
-    "parse_dose_response",
-    "parse_findings",
-    "parse_published",
-    "parse_settings_table",
-    "parse_table",
-]
-
 SPEC_KEYS = (
     "name",
     "description",
@@ -242,14 +228,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_spec(data, source: str = "<spec>") -> StudySpec:
-    """Validate a parsed spec and expand it to runs; UserError on the first problem."""
+    """Validate a parsed spec and expand it to runs; UserError on the first problem.
+
+    The checks run in the spec's own order: the keys, the header (name, task, preset),
+    the datasets and their configs, the methods, the caveats, the report blocks, then
+    the runs each (dataset, seed, method) resolves to."""
     where = f"study spec {source}"
+    _check_keys(data, where)
+    name, description, task, preset = _header(data, where)
+    datasets = _datasets(data, task, where)
+    configs = _dataset_configs(data, datasets, where)
+    baseline, method_overrides = _methods(data, where)
+    caveats = data.get("caveats", [])
+    if not isinstance(caveats, list) or not all(isinstance(c, str) for c in caveats):
+        raise UserError(f"{where}: caveats={caveats!r} must be a list of strings")
+    published = parse_published(data, source)
+    table = parse_table(data, source)
+    dose_response = parse_dose_response(data, source)
+    findings = parse_findings(data, source)
+    settings_table = parse_settings_table(data, source)
+    hypotheses = parse_hypotheses(data, source)
+    runs = [
+        run
+        for dataset in datasets
+        for seed in configs.seeds[dataset]
+        for run in _seed_runs(where, task, preset, dataset, seed, method_overrides, configs)
+    ]
+    check_producible(where, runs, published, table, dose_response, findings, configs.set_values)
+    return StudySpec(
+        name=name,
+        description=description.strip(),
+        preset=preset,
+        datasets=tuple(datasets),
+        baseline=baseline,
+        methods=tuple(method_overrides),
+        caveats=tuple(caveats),
+        runs=tuple(runs),
+        data=data,
+        published=published,
+        table=table,
+        dose_response=dose_response,
+        findings=findings,
+        hypotheses=hypotheses,
+        settings_table=settings_table,
+        task=task,
+    )
+
+
+def _check_keys(data, where: str) -> None:
+    """The spec is a mapping of SPEC_KEYS only."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: must be a mapping of {', '.join(SPEC_KEYS)}")
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
         raise UserError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(SPEC_KEYS)}")
 
+
+def _header(data: dict, where: str) -> tuple[str, str, Task, str]:
+    """(name, description, task, preset), checked; the task's own blocks checked too."""
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UserError(f"{where}: name={name!r}: a name is required, made of letters, digits and _.+=- ")
@@ -261,7 +297,11 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     if preset not in task.presets:
         raise UserError(f"{where}: preset={preset!r}; allowed: {', '.join(task.presets)}")
     check_task_blocks(data, where)
+    return name, description, task, preset
 
+
+def _datasets(data: dict, task: Task, where: str) -> list[str]:
+    """The spec's datasets (one name stands for a list of one): known to the task, none twice."""
     datasets = data.get("datasets")
     if isinstance(datasets, str):
         datasets = [datasets]
@@ -272,7 +312,23 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
             raise UserError(f"{where}: unknown dataset {dataset!r}; allowed: {', '.join(task.datasets)}")
     if len(set(datasets)) != len(datasets):
         raise UserError(f"{where}: datasets={datasets} lists a dataset twice")
+    return datasets
 
+
+@dataclasses.dataclass(frozen=True)
+class _DatasetConfigs:
+    """The config values a spec sets around its methods' own: `overrides` under them,
+    each dataset's `dataset_overrides` over those, `set` over everything; and each
+    dataset's seeds."""
+
+    overrides: dict
+    set_values: dict
+    seeds: dict[str, tuple[int, ...]]
+    by_dataset: dict[str, dict]
+
+
+def _dataset_configs(data: dict, datasets: list[str], where: str) -> _DatasetConfigs:
+    """overrides, set, seeds and dataset_overrides, checked (a dataset override may set seeds)."""
     overrides = _config_mapping(data.get("overrides"), f"{where}: overrides")
     set_values = _config_mapping(data.get("set"), f"{where}: set")
     default_seeds = _seeds(data.get("seeds", 3), f"{where}: seeds")
@@ -291,7 +347,11 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
             _seeds(values.pop("seeds"), f"{here}.seeds") if "seeds" in values else default_seeds
         )
         config_by_dataset[dataset] = _config_mapping(values, here)
+    return _DatasetConfigs(overrides, set_values, seeds_by_dataset, config_by_dataset)
 
+
+def _methods(data: dict, where: str) -> tuple[str, dict[str, dict]]:
+    """(baseline, method → its config values), in the spec's order; the baseline is one of them."""
     methods = _mapping(data.get("methods"), f"{where}: methods")
     if not methods:
         raise UserError(f"{where}: methods is empty; give at least a baseline, e.g. baseline: {{}}")
@@ -301,65 +361,45 @@ def parse_spec(data, source: str = "<spec>") -> StudySpec:
     baseline = data.get("baseline", "baseline")
     if baseline not in methods:
         raise UserError(f"{where}: baseline={baseline!r} is not one of the methods ({', '.join(methods)})")
-    method_overrides = {m: _config_mapping(v, f"{where}: methods.{m}") for m, v in methods.items()}
+    return baseline, {m: _config_mapping(v, f"{where}: methods.{m}") for m, v in methods.items()}
 
-    caveats = data.get("caveats", [])
-    if not isinstance(caveats, list) or not all(isinstance(c, str) for c in caveats):
-        raise UserError(f"{where}: caveats={caveats!r} must be a list of strings")
-    published = parse_published(data, source)
-    table = parse_table(data, source)
-    dose_response = parse_dose_response(data, source)
-    findings = parse_findings(data, source)
-    settings_table = parse_settings_table(data, source)
-    hypotheses = parse_hypotheses(data, source)
 
-    runs = []
-    for dataset in datasets:
-        for seed in seeds_by_dataset[dataset]:
-            method_of_id, method_of_computation = {}, {}
-            for method, values in method_overrides.items():
-                merged = {**overrides, **config_by_dataset[dataset], **values, **set_values}
-                context = f"{where}: method {method!r} on {dataset}, seed {seed}"
-                config = _resolve(task, dataset, preset, {**merged, "seed": seed}, context)
-                rid = task.run_id(config)
-                if rid in method_of_id:
-                    raise UserError(
-                        f"{where}: methods {method_of_id[rid]!r} and {method!r} resolve to the "
-                        f"same config on {dataset}; they would be the same run. Make them differ "
-                        "or remove one."
-                    )
-                method_of_id[rid] = method
-                same = method_of_computation.setdefault(
-                    computation(config) if task is LM else canonical(config.to_dict()), method
-                )
-                if same != method:
-                    raise UserError(
-                        f"{where}: methods {same!r} and {method!r} compute the same on {dataset} "
-                        f"(noise {config.noise!r} with noise_mode={config.noise_mode} is "
-                        f"{same!r}'s computation: noise_mode=relative is a relative: schedule, and "
-                        "a σ of 0 at every step is no noise); remove one"
-                    )
-                runs.append(Run(rid, dataset, method, seed, config, task))
-
-    check_producible(where, runs, published, table, dose_response, findings, set_values)
-    return StudySpec(
-        name=name,
-        description=description.strip(),
-        preset=preset,
-        datasets=tuple(datasets),
-        baseline=baseline,
-        methods=tuple(methods),
-        caveats=tuple(caveats),
-        runs=tuple(runs),
-        data=data,
-        published=published,
-        table=table,
-        dose_response=dose_response,
-        findings=findings,
-        hypotheses=hypotheses,
-        settings_table=settings_table,
-        task=task,
-    )
+def _seed_runs(
+    where: str,
+    task: Task,
+    preset: str,
+    dataset: str,
+    seed: int,
+    method_overrides: dict[str, dict],
+    configs: _DatasetConfigs,
+) -> list[Run]:
+    """Every method's run on one (dataset, seed); no two methods may be the same run or
+    compute the same."""
+    runs, method_of_id, method_of_computation = [], {}, {}
+    for method, values in method_overrides.items():
+        merged = {**configs.overrides, **configs.by_dataset[dataset], **values, **configs.set_values}
+        context = f"{where}: method {method!r} on {dataset}, seed {seed}"
+        config = _resolve(task, dataset, preset, {**merged, "seed": seed}, context)
+        rid = task.run_id(config)
+        if rid in method_of_id:
+            raise UserError(
+                f"{where}: methods {method_of_id[rid]!r} and {method!r} resolve to the "
+                f"same config on {dataset}; they would be the same run. Make them differ "
+                "or remove one."
+            )
+        method_of_id[rid] = method
+        same = method_of_computation.setdefault(
+            computation(config) if task is LM else canonical(config.to_dict()), method
+        )
+        if same != method:
+            raise UserError(
+                f"{where}: methods {same!r} and {method!r} compute the same on {dataset} "
+                f"(noise {config.noise!r} with noise_mode={config.noise_mode} is "
+                f"{same!r}'s computation: noise_mode=relative is a relative: schedule, and "
+                "a σ of 0 at every step is no noise); remove one"
+            )
+        runs.append(Run(rid, dataset, method, seed, config, task))
+    return runs
 
 
 def computation(config: TrainConfig) -> str:

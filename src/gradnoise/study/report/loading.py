@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from gradnoise.lm.storage.runlog import GRADIENT_FIELDS
 from gradnoise.study.hypotheses import Hypotheses, parse_hypotheses
-from gradnoise.study.spec import (
+from gradnoise.study.layout import (
     DoseLayout,
     FindingsLayout,
     Published,
