@@ -181,93 +181,20 @@ def _tests_in_full(analysis: Analysis) -> Section | None:
 
 
 def _build(analysis: Analysis, directory: Path, made_by: str) -> None:
+    """The report's files, in reading order: the CSVs, the answer (drawing its figure
+    first, so a dataset's section leaves out a figure the answer already shows), the
+    sections, then report.md and index.html."""
     study = analysis.study
     render.write_csvs(directory, analysis)
     answer = _answer(analysis, directory)
     lead = [answer] if answer else []
-
-    sections = [s for s in (_tests_in_full(analysis),) if s is not None]
-    paper_table, published = tables.paper_table(analysis), tables.published_table(analysis)
-    if paper_table is not None:
-        sections.append(Section(study.table.title, tables=[paper_table, *([published] if published else [])]))
-    elif published is not None:
-        sections.append(Section("Published values", tables=[published]))
-    for dataset in study.datasets:
-        found = verdict.findings_tables(analysis, dataset, sentences.ALPHA)
-        left_out = sentences.left_out(analysis, dataset)
-        if found or left_out:
-            note = sentences.best_val_note(analysis, dataset)
-            sections.append(
-                Section(f"{dataset}: findings", tables=found, text=([note] if note else []) + left_out)
-            )
-    for dataset in study.datasets:
-        slug = _slug(dataset)
-        dose = [
-            t
-            for key in (study.dose.metrics if study.dose else ())
-            if (t := tables.dose_table(analysis, dataset, key))
-        ]
-        if dose:
-            note = sentences.gradient_note(analysis, dataset)
-            sections.append(
-                Section(
-                    f"{dataset}: does any amount of noise help?",
-                    text=[*sentences.dose_findings(analysis, dataset), *([note] if note else [])],
-                    tables=dose,
-                    plots=_drawn(
-                        plots.dose_response(analysis, dataset, directory / f"dose_response_{slug}.png")
-                    ),
-                )
-            )
-    for dataset in study.datasets:
-        slug = _slug(dataset)
-        speed = tables.speed_table(analysis, dataset)
-        notes = [
-            None if study.dose else sentences.gradient_note(analysis, dataset),
-            # Beside the first table of best val: the findings' if there are any, else here.
-            None if study.findings else sentences.best_val_note(analysis, dataset),
-        ]
-        sections.append(
-            Section(
-                dataset,
-                tables=[
-                    *tables.summary_tables(analysis, dataset),
-                    *tables.comparison_tables(analysis, dataset),
-                    *([speed] if speed else []),
-                ],
-                plots=_drawn(
-                    plots.curves(analysis, dataset, directory / f"curves_{slug}.png"),
-                    # Drawn here unless the answer above already shows it.
-                    None
-                    if (directory / f"final_val_{slug}.png").exists()
-                    else plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
-                    plots.gradient_norms(analysis, dataset, directory / f"gradients_{slug}.png"),
-                ),
-                text=[note for note in notes if note],
-            )
-        )
-    sections.append(
-        Section(
-            "Noise schedules and cost",
-            plots=_drawn(
-                plots.sigma_schedules(analysis, directory / "sigma_schedules.png"),
-                plots.overhead(analysis, directory / "overhead.png"),
-            ),
-            text=[] if analysis.schedules else ["No run of this study adds gradient noise."],
-        )
-    )
-    not_done = tables.not_done_table(study)
-    sections.append(
-        Section(
-            "Methods and runs",
-            tables=[
-                tables.methods_table(analysis),
-                tables.runs_table(analysis),
-                *([not_done] if not_done else []),
-            ],
-        )
-    )
-
+    sections = [
+        *[s for s in (_tests_in_full(analysis), _published_section(analysis)) if s is not None],
+        *_findings_sections(analysis),
+        *_dose_sections(analysis, directory),
+        *[_dataset_section(analysis, dataset, directory) for dataset in study.datasets],
+        *_closing_sections(analysis, directory),
+    ]
     caveats = sentences.caveats(analysis)
     description = str(study.spec.get("description") or "").strip()
     stamp = (
@@ -280,6 +207,104 @@ def _build(analysis: Analysis, directory: Path, made_by: str) -> None:
     (directory / "index.html").write_text(
         render.page(study.name, description, stamp, caveats, sections, lead), encoding="utf-8"
     )
+
+
+def _published_section(analysis: Analysis) -> Section | None:
+    """The spec's paper-style table with the published values beside it, or those alone."""
+    paper_table, published = tables.paper_table(analysis), tables.published_table(analysis)
+    if paper_table is not None:
+        return Section(analysis.study.table.title, tables=[paper_table, *([published] if published else [])])
+    if published is not None:
+        return Section("Published values", tables=[published])
+    return None
+
+
+def _findings_sections(analysis: Analysis) -> list[Section]:
+    """Per dataset: which methods beat the baseline, and which were left out of the test."""
+    sections = []
+    for dataset in analysis.study.datasets:
+        found = verdict.findings_tables(analysis, dataset, sentences.ALPHA)
+        left_out = sentences.left_out(analysis, dataset)
+        if found or left_out:
+            note = sentences.best_val_note(analysis, dataset)
+            sections.append(
+                Section(f"{dataset}: findings", tables=found, text=([note] if note else []) + left_out)
+            )
+    return sections
+
+
+def _dose_sections(analysis: Analysis, directory: Path) -> list[Section]:
+    """Per dataset with a dose-response family: its tables, sentences and plot."""
+    study, sections = analysis.study, []
+    for dataset in study.datasets:
+        dose = [
+            t
+            for key in (study.dose.metrics if study.dose else ())
+            if (t := tables.dose_table(analysis, dataset, key))
+        ]
+        if dose:
+            note = sentences.gradient_note(analysis, dataset)
+            figure = directory / f"dose_response_{_slug(dataset)}.png"
+            sections.append(
+                Section(
+                    f"{dataset}: does any amount of noise help?",
+                    text=[*sentences.dose_findings(analysis, dataset), *([note] if note else [])],
+                    tables=dose,
+                    plots=_drawn(plots.dose_response(analysis, dataset, figure)),
+                )
+            )
+    return sections
+
+
+def _dataset_section(analysis: Analysis, dataset: str, directory: Path) -> Section:
+    """One dataset's summaries, comparisons with the baseline, speed, and curves."""
+    study, slug = analysis.study, _slug(dataset)
+    speed = tables.speed_table(analysis, dataset)
+    notes = [
+        None if study.dose else sentences.gradient_note(analysis, dataset),
+        # Beside the first table of best val: the findings' if there are any, else here.
+        None if study.findings else sentences.best_val_note(analysis, dataset),
+    ]
+    return Section(
+        dataset,
+        tables=[
+            *tables.summary_tables(analysis, dataset),
+            *tables.comparison_tables(analysis, dataset),
+            *([speed] if speed else []),
+        ],
+        plots=_drawn(
+            plots.curves(analysis, dataset, directory / f"curves_{slug}.png"),
+            # Drawn here unless the answer above already shows it.
+            None
+            if (directory / f"final_val_{slug}.png").exists()
+            else plots.final_val(analysis, dataset, directory / f"final_val_{slug}.png"),
+            plots.gradient_norms(analysis, dataset, directory / f"gradients_{slug}.png"),
+        ),
+        text=[note for note in notes if note],
+    )
+
+
+def _closing_sections(analysis: Analysis, directory: Path) -> list[Section]:
+    """The noise schedules and their cost, then the methods and every run."""
+    not_done = tables.not_done_table(analysis.study)
+    return [
+        Section(
+            "Noise schedules and cost",
+            plots=_drawn(
+                plots.sigma_schedules(analysis, directory / "sigma_schedules.png"),
+                plots.overhead(analysis, directory / "overhead.png"),
+            ),
+            text=[] if analysis.schedules else ["No run of this study adds gradient noise."],
+        ),
+        Section(
+            "Methods and runs",
+            tables=[
+                tables.methods_table(analysis),
+                tables.runs_table(analysis),
+                *([not_done] if not_done else []),
+            ],
+        ),
+    ]
 
 
 def _drawn(*paths: Path | None) -> list[Path]:
