@@ -16,7 +16,7 @@ import yaml
 from gradnoise.cli import main
 from gradnoise.lm.storage import checkpoint
 from gradnoise.lm.training.group import read_group
-from gradnoise.study import executors
+from gradnoise.study import local_executor
 from gradnoise.study.plan import group_directory, plan_groups, run_directory
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec, parse_spec
@@ -109,7 +109,7 @@ def test_batch_models_1_trains_every_run_alone_in_spec_order(planned, tmp_path):
 def test_a_launched_group_is_launched_again_whole_and_a_run_with_its_own_checkpoint_alone(planned, tmp_path):
     runs = list(planned.runs)
     first = plan_groups(runs, runs, tmp_path, batch_models=4)
-    with executors.LocalExecutor(tmp_path, [None]) as local:
+    with local_executor.LocalExecutor(tmp_path, [None]) as local:
         local.prepare(first[0])  # writes its group.json: the group is launched
     # Its first run finished, the rest was killed; another run trained alone before.
     finished = first[0].members[0]
@@ -154,12 +154,12 @@ class FakeProcess:
 
 
 def test_command_lines_alone_unchanged_and_a_group_as_one_process(planned, tmp_path, monkeypatch):
-    monkeypatch.setattr(executors.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(local_executor.subprocess, "Popen", FakeProcess)
     commands.clear()
     runs = [run for run in planned.runs if run.dataset == "shakespeare_char" and run.seed == 0]
     alone = plan_groups(runs, runs, tmp_path, batch_models=1)[0]
     group = plan_groups(runs, runs, tmp_path, batch_models=4)[0]
-    with executors.LocalExecutor(tmp_path, [None, None]) as local:
+    with local_executor.LocalExecutor(tmp_path, [None, None]) as local:
         local.submit(local.prepare(alone))
         local.submit(local.prepare(group))
     run_dir = tmp_path / "runs" / alone.members[0].run_id

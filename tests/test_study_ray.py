@@ -10,7 +10,7 @@ import yaml
 from gradnoise.lm.data import corpora
 from gradnoise.lm.storage.runlog import read_curves
 from gradnoise.lm.training.group import read_group
-from gradnoise.study import executors
+from gradnoise.study import ray_executor
 from gradnoise.study.runner import run_study
 from gradnoise.study.spec import load_spec
 from gradnoise.study.store import Store
@@ -79,7 +79,7 @@ def test_a_worker_without_the_study_directory_trains_in_a_local_run_dir(tmp_path
     """On a cluster without a shared filesystem the task trains under $GRADNOISE_HOME."""
     config = load_spec("quick", TINY).runs[0].config.to_dict()
     elsewhere = tmp_path / "not-on-this-node" / "mystudy"
-    output = executors.train_in_worker({"abc123": config}, str(elsewhere), None)
+    output = ray_executor.train_in_worker({"abc123": config}, str(elsewhere), None)
     run_dir = corpora.gradnoise_home() / "study-runs" / "mystudy" / "abc123"
     assert not elsewhere.exists()
     assert output["results"]["abc123"]["status"] == "done"

@@ -26,35 +26,25 @@ one run within it, trained once. A group of one is a run alone:
   being a group of one in its own directory (`tasks.worker_arguments`).
 - ray: a Ray task per launch that calls the trainer in-process and sends its members'
   results and curves back to the driver.
+
+This module holds the interface and the types it passes; the executors themselves are
+in `local_executor` and `ray_executor` (`runner.make_executor` makes the one the options
+name).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradnoise.errors import UserError
-from gradnoise.lm.storage import atomic, runlog
-from gradnoise.study import tasks
 from gradnoise.study.plan import Group, group_directory, last_step, run_directory
 from gradnoise.study.spec import Run
-from gradnoise.study.store import STORE_FILE
 
 EXECUTORS = ("local", "ray")
 ERROR_TAIL_CHARS = 4000
-# A worker given SIGTERM writes a checkpoint first; this long is allowed for that.
-TERMINATE_GRACE_S = 60.0
 
 
 def run_name(run_id: str, dataset: str, method: str, seed: int) -> str:
@@ -142,30 +132,7 @@ def check_options(executor: str, jobs, devices, per_device, address, batch_model
         if missing:
             raise UserError(f"devices {missing} do not exist here ({torch.cuda.device_count()} CUDA devices)")
     if executor == "ray":
-        _import_ray()
-
-
-def make_executor(
-    executor: str,
-    study_dir: Path,
-    *,
-    jobs: int = 1,
-    devices: list[str] | None = None,
-    per_device: int = 1,
-    address: str | None = None,
-) -> Executor:
-    """The executor the options name (checked by `check_options`)."""
-    if executor == "ray":
-        return RayExecutor(study_dir, address=address, per_device=per_device)
-    return LocalExecutor(study_dir, _device_slots(jobs, devices, per_device))
-
-
-def _device_slots(jobs: int, devices: list[str] | None, per_device: int) -> list[str | None]:
-    """One entry per concurrent worker: its device (None: the config's own). Round-robin over
-    devices so the first runs spread across GPUs before any GPU takes a second run."""
-    if devices is None:
-        return [None] * jobs
-    return [device for _ in range(per_device) for device in devices]
+        import_ray()
 
 
 class Executor:
@@ -239,264 +206,8 @@ class Executor:
         return Launch(group, attempts, configs, directory, launch_device, **where)
 
 
-# ---- local --------------------------------------------------------------------------------------
-
-
-class LocalExecutor(Executor):
-    """Worker processes on this machine, one per slot; a slot has a device or None (the
-    runs' configured device)."""
-
-    def __init__(self, study_dir: Path, slots: list[str | None]):
-        self.study_dir = Path(study_dir)
-        self.slots = slots
-        self.free = list(range(len(slots)))
-        # Threads per worker: cores // concurrent launches (oversubscribed cores slow a step
-        # tenfold), unless the user set OMP_NUM_THREADS.
-        self.threads = max(1, _cores() // len(slots))
-        self.launches: list[Launch] = []
-
-    def capacity(self) -> int:
-        return len(self.slots)
-
-    def prepare(self, group: Group) -> Launch:
-        slot = self.free.pop(0)
-        device = self.slots[slot]
-        # The worker sees only its GPU, as "cuda": a run resumed on another GPU keeps its
-        # config (the trainer refuses to resume with a changed device).
-        config_device = "cuda" if device is not None and device.startswith("cuda:") else device
-        launch = self._launch(group, socket.gethostname(), config_device, device, slot=slot)
-        if group.group_id is None:
-            (config,) = launch.configs.values()
-            atomic.write_text(launch.directory / runlog.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        return launch
-
-    def submit(self, launch: Launch) -> None:
-        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads), **os.environ}
-        if launch.device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = _physical_gpu(int(launch.device[5:]))
-        directory = launch.directory
-        alone = launch.group.group_id is None
-        task = launch.group.members[0].task
-        command = [sys.executable, "-m", "gradnoise", *tasks.worker_arguments(task, directory, alone)]
-        with open(directory / "stdout.log", "wb") as stdout, open(directory / "stderr.log", "wb") as stderr:
-            # A session of its own: Ctrl-C reaches the driver only, which then stops the worker
-            # with SIGTERM, so that it writes a checkpoint first.
-            launch.handle = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        self.launches.append(launch)
-
-    def poll(self, timeout: float) -> list[Outcome]:
-        ended = self._ended()
-        if not ended:
-            time.sleep(timeout)
-            ended = self._ended()
-        for launch in ended:
-            self.launches.remove(launch)
-            self.free.append(launch.slot)
-        return [outcome for launch in ended for outcome in self._outcomes(launch)]
-
-    def _ended(self) -> list[Launch]:
-        return [launch for launch in self.launches if launch.handle.poll() is not None]
-
-    def _outcomes(self, launch: Launch) -> list[Outcome]:
-        """Each member with a finished result.json (written by this launch: the driver
-        recorded any earlier one before planning) ended so; the others failed with the
-        worker's exit and the tail of its stderr."""
-        code = launch.handle.returncode
-        if code < 0:
-            reason = f"killed by {signal.Signals(-code).name}"
-        elif code == 128 + signal.SIGTERM:
-            reason = "stopped by SIGTERM (checkpoint written; the next run of the study resumes it)"
-        elif code in (0, 3):
-            reason = f"exited with status {code} but left no finished result.json"
-        else:
-            reason = f"exited with status {code}"
-        outcomes = []
-        for attempt in launch.attempts:
-            result = runlog.read_result(attempt.run_dir)
-            if result is None:
-                error = f"{reason}\n{_tail(launch.directory / 'stderr.log')}".strip()
-                outcomes.append(Outcome(attempt, error=error, reason=reason))
-                continue
-            if launch.device.startswith("cuda:"):
-                # The worker saw only its GPU and calls it cuda:0; name the driver's index.
-                result = {**result, "device": f"{launch.device} {result['device'].partition(' ')[2]}"}
-            outcomes.append(Outcome(attempt, result, runlog.read_curves(attempt.run_dir)))
-        return outcomes
-
-    def cancel(self) -> list[Attempt]:
-        """SIGTERM (the trainer checkpoints and exits), then SIGKILL whoever is still there."""
-        stopped, self.launches = self.launches, []
-        for launch in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                launch.handle.terminate()
-        deadline = time.time() + TERMINATE_GRACE_S
-        for launch in stopped:
-            try:
-                launch.handle.wait(timeout=max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                launch.handle.kill()
-                launch.handle.wait()
-        return [attempt for launch in stopped for attempt in launch.attempts]
-
-
-def _physical_gpu(index: int) -> str:
-    """The CUDA_VISIBLE_DEVICES entry of the driver's cuda:index (it may itself be restricted)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return visible.split(",")[index].strip()
-    return str(index)
-
-
-def _die_with_parent() -> None:
-    """In the worker, before exec: get SIGTERM when the driver dies (Linux), so a killed
-    driver leaves no orphan training into a run directory a later driver will reuse."""
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _tail(path: Path, chars: int = ERROR_TAIL_CHARS) -> str:
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - chars))
-            return file.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-# ---- Ray ----------------------------------------------------------------------------------------
-
-
-class RayExecutor(Executor):
-    """A Ray task per launch on the cluster at `address` (None: a Ray started here, and
-    shut down on close). Capacity: GPUs · per_device, or the CPUs where there is no GPU."""
-
-    def __init__(self, study_dir: Path, *, address: str | None, per_device: int):
-        self.ray = ray = _import_ray()
-        self.study_dir = Path(study_dir)
-        self.per_device = per_device
-        self.started_here = not ray.is_initialized()
-        if self.started_here:
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            except (ConnectionError, RuntimeError) as error:
-                raise UserError(f"cannot start or reach Ray (address={address!r}): {error}") from None
-        self.task = ray.remote(train_in_worker)
-        self.in_flight: dict = {}  # ObjectRef → Launch
-
-    @property
-    def launches(self) -> list[Launch]:
-        return list(self.in_flight.values())
-
-    def capacity(self) -> int:
-        resources = self.ray.cluster_resources()
-        gpus = resources.get("GPU", 0)
-        return max(1, int(gpus * self.per_device) if gpus else int(resources.get("CPU", 1)))
-
-    def prepare(self, group: Group) -> Launch:
-        use_gpu = self.ray.cluster_resources().get("GPU", 0) > 0 and group.members[0].config.device != "cpu"
-        # Ray sets CUDA_VISIBLE_DEVICES to the task's GPU.
-        return self._launch(
-            group, "ray", "cuda" if use_gpu else None, gpus=1 / self.per_device if use_gpu else 0
-        )
-
-    def submit(self, launch: Launch) -> None:
-        task = self.task.options(num_cpus=1, num_gpus=launch.gpus)
-        reference = task.remote(
-            launch.configs,
-            str(self.study_dir.resolve()),
-            launch.group.group_id,
-            launch.group.members[0].task.name,
-        )
-        launch.handle = reference
-        self.in_flight[reference] = launch
-
-    def poll(self, timeout: float) -> list[Outcome]:
-        if not self.in_flight:
-            return []
-        done, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
-        return [outcome for reference in done for outcome in self._outcomes(self.in_flight.pop(reference))]
-
-    def _outcomes(self, launch: Launch) -> list[Outcome]:
-        try:
-            output = self.ray.get(launch.handle)
-        except Exception as error:  # the task raised, or its worker or node died
-            text = str(error).strip()
-            reason = text.splitlines()[-1] if text else type(error).__name__
-            return [Outcome(a, error=str(error)[-ERROR_TAIL_CHARS:], reason=reason) for a in launch.attempts]
-        outcomes = []
-        for attempt in launch.attempts:
-            result = output["results"][attempt.run.run_id]
-            result.setdefault("host", output["host"])
-            status = result.get("status")
-            if status not in runlog.FINISHED:
-                error, reason = f"trainer returned {status!r}", f"status {status!r}"
-                outcomes.append(Outcome(attempt, error=error, reason=reason))
-            else:
-                outcomes.append(Outcome(attempt, result, output["curves"][attempt.run.run_id]))
-        return outcomes
-
-    def cancel(self) -> list[Attempt]:
-        stopped = self.running
-        for reference in self.in_flight:
-            with contextlib.suppress(Exception):
-                self.ray.cancel(reference)
-        self.in_flight = {}
-        return stopped
-
-    def close(self) -> None:
-        if self.started_here:
-            self.ray.shutdown()
-
-
-def train_in_worker(configs: dict[str, dict], study_dir: str, group_id: str | None, task: str = "lm") -> dict:
-    """A Ray task: train a run alone (`group_id` None, one config) or a group in-process;
-    return {"results", "curves"} by run id, and the host.
-
-    The run (and group) directories are the study's own when this worker sees the study
-    directory (a shared filesystem, or the driver's machine), else directories local to
-    the worker.
-    """
-    import torch
-
-    from gradnoise.lm.data.corpora import gradnoise_home
-
-    torch.set_num_threads(1)
-    shared = Path(study_dir)
-    if (shared / STORE_FILE).exists():
-        run_dirs = {run_id: run_directory(shared, run_id) for run_id in configs}
-        group_dir = group_directory(shared, group_id) if group_id else None
-    else:
-        local = gradnoise_home() / "study-runs" / shared.name
-        run_dirs = {run_id: local / run_id for run_id in configs}
-        group_dir = group_directory(local, group_id) if group_id else None
-    harness = tasks.TASKS[task]
-    training = [harness.from_dict(config) for config in configs.values()]
-    results = tasks.train_in_process(harness, training, list(run_dirs.values()), group_dir)
-    return {
-        "results": dict(zip(configs, results, strict=True)),
-        "curves": {run_id: runlog.read_curves(run_dir) for run_id, run_dir in run_dirs.items()},
-        "host": socket.gethostname(),
-    }
-
-
-def _import_ray():
+def import_ray():
+    """The ray module; UserError where it is not installed."""
     try:
         import ray
     except ImportError:

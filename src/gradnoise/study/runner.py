@@ -42,9 +42,11 @@ from gradnoise.errors import UserError
 from gradnoise.lm.storage import atomic, runlog
 from gradnoise.lm.training import provenance
 from gradnoise.study import identity, tasks
-from gradnoise.study.executors import Executor, Outcome, check_options, make_executor, run_name
+from gradnoise.study.executors import Executor, Outcome, check_options, run_name
+from gradnoise.study.local_executor import LocalExecutor
 from gradnoise.study.plan import Group, last_step, plan_groups, run_directory
 from gradnoise.study.progress import Progress, run_line
+from gradnoise.study.ray_executor import RayExecutor
 from gradnoise.study.spec import Run, StudySpec, canonical, load_spec, runs_differ
 from gradnoise.study.store import STORE_FILE, Store
 
@@ -348,3 +350,26 @@ def _driver_running(study_dir: Path) -> bool:
             return False
     except BlockingIOError:
         return True
+
+
+def make_executor(
+    executor: str,
+    study_dir: Path,
+    *,
+    jobs: int = 1,
+    devices: list[str] | None = None,
+    per_device: int = 1,
+    address: str | None = None,
+) -> Executor:
+    """The executor the options name (checked by `check_options`)."""
+    if executor == "ray":
+        return RayExecutor(study_dir, address=address, per_device=per_device)
+    return LocalExecutor(study_dir, _device_slots(jobs, devices, per_device))
+
+
+def _device_slots(jobs: int, devices: list[str] | None, per_device: int) -> list[str | None]:
+    """One entry per concurrent worker: its device (None: the config's own). Round-robin over
+    devices so the first runs spread across GPUs before any GPU takes a second run."""
+    if devices is None:
+        return [None] * jobs
+    return [device for _ in range(per_device) for device in devices]
