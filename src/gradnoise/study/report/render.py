@@ -10,7 +10,8 @@ import math
 import re
 from pathlib import Path
 
-from gradnoise.study.report.analysis import Analysis
+from gradnoise.study.report.analysis import Analysis, ComparisonRow, SpeedRow, SummaryRow
+from gradnoise.study.report.conditions import RunRow
 from gradnoise.study.report.metrics import RUN_METRICS, SUMMARY_METRICS
 from gradnoise.study.report.tables import Link, Section, Table
 
@@ -250,90 +251,93 @@ SPEED_COLUMNS = [
 def write_csvs(directory: Path, analysis: Analysis) -> None:
     """summary.csv, comparison.csv, speed_cost.csv and runs.csv: one line per row of the
     analysis (runs.csv: per run, its directory and log relative to the report)."""
-    summary = []
-    for row in analysis.summaries:
-        record = {
-            "dataset": row.dataset,
-            "method": row.method,
-            "runs": row.runs,
-            "done": row.done,
-            "diverged": row.diverged,
-            "failed": row.failed,
-            "unfinished": row.unfinished,
-        }
-        for metric in SUMMARY_METRICS:
-            s = row.summary(metric)
-            record |= {
-                f"{metric}_n": s.n,
-                f"{metric}_mean": s.mean,
-                f"{metric}_sd": s.sd,
-                f"{metric}_ci_low": s.ci_low,
-                f"{metric}_ci_high": s.ci_high,
-            }
-        summary.append(record)
-    _write_csv(directory / "summary.csv", SUMMARY_COLUMNS, summary)
-
-    comparisons = [
-        {
-            "dataset": row.dataset,
-            "method": row.method,
-            "metric": row.metric,
-            "n_pairs": c.n_pairs,
-            "seeds": " ".join(str(s) for s in c.seeds),
-            "mean_diff": c.mean_diff,
-            "sd_diff": c.sd_diff,
-            "ci_low": c.ci_low,
-            "ci_high": c.ci_high,
-            "t_stat": c.t_stat,
-            "t_p": c.t_p,
-            "t_p_holm": row.t_p_holm,
-            "wilcoxon_stat": c.wilcoxon_stat,
-            "wilcoxon_p": c.wilcoxon_p,
-            "wilcoxon_p_holm": row.wilcoxon_p_holm,
-            "wilcoxon_min_p": c.wilcoxon_min_p,
-            "effect_size_dz": c.effect_size,
-            "note": c.note,
-        }
-        for row in analysis.comparisons
-        for c in (row.comparison,)
-    ]
+    _write_csv(directory / "summary.csv", SUMMARY_COLUMNS, [_summary_record(r) for r in analysis.summaries])
+    comparisons = [_comparison_record(r) for r in analysis.comparisons]
     _write_csv(directory / "comparison.csv", COMPARISON_COLUMNS, comparisons)
+    _write_csv(directory / "speed_cost.csv", SPEED_COLUMNS, [_speed_record(r) for r in analysis.speeds])
+    _write_csv(directory / "runs.csv", RUN_COLUMNS, [_run_record(r) for r in analysis.runs])
 
-    speeds = [
-        {
-            "dataset": r.dataset,
-            "method": r.method,
-            "target_val_loss": r.target_val_loss,
-            "runs": r.runs,
-            "reached": r.reached,
-            "steps_mean": r.steps.mean,
-            "steps_sd": r.steps.sd,
-            "seconds_mean": r.seconds.mean,
-            "seconds_sd": r.seconds.sd,
-            "step_time_median_s": r.overhead.method_median_s,
-            "baseline_step_time_median_s": r.overhead.baseline_median_s,
-            "overhead_percent": r.overhead.percent,
-        }
-        for r in analysis.speeds
-    ]
-    _write_csv(directory / "speed_cost.csv", SPEED_COLUMNS, speeds)
 
-    runs = [
-        {
-            "run_id": r.run_id,
-            "dataset": r.dataset,
-            "method": r.method,
-            "seed": r.seed,
-            "status": r.status,
-            **r.finals,
-            "wall_s": r.wall_s,
-            "directory": r.directory,
-            "log": r.log,
-            "error": (r.error or "").strip().splitlines()[-1] if r.error else "",
+def _summary_record(row: SummaryRow) -> dict:
+    """A summary.csv line: the runs by status, then n, mean, sd and CI of each metric."""
+    record = {
+        "dataset": row.dataset,
+        "method": row.method,
+        "runs": row.runs,
+        "done": row.done,
+        "diverged": row.diverged,
+        "failed": row.failed,
+        "unfinished": row.unfinished,
+    }
+    for metric in SUMMARY_METRICS:
+        s = row.summary(metric)
+        record |= {
+            f"{metric}_n": s.n,
+            f"{metric}_mean": s.mean,
+            f"{metric}_sd": s.sd,
+            f"{metric}_ci_low": s.ci_low,
+            f"{metric}_ci_high": s.ci_high,
         }
-        for r in analysis.runs
-    ]
-    _write_csv(directory / "runs.csv", RUN_COLUMNS, runs)
+    return record
+
+
+def _comparison_record(row: ComparisonRow) -> dict:
+    """A comparison.csv line: the paired comparison and its Holm-adjusted p-values."""
+    c = row.comparison
+    return {
+        "dataset": row.dataset,
+        "method": row.method,
+        "metric": row.metric,
+        "n_pairs": c.n_pairs,
+        "seeds": " ".join(str(s) for s in c.seeds),
+        "mean_diff": c.mean_diff,
+        "sd_diff": c.sd_diff,
+        "ci_low": c.ci_low,
+        "ci_high": c.ci_high,
+        "t_stat": c.t_stat,
+        "t_p": c.t_p,
+        "t_p_holm": row.t_p_holm,
+        "wilcoxon_stat": c.wilcoxon_stat,
+        "wilcoxon_p": c.wilcoxon_p,
+        "wilcoxon_p_holm": row.wilcoxon_p_holm,
+        "wilcoxon_min_p": c.wilcoxon_min_p,
+        "effect_size_dz": c.effect_size,
+        "note": c.note,
+    }
+
+
+def _speed_record(r: SpeedRow) -> dict:
+    """A speed_cost.csv line: steps and seconds to the target, and the step-time overhead."""
+    return {
+        "dataset": r.dataset,
+        "method": r.method,
+        "target_val_loss": r.target_val_loss,
+        "runs": r.runs,
+        "reached": r.reached,
+        "steps_mean": r.steps.mean,
+        "steps_sd": r.steps.sd,
+        "seconds_mean": r.seconds.mean,
+        "seconds_sd": r.seconds.sd,
+        "step_time_median_s": r.overhead.method_median_s,
+        "baseline_step_time_median_s": r.overhead.baseline_median_s,
+        "overhead_percent": r.overhead.percent,
+    }
+
+
+def _run_record(r: RunRow) -> dict:
+    """A runs.csv line: the run, its finals, and the last line of its error."""
+    return {
+        "run_id": r.run_id,
+        "dataset": r.dataset,
+        "method": r.method,
+        "seed": r.seed,
+        "status": r.status,
+        **r.finals,
+        "wall_s": r.wall_s,
+        "directory": r.directory,
+        "log": r.log,
+        "error": (r.error or "").strip().splitlines()[-1] if r.error else "",
+    }
 
 
 def _csv_value(value) -> str:
