@@ -83,52 +83,69 @@ def curves(analysis: Analysis, dataset: str, path: Path) -> Path | None:
     the spec are dashed reference lines, and the train-mode loss of the method they
     belong to is drawn dotted beside its eval-mode train curve."""
     study = analysis.study
-    colors, lines = method_colors(study), method_lines(study)
     figure = _figure(12, 8.4)
     axes = figure.subplots(2, 2)
     published = [row for row in analysis.published if row.dataset == dataset]
-    reference_method = study.published.method if study.published else None
     train_mode = any(row.metric in TRAIN_MODE for row in published)
-    plotted, last_step = False, 0
+    #: per column, the values the zoomed panel's y-axis must show
     zoom_values: dict[int, list[float]] = {0: [], 1: []}
-    for method in study.methods:
-        runs = study.done.get((dataset, method), {})
-        points = [p for row in runs.values() for p in study.evals.get(row["id"], [])]
-        for column, key in enumerate(("train_loss", "val_loss")):
-            by_step = _by_step(points, key)
-            if not by_step:
-                continue
-            steps = np.array(sorted(by_step))
-            values = [np.array(by_step[s]) for s in steps]
-            mean = np.array([v.mean() for v in values])
-            low, high = [v.min() for v in values], [v.max() for v in values]
-            for ax in axes[:, column]:
-                ax.plot(
-                    steps,
-                    mean,
-                    color=colors[method],
-                    linestyle=lines[method],
-                    label=f"{method} (n={len(runs)})",
-                )
-                ax.fill_between(steps, low, high, color=colors[method], alpha=0.18, linewidth=0)
-            last_step = max(last_step, int(steps[-1]))
-            zoom_values[column] += list(mean[steps >= (1 - ZOOM_FRACTION) * steps[-1]])
-            plotted = True
-        if method == reference_method and train_mode:
-            trains = [p for row in runs.values() for p in study.trains.get(row["id"], [])]
-            by_step = _by_step(trains, "loss")
-            steps = sorted(by_step)
-            for ax in axes[:, 0]:
-                ax.plot(
-                    steps,
-                    [np.mean(by_step[s]) for s in steps],
-                    color=colors[method],
-                    linestyle=":",
-                    linewidth=1,
-                    label=f"{method}, train mode (log-window mean)",
-                )
-    if not plotted:
+    last_steps = [
+        _method_curves(axes, study, dataset, method, zoom_values, train_mode) for method in study.methods
+    ]
+    if all(step is None for step in last_steps):
         return None
+    _published_lines(axes, published, zoom_values)
+    _curve_axes(axes, dataset, max(step or 0 for step in last_steps), zoom_values)
+    _legend_below(figure, axes)
+    return _save(figure, path)
+
+
+def _method_curves(
+    axes, study: Study, dataset: str, method: str, zoom_values, train_mode: bool
+) -> int | None:
+    """One method's train and val curves on both rows of panels (and its train-mode loss,
+    dotted, where it is the published values' method); the last step drawn, None if none."""
+    colors, lines = method_colors(study), method_lines(study)
+    runs = study.done.get((dataset, method), {})
+    points = [p for row in runs.values() for p in study.evals.get(row["id"], [])]
+    last_step = None
+    for column, key in enumerate(("train_loss", "val_loss")):
+        by_step = _by_step(points, key)
+        if not by_step:
+            continue
+        steps = np.array(sorted(by_step))
+        values = [np.array(by_step[s]) for s in steps]
+        mean = np.array([v.mean() for v in values])
+        low, high = [v.min() for v in values], [v.max() for v in values]
+        for ax in axes[:, column]:
+            ax.plot(
+                steps,
+                mean,
+                color=colors[method],
+                linestyle=lines[method],
+                label=f"{method} (n={len(runs)})",
+            )
+            ax.fill_between(steps, low, high, color=colors[method], alpha=0.18, linewidth=0)
+        last_step = max(last_step or 0, int(steps[-1]))
+        zoom_values[column] += list(mean[steps >= (1 - ZOOM_FRACTION) * steps[-1]])
+    if study.published and method == study.published.method and train_mode:
+        trains = [p for row in runs.values() for p in study.trains.get(row["id"], [])]
+        by_step = _by_step(trains, "loss")
+        steps = sorted(by_step)
+        for ax in axes[:, 0]:
+            ax.plot(
+                steps,
+                [np.mean(by_step[s]) for s in steps],
+                color=colors[method],
+                linestyle=":",
+                linewidth=1,
+                label=f"{method}, train mode (log-window mean)",
+            )
+    return last_step
+
+
+def _published_lines(axes, published: list, zoom_values) -> None:
+    """The published train and val values as horizontal lines in their column's panels."""
     for row in published:
         column = (
             0
@@ -148,6 +165,10 @@ def curves(analysis: Analysis, dataset: str, path: Path) -> Path | None:
                 label=f"published {metric(row.metric).label}: {row.value:.4f}",
             )
         zoom_values[column].append(row.value)
+
+
+def _curve_axes(axes, dataset: str, last_step: int, zoom_values) -> None:
+    """Titles, labels and grids; the zoomed row's limits fitted to the last part of the run."""
     titles = ("train loss (eval mode)", "val loss")
     for column, title in enumerate(titles):
         top, bottom = axes[0, column], axes[1, column]
@@ -163,8 +184,6 @@ def curves(analysis: Analysis, dataset: str, path: Path) -> Path | None:
             ax.set_xlabel("step")
             ax.set_ylabel(f"loss ({LOSS_UNIT})")
             ax.grid(alpha=0.3)
-    _legend_below(figure, axes)
-    return _save(figure, path)
 
 
 def final_val(analysis: Analysis, dataset: str, path: Path) -> Path | None:
