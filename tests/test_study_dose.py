@@ -8,7 +8,7 @@ import statistics
 import pytest
 import scipy.stats
 
-from gradnoise.study.report import sentences, tables, verdict, write_report
+from gradnoise.study.report import document, sentences, tables, verdict, write_report
 from helpers import fabricated
 
 DATASET = "shakespeare_char"
@@ -125,7 +125,7 @@ def test_the_gradient_rms_is_the_baselines_median_norm_over_root_n(analysis):
 
 def test_the_sentence_says_what_the_numbers_say(analysis):
     final, best = sentences.dose_findings(analysis, DATASET)
-    p_abs = tables.p_value(min(1, 2 * paired_t_p("abs-1e-4", "val_loss_full")))
+    p_abs = document.p_value(min(1, 2 * paired_t_p("abs-1e-4", "val_loss_full")))
     assert final.startswith(
         "final val loss, full pass: 1 noise level of 2 is significantly better than baseline"
     )
@@ -225,10 +225,10 @@ def test_findings_table_gives_each_method_the_word_its_test_allows(analysis, stu
     for method, p in vs_baseline.items():
         diffs = DIFFS[method]["val_loss_full"]
         assert rows[method][1] == f"{statistics.mean(diffs):+.4f}"
-        assert rows[method][3:5] == [tables.p_value(p), word(p, diffs)]
+        assert rows[method][3:5] == [document.p_value(p), word(p, diffs)]
     assert rows["abs-1e-4"][4] == "better"  # −0.05 on every seed
     assert rows["rel-0.1"][4] == "inconclusive"
-    assert rows["dropout-0.1"][5:] == [tables.MISSING] * 4  # the reference itself
+    assert rows["dropout-0.1"][5:] == [document.MISSING] * 4  # the reference itself
 
     def ours(method: str) -> list[float]:
         return [b + d for b, d in zip(BASELINE["val_loss_full"], DIFFS[method]["val_loss_full"], strict=True)]
@@ -238,7 +238,7 @@ def test_findings_table_gives_each_method_the_word_its_test_allows(analysis, stu
     )
     for method, p in vs_reference.items():
         diffs = [m - r for m, r in zip(ours(method), ours("dropout-0.1"), strict=True)]
-        assert rows[method][7:] == [tables.p_value(p), word(p, diffs)]
+        assert rows[method][7:] == [document.p_value(p), word(p, diffs)]
     assert "findings" in (study_dir / "report" / "report.md").read_text()
 
 

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from gradnoise.errors import UserError
-from gradnoise.study.report import render, sentences, tables, write_report
+from gradnoise.study.report import document, render, sentences, tables, write_report
 from gradnoise.study.report.analysis import analyze
 from gradnoise.study.stats import summarize
 from helpers import fabricated
@@ -145,8 +145,8 @@ def test_published_table_sets_each_value_beside_ours(analysis):
     assert like[5] == ("yes" if in_ci else "no")
     assert rows["best val loss"][5] == "no"  # 1.25 is far below this study's 1.49–1.52
     # Our own end-of-training measures, not published, below them.
-    assert rows["final val loss, full pass"][2:4] == [tables.MISSING, "not published"]
-    assert rows["final train loss, eval mode"][2:4] == [tables.MISSING, "not published"]
+    assert rows["final val loss, full pass"][2:4] == [document.MISSING, "not published"]
+    assert rows["final train loss, eval mode"][2:4] == [document.MISSING, "not published"]
 
 
 def test_paper_table_follows_the_specs_layout(analysis):
@@ -185,7 +185,7 @@ def test_run_rows_link_each_run_to_its_files(analysis, study_dir):
     assert rows["baseline-3"].status == "failed" and rows["baseline-3"].finals["val_loss"] is None
     table = tables.runs_table(analysis)
     assert [str(row[0]) for row in table.rows] == [r.run_id for r in analysis.runs]
-    assert all(isinstance(row[0], tables.Link) and row[0].href.startswith("../runs/") for row in table.rows)
+    assert all(isinstance(row[0], document.Link) and row[0].href.startswith("../runs/") for row in table.rows)
 
 
 def test_methods_table_shows_resolved_differences_from_the_baseline(analysis):

@@ -60,8 +60,8 @@ from gradnoise.study import identity
 from gradnoise.study.layout import parse_settings_table
 from gradnoise.study.report import plots, render, sentences, settings, tables, verdict
 from gradnoise.study.report.analysis import Analysis, analyze
+from gradnoise.study.report.document import Section
 from gradnoise.study.report.loading import headline_metric, load_study
-from gradnoise.study.report.tables import Section
 from gradnoise.study.store import STORE_FILE, Store
 from gradnoise.study.tasks import LM, task_of_spec
 

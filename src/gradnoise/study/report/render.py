@@ -12,8 +12,8 @@ from pathlib import Path
 
 from gradnoise.study.report.analysis import Analysis, ComparisonRow, SpeedRow, SummaryRow
 from gradnoise.study.report.conditions import RunRow
+from gradnoise.study.report.document import Link, Section, Table
 from gradnoise.study.report.metrics import RUN_METRICS, SUMMARY_METRICS
-from gradnoise.study.report.tables import Link, Section, Table
 
 # ---- Markdown -------------------------------------------------------------------------------
 

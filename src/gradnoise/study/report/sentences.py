@@ -10,9 +10,7 @@ import math
 from gradnoise.lm.config import resolve_config
 from gradnoise.study.report.analysis import Analysis, DoseRow
 from gradnoise.study.report.conditions import HORIZON_FRACTION
-from gradnoise.study.report.loading import Study, headline_metric
-from gradnoise.study.report.metrics import LOSS_METRICS, LOSS_UNIT, improvement_sign, improves, metric
-from gradnoise.study.report.tables import (
+from gradnoise.study.report.document import (
     MISSING,
     difference,
     p_equals,
@@ -21,6 +19,8 @@ from gradnoise.study.report.tables import (
     signed,
     value_text,
 )
+from gradnoise.study.report.loading import Study, headline_metric
+from gradnoise.study.report.metrics import LOSS_METRICS, LOSS_UNIT, improvement_sign, improves, metric
 from gradnoise.study.spec import EXECUTION_KEYS
 from gradnoise.study.stats import summarize, wilcoxon_min_p
 

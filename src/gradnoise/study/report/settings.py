@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradnoise.study.layout import SettingsRow, SettingsTable
-from gradnoise.study.report.tables import MISSING, Section, Table
+from gradnoise.study.report.document import MISSING, Section, Table
 from gradnoise.study.stats import McNemar, Proportion, mcnemar_exact, wilson_interval
 from gradnoise.study.tasks import HIGHER, Task
 

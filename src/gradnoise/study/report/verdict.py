@@ -20,9 +20,9 @@ from pathlib import Path
 from gradnoise import schedules
 from gradnoise.study.hypotheses import Contrast, Hypothesis
 from gradnoise.study.report.analysis import Analysis
+from gradnoise.study.report.document import MISSING, Table, p_equals, p_value, signed
 from gradnoise.study.report.loading import Study
 from gradnoise.study.report.metrics import LOSS_UNIT, improves, metric
-from gradnoise.study.report.tables import MISSING, Table, p_equals, p_value, signed
 from gradnoise.study.stats import (
     Comparison,
     Equivalence,
