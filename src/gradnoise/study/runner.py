@@ -21,9 +21,9 @@ written by the trainer), and groups/<group_id>/ for runs trained together
 The driver loop is the same whatever trains the runs: it launches groups while
 the executor has room (marking their runs running first), records each run's
 outcome in the store (a result with its curves, or a failure), and on any error
-or interrupt stops what is in flight and marks those runs pending. The executors
-(local worker processes, Ray tasks) are in `executors`, the live display in
-`progress`.
+or interrupt stops what is in flight and marks those runs pending. The executors'
+interface is in `executors`, the executors themselves (local worker processes, Ray
+tasks) in `local_executor` and `ray_executor`, the live display in `progress`.
 """
 
 from __future__ import annotations
