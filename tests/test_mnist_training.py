@@ -57,7 +57,7 @@ def test_zero_init_is_exactly_zero_and_replicas_are_their_runs_alone():
 
 def test_dropout_drops_each_replica_at_its_own_rate():
     x = torch.ones(2, 1000, 50)
-    dropped = drop(x, torch.tensor([0.0, 0.3]), torch.Generator().manual_seed(0))
+    dropped = drop(x, torch.tensor([0.0, 0.3]), [None, torch.Generator().manual_seed(0)])
     assert torch.equal(dropped[0], x[0])
     kept = dropped[1] != 0
     n = kept.numel()
@@ -92,8 +92,9 @@ def test_a_batched_group_equals_its_runs_trained_alone(tmp_path, small_mnist, on
         small_mnist.replace(seed=0, init="simple", noise=NOISE, grad_clip=1.0),
         small_mnist.replace(seed=1, init="he", noise="none", grad_clip=0.0),
         small_mnist.replace(seed=2, init="zero", noise=NOISE, grad_clip=10.0),
+        small_mnist.replace(seed=3, init="he", noise=NOISE, grad_clip=10.0, dropout=0.5),
     ]
-    group = trainer.Training(cfgs, [tmp_path / f"g{m}" for m in range(3)], tmp_path / "g")
+    group = trainer.Training(cfgs, [tmp_path / f"g{m}" for m in range(4)], tmp_path / "g")
     alone = [trainer.Training([c], [tmp_path / f"a{m}"], tmp_path / f"a{m}") for m, c in enumerate(cfgs)]
     for _ in range(2 * group.steps_per_epoch):
         group.train_step()
@@ -109,6 +110,22 @@ def test_a_batched_group_equals_its_runs_trained_alone(tmp_path, small_mnist, on
         assert accuracy[m] == single_accuracy[0]
         assert math.isclose(loss[m], single_loss[0], abs_tol=1e-6)
     assert not torch.equal(group.model.weights[0][0], group.model.weights[0][1])
+
+
+def test_a_dropout_runs_masks_are_its_own_in_any_group(tmp_path, small_mnist, one_thread):
+    """Replica m's masks come from its own seed and the step: a dropout run at index 1 of a
+    group whose other runs drop at other rates trains as it does alone (were the masks the
+    group's, drawn from its first run's seed, they would differ)."""
+    run = small_mnist.replace(seed=7, init="he", dropout=0.5)
+    others = [small_mnist.replace(seed=s, init="he", dropout=0.3) for s in (1, 2)]
+    dirs = [tmp_path / f"g{m}" for m in range(3)]
+    group = trainer.Training([others[0], run, others[1]], dirs, tmp_path / "g")
+    alone = trainer.Training([run], [tmp_path / "a"], tmp_path / "a")
+    for _ in range(group.steps_per_epoch):
+        for training in (group, alone):
+            training.train_step()
+    for batched, single in zip(group.model.parameters(), alone.model.parameters(), strict=True):
+        torch.testing.assert_close(batched[1], single[0], rtol=0, atol=1e-6)
 
 
 def test_a_killed_run_resumes_exactly(tmp_path, small_mnist, one_thread, monkeypatch):

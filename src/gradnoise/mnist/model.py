@@ -57,7 +57,8 @@ class DeepMLP(nn.Module):
 
     inits[m] and seeds[m] give replica m's initialization (its generator draws layer after
     layer, W then nothing for b: biases are 0). forward takes (M, B, inputs) or (B, inputs)
-    and returns logits (M, B, classes); `dropout` is an (M,) tensor of rates or None.
+    and returns logits (M, B, classes); `dropout` is an (M,) tensor of rates or None, and
+    `generators` the replicas' own mask generators (see `drop`).
     """
 
     def __init__(
@@ -96,7 +97,10 @@ class DeepMLP(nn.Module):
                 weight[replica].copy_(torch.randn(weight.shape[1:], generator=generator) * std)
 
     def forward(
-        self, x: torch.Tensor, dropout: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        dropout: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
         """x: (M, B, inputs), each replica its own batch, or (B, inputs), one batch for all
         (the test split: its first layer is then one matmul, without M copies of x)."""
@@ -111,13 +115,22 @@ class DeepMLP(nn.Module):
             if layer < last:
                 x = torch.relu(x)
                 if dropout is not None and self.training:
-                    x = drop(x, dropout, generator)
+                    x = drop(x, dropout, generators)
         return x
 
 
-def drop(x: torch.Tensor, rates: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout with replica m's rate p[m]: x · mask / (1 − p[m]), mask ~ Bernoulli(1 − p[m]),
-    drawn from `generator`. A replica with p = 0 keeps x exactly."""
-    keep = (1.0 - rates).to(x.dtype).view(-1, 1, 1)
-    mask = torch.rand(x.shape, generator=generator, device=x.device) < keep
-    return torch.where(mask, x / keep, torch.zeros_like(x))
+def drop(x: torch.Tensor, rates: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Inverted dropout with replica m's rate p[m]: x · mask / (1 − p[m]), mask ~ Bernoulli(1 − p[m]).
+
+    Replica m's mask is drawn from generators[m] alone (None where p[m] = 0: it keeps x
+    exactly), so a run's masks are the same whether it trains alone or in any group.
+    """
+    keep = 1.0 - rates.to(x.dtype)
+    masks = [
+        torch.ones(x.shape[1:], dtype=torch.bool, device=x.device)
+        if generator is None
+        else torch.rand(x.shape[1:], generator=generator, device=x.device) < keep[m]
+        for m, generator in enumerate(generators)
+    ]
+    keep = keep.view(-1, 1, 1)
+    return torch.where(torch.stack(masks), x / keep, torch.zeros_like(x))

@@ -11,8 +11,8 @@ One step, for every replica m at once:
     update        SGD without momentum or AdamW (weight decay 0), at the group's fixed lr
 
 So replica m equals its run trained alone up to float reassociation of the batched
-matmuls (dropout aside: one mask draw for the group, from a generator seeded by the first
-run's seed and the step). A replica whose loss turns non-finite is frozen (its slices
+matmuls (dropout included: replica m's masks come from a generator seeded by (seed_m, step)
+alone). A replica whose loss turns non-finite is frozen (its slices
 put back after every step) and recorded diverged; the others go on.
 
 Outputs: each run directory gets config.json, provenance.json (each attempt's code
@@ -160,12 +160,15 @@ class Training:
         loss is non-finite is frozen and recorded diverged at this step."""
         x, y = self.batch(self.step)
         self.model.train()
-        generator = None
+        generators = None
         if self.dropout is not None:
-            generator = torch.Generator(self.device).manual_seed(
-                derive_seed(self.cfg.seed, f"dropout/{self.step}")
-            )
-        logits = self.model(x, self.dropout, generator)
+            generators = [
+                torch.Generator(self.device).manual_seed(derive_seed(c.seed, f"dropout/{self.step}"))
+                if c.dropout
+                else None
+                for c in self.cfgs
+            ]
+        logits = self.model(x, self.dropout, generators)
         losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(dim=1)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()

@@ -29,9 +29,15 @@ def rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def replica_norms(grads: list[torch.Tensor]) -> torch.Tensor:
-    """‖g[m]‖₂ over every gradient's replica-m slice: (M,) fp32 (one fused norm kernel)."""
-    norms = torch.stack(torch._foreach_norm(rows(grads))).float()
-    return torch.linalg.vector_norm(norms.view(len(grads), -1), dim=0)
+    """‖g[m]‖₂ over every gradient's replica-m slice: (M,) fp32.
+
+    One fused norm kernel gives each slice's norm; replica m's are then combined as one
+    contiguous vector of their own, which is what a run alone (M = 1) reduces, so a
+    replica's norm, and its clipping, is bit for bit its run's alone (reducing the (T, M)
+    block along dim 0 sums in another order once M > 1).
+    """
+    norms = torch.stack(torch._foreach_norm(rows(grads))).float().view(len(grads), -1)
+    return torch.stack([torch.linalg.vector_norm(column) for column in norms.T.contiguous()])
 
 
 @torch.no_grad()
