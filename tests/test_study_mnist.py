@@ -11,9 +11,15 @@ import pytest
 from gradnoise.cli import main
 from gradnoise.errors import UserError
 from gradnoise.mnist import data
-from gradnoise.study.layout import parse_settings_table
+from gradnoise.study.layout import SettingsRow, parse_settings_table
 from gradnoise.study.report import write_report
-from gradnoise.study.report.settings import settings_rows
+from gradnoise.study.report.settings import (
+    SettingResult,
+    contrast_sentences,
+    published_contrasts,
+    settings_rows,
+    side,
+)
 from gradnoise.study.spec import load_spec, parse_spec
 from gradnoise.study.stats import clopper_pearson_interval, mcnemar_exact, wilson_interval
 from gradnoise.study.store import STORE_FILE, Store
@@ -218,6 +224,74 @@ def test_noise_that_makes_every_run_train_is_reported_significant(tmp_path):
     report = (write_report(tmp_path) / "report.md").read_text()
     assert "no detectable difference in how often runs train (McNemar exact p = 0.125)" in report
     assert "4/4 [51.0, 100.0]%" in report  # Wilson: 4/(4 + z²) = 0.5101
+
+
+# ---- whether a published contrast holds, against hand-computed tests -------------------------
+
+
+def setting(label, published, without, with_noise) -> SettingResult:
+    """A one-learning-rate setting whose runs (seed s) have test accuracy without[s], with_noise[s]."""
+    row = SettingsRow(label, ("plain",), ("noisy",), *published)
+    finished = {("plain", s): {"status": "done", "test_acc": v} for s, v in enumerate(without)}
+    finished |= {("noisy", s): {"status": "done", "test_acc": v} for s, v in enumerate(with_noise)}
+    layout = parse_settings_table(tiny_spec())
+    planned = {"plain": len(without), "noisy": len(with_noise)}
+    sides = [
+        side(methods, finished, planned, "test_acc", layout, MNIST)
+        for methods in (row.without, row.with_noise)
+    ]
+    return SettingResult(row, sides[0], sides[1], None)
+
+
+def two_sided_t_p(diffs: list[float]) -> float:
+    import scipy.stats
+
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return 2 * scipy.stats.t.sf(abs(mean / (sd / math.sqrt(n))), n - 1)
+
+
+def test_a_published_gain_holds_only_where_the_paired_difference_is_significant():
+    without = [0.1, 0.1, 0.5, 0.7, 0.6]
+    # d = +0.3, +0.2, +0.2, +0.1, +0.2: mean 0.2, sd √(0.02/4), t = 6.32 on 4 df
+    gains = setting("gains", ((90.0, 40.0), (95.0, 50.0)), without, [0.4, 0.3, 0.7, 0.8, 0.8])
+    # d = +0.2, +0.1, +0.1, 0.0 (seed 4 untrained both ways): mean 0.1, t = 2.45 on 3 df
+    unclear = setting("unclear", ((90.0, 40.0), (95.0, 50.0)), without[:4], [0.3, 0.2, 0.6, 0.7])
+    found = published_contrasts([gains, unclear])
+    p_gains = two_sided_t_p([0.3, 0.2, 0.2, 0.1, 0.2])
+    p_unclear = two_sided_t_p([0.2, 0.1, 0.1, 0.0])
+    assert p_gains < 0.01 < 0.05 < p_unclear  # 0.0032 and 0.092
+    # Holm over the two: the smaller ×2, the larger ×1 (at least the smaller's)
+    assert found[0].adjusted_p == pytest.approx(2 * p_gains) and found[1].adjusted_p == pytest.approx(
+        p_unclear
+    )
+    assert [c.claim for c in found] == ["helps", "helps"]
+    assert [c.verdict for c in found] == ["holds", "inconclusive"]
+    assert found[0].difference.mean_diff == pytest.approx(0.2) and found[0].difference.n_pairs == 5
+    sentence = contrast_sentences(found)[0]
+    assert "published, noise raises the average test accuracy (40.0% → 50.0%)" in sentence
+    assert "here noise changes it by +20.0 points" in sentence and "the claim holds" in sentence
+    lowered = setting("lowered", ((90.0, 40.0), (95.0, 50.0)), [0.4, 0.3, 0.7, 0.8, 0.8], without)
+    assert published_contrasts([lowered])[0].verdict == "does not hold"
+
+
+def plus(values: list[float], shifts: list[float]) -> list[float]:
+    return [v + d for v, d in zip(values, shifts, strict=True)]
+
+
+def test_a_published_no_change_needs_equivalence_within_one_point():
+    base = [0.90, 0.91, 0.92, 0.93, 0.94, 0.95]
+    tiny = [0.001, -0.002, 0.0, 0.002, -0.001, 0.001]  # |mean| ≈ 0.0002, sd 0.0015: inside ±0.01
+    same = setting("same", ((97.4, 92.1), (97.5, 92.2)), base, plus(base, tiny))
+    shifted = [0.05, 0.06, 0.04, 0.05, 0.05, 0.06]  # every pair ≥ 4 points better: beyond ±1
+    moved = setting("moved", ((97.4, 92.1), (97.5, 92.2)), base, plus(base, shifted))
+    spread = [0.03, -0.03, 0.02, -0.02, 0.01, 0.0]  # mean 0.0017, sd 0.022: CI crosses ±0.01
+    unsure = setting("unsure", ((97.4, 92.1), (97.5, 92.2)), base, plus(base, spread))
+    found = published_contrasts([same, moved, unsure])
+    assert [c.claim for c in found] == ["changes little"] * 3
+    assert [c.verdict for c in found] == ["holds", "does not hold", "inconclusive"]
+    assert found[0].equivalence.p < 0.05 / 3 and "equivalent within ±1 point" in contrast_sentences(found)[0]
 
 
 # ---- end to end ----------------------------------------------------------------------------------

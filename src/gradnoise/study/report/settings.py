@@ -12,7 +12,10 @@ Per setting (a row of the spec's `settings_table`), without → with noise:
   fraction of runs that train (metric beyond `trained_above`; a diverged run has not
   trained) with a 95% Wilson interval, and McNemar's exact test of with against without,
   paired on seed (without[i] and with[i] of a row share seeds: the same init and batches);
-- a strip plot of every run of every cell.
+- a strip plot of every run of every cell;
+- whether each published contrast holds here (`published_contrasts`): the paired
+  difference of the average, with noise − without, on the setting's seed pairs,
+  Holm-adjusted across the settings.
 """
 
 from __future__ import annotations
@@ -25,10 +28,25 @@ from pathlib import Path
 
 from gradnoise.study.layout import SettingsRow, SettingsTable
 from gradnoise.study.report.document import MISSING, Section, Table
-from gradnoise.study.stats import McNemar, Proportion, mcnemar_exact, wilson_interval
+from gradnoise.study.stats import (
+    Comparison,
+    Equivalence,
+    McNemar,
+    Proportion,
+    equivalence_test,
+    holm,
+    mcnemar_exact,
+    paired_comparison,
+    wilson_interval,
+)
 from gradnoise.study.tasks import HIGHER, Task
 
 ALPHA = 0.05
+#: How a published contrast is read, fixed before the neelakantan study's runs: an average
+#: gain with noise of at least CLAIM_MARGIN (a fraction: 1 point of accuracy) claims "noise
+#: helps"; a smaller one claims "noise changes little", tested as equivalence within
+#: ±CLAIM_MARGIN (TOST).
+CLAIM_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -198,6 +216,114 @@ def findings(results: list[SettingResult], alpha: float = ALPHA) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class PublishedContrast:
+    """A setting's published claim about noise, and what this study's seed pairs say of it."""
+
+    label: str
+    published: tuple[float, float]  # the published averages (without, with), in percent
+    claim: str  # "helps" or "changes little"
+    difference: Comparison  # with noise − without, paired: mean, 95% CI, t-test
+    equivalence: Equivalence | None  # the TOST of a "changes little" claim
+    adjusted_p: float
+    verdict: str  # "holds", "does not hold", "inconclusive"
+
+
+def _paired_values(side_: Side, methods: tuple[str, ...]) -> dict[tuple[int, int], float]:
+    """(index of the method in the row, seed) → value: a row's runs keyed for pairing across
+    the row's two sides, the i-th method of one side with the i-th of the other."""
+    index = {method: i for i, method in enumerate(methods)}
+    return {(index[method], seed): value for (method, seed), value in side_.values.items()}
+
+
+def published_contrasts(results: list[SettingResult], alpha: float = ALPHA) -> list[PublishedContrast]:
+    """Each setting with a published average on both sides, tested on its seed pairs:
+
+        d = metric(with noise) − metric(without), paired on (learning rate, seed)
+        claim "helps"           (published gain ≥ CLAIM_MARGIN): paired t-test of mean d = 0;
+                                holds if the adjusted p < α and mean d > 0, does not hold if
+                                the adjusted p < α and mean d < 0, else inconclusive
+        claim "changes little"  (published |gain| < CLAIM_MARGIN): TOST within ±CLAIM_MARGIN;
+                                holds if the adjusted p < α, does not hold if the 95% CI of
+                                mean d lies wholly outside ±CLAIM_MARGIN, else inconclusive
+
+    p-values are Holm-adjusted across the settings tested. Percent in the spec, fractions here.
+    """
+    tested = []
+    for result in results:
+        row = result.row
+        if result.with_noise is None or row.published_without is None or row.published_with is None:
+            continue
+        noisy = _paired_values(result.with_noise, row.with_noise)
+        without = _paired_values(result.without, row.without)
+        gain = (row.published_with[1] - row.published_without[1]) / 100
+        difference = paired_comparison(noisy, without)
+        if gain >= CLAIM_MARGIN:
+            tested.append((row, "helps", difference, None, difference.t_p))
+        else:
+            equivalence = equivalence_test(noisy, without, CLAIM_MARGIN, alpha)
+            tested.append((row, "changes little", difference, equivalence, equivalence.p))
+    raw = [entry[-1] for entry in tested]
+    measured = [i for i, p in enumerate(raw) if not math.isnan(p)]
+    adjusted = [math.nan] * len(raw)
+    for i, p in zip(measured, holm([raw[i] for i in measured]), strict=True):
+        adjusted[i] = p
+    contrasts = []
+    for (row, claim, difference, equivalence, _), p in zip(tested, adjusted, strict=True):
+        if math.isnan(p):
+            verdict = "inconclusive"
+        elif claim == "helps":
+            verdict = (
+                "inconclusive" if p >= alpha else ("holds" if difference.mean_diff > 0 else "does not hold")
+            )
+        else:
+            outside = difference.ci_low > CLAIM_MARGIN or difference.ci_high < -CLAIM_MARGIN
+            verdict = "holds" if p < alpha else ("does not hold" if outside else "inconclusive")
+        published = (row.published_without[1], row.published_with[1])
+        contrasts.append(PublishedContrast(row.label, published, claim, difference, equivalence, p, verdict))
+    return contrasts
+
+
+def contrast_sentences(contrasts: list[PublishedContrast]) -> list[str]:
+    """A sentence per published contrast: the claim, the estimate with its 95% CI, the verdict."""
+    lines = []
+    for contrast in contrasts:
+        difference = contrast.difference
+        without, with_noise = contrast.published
+        claim = "noise raises" if contrast.claim == "helps" else "noise barely changes"
+        test = "paired t" if contrast.equivalence is None else f"TOST ±{_points(CLAIM_MARGIN)}"
+        lines.append(
+            f"{contrast.label}: published, {claim} the average test accuracy ({without:.1f}% → "
+            f"{with_noise:.1f}%); here noise changes it by {_points(difference.mean_diff, sign=True)} points "
+            f"[{_points(difference.ci_low, sign=True)}, {_points(difference.ci_high, sign=True)}] "
+            f"(95% CI, {difference.n_pairs} seed pairs; {test}, Holm-adjusted p = "
+            f"{contrast.adjusted_p:.3g}): {_verdict_text(contrast)}."
+        )
+    return lines
+
+
+def _points(fraction: float, sign: bool = False) -> str:
+    """A fraction as percentage points: 0.012 → "1.2 points" (sign: "+1.2")."""
+    if math.isnan(fraction):
+        return MISSING
+    return f"{100 * fraction:+.1f}" if sign else f"{100 * fraction:g} point"
+
+
+def _verdict_text(contrast: PublishedContrast) -> str:
+    if contrast.claim == "helps":
+        return {
+            "holds": "the claim holds",
+            "does not hold": "the claim does not hold (noise lowers it)",
+            "inconclusive": "no detectable difference: the claim is neither confirmed nor refuted",
+        }[contrast.verdict]
+    margin = f"±{_points(CLAIM_MARGIN)}"
+    return {
+        "holds": f"the claim holds (equivalent within {margin})",
+        "does not hold": f"the claim does not hold (the difference lies beyond {margin})",
+        "inconclusive": f"inconclusive (equivalence within {margin} is not shown)",
+    }[contrast.verdict]
+
+
 def strip_plot(results: list[SettingResult], layout: SettingsTable, path: Path) -> Path | None:
     """Every run's metric (percent) per setting and side, jittered; the threshold dashed."""
     if not any(result.without.values for result in results):
@@ -274,7 +400,8 @@ def write_csvs(directory: Path, results: list[SettingResult], finals: list[dict]
 def sections(results: list[SettingResult], layout: SettingsTable, finals: list[dict], directory: Path):
     """(the answer, the other sections) of the report."""
     plot = strip_plot(results, layout, directory / "strip.png")
-    answer = Section("The answer", text=findings(results), plots=[plot] if plot else [])
+    text = contrast_sentences(published_contrasts(results)) + findings(results)
+    answer = Section("The answer", text=text, plots=[plot] if plot else [])
     table = settings_table(results, layout, "%")
     return answer, [
         Section(layout.title, tables=[table], text=[layout.caption] if layout.caption else []),
