@@ -15,7 +15,8 @@ from gradnoise.study.layout import SettingsRow, parse_settings_table
 from gradnoise.study.report import write_report
 from gradnoise.study.report.settings import (
     SettingResult,
-    contrast_sentences,
+    answer_paragraphs,
+    contrast_sentence,
     published_contrasts,
     settings_rows,
     side,
@@ -240,7 +241,11 @@ def setting(label, published, without, with_noise) -> SettingResult:
         side(methods, finished, planned, "test_acc", layout, MNIST)
         for methods in (row.without, row.with_noise)
     ]
-    return SettingResult(row, sides[0], sides[1], None)
+    pairs = [
+        (sides[0].trained_by_run[("plain", s)], sides[1].trained_by_run[("noisy", s)])
+        for s in range(len(without))
+    ]
+    return SettingResult(row, sides[0], sides[1], mcnemar_exact(pairs))
 
 
 def two_sided_t_p(diffs: list[float]) -> float:
@@ -269,11 +274,22 @@ def test_a_published_gain_holds_only_where_the_paired_difference_is_significant(
     assert [c.claim for c in found] == ["helps", "helps"]
     assert [c.verdict for c in found] == ["holds", "inconclusive"]
     assert found[0].difference.mean_diff == pytest.approx(0.2) and found[0].difference.n_pairs == 5
-    sentence = contrast_sentences(found)[0]
+    sentence = contrast_sentence(found[0])
     assert "published, noise raises the average test accuracy (40.0% → 50.0%)" in sentence
     assert "here noise changes it by +20.0 points" in sentence and "the claim holds" in sentence
     lowered = setting("lowered", ((90.0, 40.0), (95.0, 50.0)), [0.4, 0.3, 0.7, 0.8, 0.8], without)
     assert published_contrasts([lowered])[0].verdict == "does not hold"
+
+
+def test_a_published_gain_where_every_pair_is_unchanged_does_not_hold():
+    # Zero init at chance with and without noise: every paired difference is 0, so no t-test
+    # is defined; the claim "noise raises the average" is contradicted by every pair.
+    stuck = setting("stuck", ((11.4, 10.1), (94.5, 49.7)), [0.1] * 4, [0.1] * 4)
+    (contrast,) = published_contrasts([stuck])
+    assert contrast.verdict == "does not hold" and math.isnan(contrast.adjusted_p)
+    (paragraph,) = answer_paragraphs([stuck])
+    assert "every one of its 4 seed pairs has the same accuracy with noise as without" in paragraph
+    assert "0 of 4 runs train with noise, 0 of 4 without" in paragraph
 
 
 def plus(values: list[float], shifts: list[float]) -> list[float]:
@@ -291,7 +307,7 @@ def test_a_published_no_change_needs_equivalence_within_one_point():
     found = published_contrasts([same, moved, unsure])
     assert [c.claim for c in found] == ["changes little"] * 3
     assert [c.verdict for c in found] == ["holds", "does not hold", "inconclusive"]
-    assert found[0].equivalence.p < 0.05 / 3 and "equivalent within ±1 point" in contrast_sentences(found)[0]
+    assert found[0].equivalence.p < 0.05 / 3 and "equivalent within ±1 point" in contrast_sentence(found[0])
 
 
 # ---- end to end ----------------------------------------------------------------------------------

@@ -195,25 +195,19 @@ def settings_table(results: list[SettingResult], layout: SettingsTable, unit_lab
     )
 
 
-def findings(results: list[SettingResult], alpha: float = ALPHA) -> list[str]:
-    """A sentence per setting with both sides: whether noise makes runs train more often."""
-    lines = []
-    for result in results:
-        if result.with_noise is None or result.paired is None:
-            continue
-        without, noisy, paired = result.without.trained, result.with_noise.trained, result.paired
-        if without.n == 0 or noisy.n == 0:
-            continue
-        if paired.p < alpha:
-            verdict = "more often" if paired.c > paired.b else "less often"
-            claim = f"with noise runs train {verdict} (McNemar exact p = {paired.p:.3g} < {alpha})"
-        else:
-            claim = f"no detectable difference in how often runs train (McNemar exact p = {paired.p:.3g})"
-        lines.append(
-            f"{result.row.label}: {noisy.k} of {noisy.n} runs train with noise, {without.k} of "
-            f"{without.n} without; {claim}."
-        )
-    return lines
+def trained_sentence(result: SettingResult, alpha: float = ALPHA) -> str | None:
+    """Whether noise makes a setting's runs train more often (None without both sides)."""
+    if result.with_noise is None or result.paired is None:
+        return None
+    without, noisy, paired = result.without.trained, result.with_noise.trained, result.paired
+    if without.n == 0 or noisy.n == 0:
+        return None
+    if paired.p < alpha:
+        verdict = "more often" if paired.c > paired.b else "less often"
+        claim = f"with noise runs train {verdict} (McNemar exact p = {paired.p:.3g} < {alpha})"
+    else:
+        claim = f"no detectable difference in how often runs train (McNemar exact p = {paired.p:.3g})"
+    return f"{noisy.k} of {noisy.n} runs train with noise, {without.k} of {without.n} without; {claim}."
 
 
 @dataclass(frozen=True)
@@ -270,7 +264,9 @@ def published_contrasts(results: list[SettingResult], alpha: float = ALPHA) -> l
         adjusted[i] = p
     contrasts = []
     for (row, claim, difference, equivalence, _), p in zip(tested, adjusted, strict=True):
-        if math.isnan(p):
+        if _unchanged(difference):
+            verdict = "does not hold" if claim == "helps" else "holds"
+        elif math.isnan(p):
             verdict = "inconclusive"
         elif claim == "helps":
             verdict = (
@@ -284,22 +280,48 @@ def published_contrasts(results: list[SettingResult], alpha: float = ALPHA) -> l
     return contrasts
 
 
-def contrast_sentences(contrasts: list[PublishedContrast]) -> list[str]:
-    """A sentence per published contrast: the claim, the estimate with its 95% CI, the verdict."""
-    lines = []
-    for contrast in contrasts:
-        difference = contrast.difference
-        without, with_noise = contrast.published
-        claim = "noise raises" if contrast.claim == "helps" else "noise barely changes"
-        test = "paired t" if contrast.equivalence is None else f"TOST ±{_points(CLAIM_MARGIN)}"
-        lines.append(
-            f"{contrast.label}: published, {claim} the average test accuracy ({without:.1f}% → "
-            f"{with_noise:.1f}%); here noise changes it by {_points(difference.mean_diff, sign=True)} points "
-            f"[{_points(difference.ci_low, sign=True)}, {_points(difference.ci_high, sign=True)}] "
-            f"(95% CI, {difference.n_pairs} seed pairs; {test}, Holm-adjusted p = "
-            f"{contrast.adjusted_p:.3g}): {_verdict_text(contrast)}."
+def _unchanged(difference: Comparison) -> bool:
+    """Every seed pair has the same value with and without noise (no test is defined)."""
+    return difference.n_nonzero == 0 and difference.n_pairs > 0
+
+
+def contrast_sentence(contrast: PublishedContrast) -> str:
+    """The published claim, the estimate with its interval (the TOST's 90% one for a "changes
+    little" claim, else the 95% one) and test, and the verdict."""
+    difference, equivalence = contrast.difference, contrast.equivalence
+    without, with_noise = contrast.published
+    claim = "noise raises" if contrast.claim == "helps" else "noise barely changes"
+    published = f"published, {claim} the average test accuracy ({without:.1f}% → {with_noise:.1f}%)"
+    if _unchanged(difference):
+        return (
+            f"{published}; here every one of its {difference.n_pairs} seed pairs has the same "
+            f"accuracy with noise as without: {_verdict_text(contrast)}."
         )
-    return lines
+    if equivalence is None:
+        low, high, interval = difference.ci_low, difference.ci_high, "95% CI"
+        test = "paired t"
+    else:
+        low, high, interval = equivalence.ci_low, equivalence.ci_high, "90% CI"
+        test = f"TOST ±{_points(CLAIM_MARGIN)}"
+    return (
+        f"{published}; here noise changes it by {_points(difference.mean_diff, sign=True)} points "
+        f"[{_points(low, sign=True)}, {_points(high, sign=True)}] ({interval}, {difference.n_pairs} "
+        f"seed pairs; {test}, Holm-adjusted p = {contrast.adjusted_p:.3g}): {_verdict_text(contrast)}."
+    )
+
+
+def answer_paragraphs(results: list[SettingResult]) -> list[str]:
+    """A paragraph per setting: whether its published contrast holds, then how often runs train."""
+    contrasts = {contrast.label: contrast for contrast in published_contrasts(results)}
+    paragraphs = []
+    for result in results:
+        label = result.row.label
+        parts = [contrast_sentence(contrasts[label])] if label in contrasts else []
+        trained = trained_sentence(result)
+        parts += [trained[0].upper() + trained[1:]] if trained else []
+        if parts:
+            paragraphs.append(f"**{label}**: " + " ".join(parts))
+    return paragraphs
 
 
 def _points(fraction: float, sign: bool = False) -> str:
@@ -310,6 +332,8 @@ def _points(fraction: float, sign: bool = False) -> str:
 
 
 def _verdict_text(contrast: PublishedContrast) -> str:
+    if _unchanged(contrast.difference):
+        return "the claim does not hold" if contrast.claim == "helps" else "the claim holds"
     if contrast.claim == "helps":
         return {
             "holds": "the claim holds",
@@ -400,7 +424,7 @@ def write_csvs(directory: Path, results: list[SettingResult], finals: list[dict]
 def sections(results: list[SettingResult], layout: SettingsTable, finals: list[dict], directory: Path):
     """(the answer, the other sections) of the report."""
     plot = strip_plot(results, layout, directory / "strip.png")
-    text = contrast_sentences(published_contrasts(results)) + findings(results)
+    text = answer_paragraphs(results)
     answer = Section("The answer", text=text, plots=[plot] if plot else [])
     table = settings_table(results, layout, "%")
     return answer, [
