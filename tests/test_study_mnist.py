@@ -17,6 +17,7 @@ from gradnoise.study.report.settings import (
     SettingResult,
     answer_paragraphs,
     contrast_sentence,
+    escapes_table,
     published_contrasts,
     settings_rows,
     side,
@@ -290,6 +291,20 @@ def test_a_published_gain_where_every_pair_is_unchanged_does_not_hold():
     (paragraph,) = answer_paragraphs([stuck])
     assert "every one of its 4 seed pairs has the same accuracy with noise as without" in paragraph
     assert "0 of 4 runs train with noise, 0 of 4 without" in paragraph
+
+
+def test_the_escapes_table_counts_runs_that_left_chance_diverged_ones_included():
+    finals = [
+        {"method": "noisy", "status": "done", "escape_step": 500},
+        {"method": "plain", "status": "done", "escape_step": None},
+        {"method": "noisy", "status": "diverged", "escape_step": 300},  # left chance, then diverged
+        {"method": "noisy", "status": "done", "escape_step": None},
+        {"method": "noisy", "status": "done", "escape_step": 1000},
+        {"method": "plain", "status": "done", "escape_step": None},
+    ]
+    table = escapes_table(finals)
+    # noisy: 3 of 4 left, at 300, 500, 1000 (median 500); plain: none of 2
+    assert table.rows == [["noisy", "3/4", "500", "300–1000"], ["plain", "0/2", "—", "—"]]
 
 
 def plus(values: list[float], shifts: list[float]) -> list[float]:

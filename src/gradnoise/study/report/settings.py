@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,33 @@ def runs_table(finals: list[dict], metric: str) -> Table:
     return Table("Runs", ["run", "method", "seed", "status", f"{metric} (%)", "escape step"], rows)
 
 
+def escapes_table(finals: list[dict]) -> Table:
+    """Per method, in the order its runs come: how many finished runs ever left chance (their
+    `escape_step`, the first evaluated step above the trainer's escape accuracy, is set, also
+    for a run that diverged later) and at which steps: the timing a final accuracy hides."""
+    steps: dict[str, list[int]] = {}
+    finished: dict[str, int] = defaultdict(int)
+    for row in finals:
+        finished[row["method"]] += 1
+        left = steps.setdefault(row["method"], [])
+        if row.get("escape_step") is not None:
+            left.append(int(row["escape_step"]))
+    rows = []
+    for method, left in steps.items():
+        timing = [MISSING, MISSING]
+        if left:
+            timing = [f"{statistics.median(left):g}", f"{min(left)}–{max(left)}"]
+        rows.append([method, f"{len(left)}/{finished[method]}", *timing])
+    return Table(
+        "Leaving chance",
+        ["method", "runs that left chance", "median step", "steps (first – last)"],
+        rows,
+        notes=[
+            "A run leaves chance at its first evaluation (every eval_every steps) above the escape accuracy."
+        ],
+    )
+
+
 def write_csvs(directory: Path, results: list[SettingResult], finals: list[dict], metric: str) -> None:
     """settings.csv (a line per setting and side) and runs.csv (a line per finished run)."""
     with open(directory / "settings.csv", "w", newline="") as file:
@@ -429,5 +457,6 @@ def sections(results: list[SettingResult], layout: SettingsTable, finals: list[d
     table = settings_table(results, layout, "%")
     return answer, [
         Section(layout.title, tables=[table], text=[layout.caption] if layout.caption else []),
+        Section("Leaving chance", tables=[escapes_table(finals)]),
         Section("Runs", tables=[runs_table(finals, layout.metric)]),
     ]
