@@ -15,7 +15,8 @@ Per setting (a row of the spec's `settings_table`), without → with noise:
 - a strip plot of every run of every cell;
 - whether each published contrast holds here (`published_contrasts`): the paired
   difference of the average, with noise − without, on the setting's seed pairs,
-  Holm-adjusted across the settings.
+  Holm-adjusted across the settings;
+- per method, how many runs ever left chance and at which steps (`escapes_table`).
 """
 
 from __future__ import annotations
@@ -242,7 +243,9 @@ def published_contrasts(results: list[SettingResult], alpha: float = ALPHA) -> l
                                 holds if the adjusted p < α, does not hold if the 95% CI of
                                 mean d lies wholly outside ±CLAIM_MARGIN, else inconclusive
 
-    p-values are Holm-adjusted across the settings tested. Percent in the spec, fractions here.
+    Where every pair is equal (no test is defined), "helps" does not hold and "changes little"
+    holds. p-values are Holm-adjusted across the settings tested. Percent in the spec,
+    fractions here.
     """
     tested = []
     for result in results:
