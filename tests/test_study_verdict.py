@@ -12,6 +12,7 @@ import scipy.stats
 
 from gradnoise import schedules
 from gradnoise.lm.config import resolve_config
+from gradnoise.study.hypotheses import Contrast
 from gradnoise.study.report import verdict, write_report
 from gradnoise.study.report.loading import load_study
 from gradnoise.study.spec import load_spec
@@ -225,3 +226,12 @@ def test_a_hypothesis_without_enough_seeds_gets_no_word_but_its_reason(tmp_path)
     paragraphs = verdict.verdict_paragraphs(study, rows)
     assert [r.word for r in rows] == ["no test"] * 4
     assert all("at least 2 are needed for a test" in p for p in paragraphs)
+
+
+def test_the_forest_plot_names_a_contrast_on_another_metric_than_its_axis():
+    def row(key: str) -> verdict.ContrastRow:
+        contrast = Contrast(id="rel-vs-drop", treatment="rel", control="drop", metric=key)
+        return verdict.ContrastRow(DATASET, contrast, comparison=None, p_holm=math.nan)
+
+    assert verdict._contrast_label(row("val_loss_full"), "val_loss_full") == "rel-vs-drop"
+    assert verdict._contrast_label(row("best_val_loss"), "val_loss_full") == "rel-vs-drop (best val loss)"

@@ -233,6 +233,13 @@ def _overfit(study: Study, dataset: str, method: str) -> float:
     return sum(gaps) / len(gaps) if gaps else math.nan
 
 
+def _contrast_label(row: ContrastRow, primary: str) -> str:
+    """A contrast's id, and its metric where that is not the x axis's."""
+    if row.contrast.metric == primary:
+        return row.contrast.id
+    return f"{row.contrast.id} ({metric(row.contrast.metric).label})"
+
+
 def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow], path: Path) -> Path | None:
     """Each confirmatory difference with the interval its verdict reads (coloured by the
     word, the equivalence margin drawn as dashed lines), then the exploratory contrasts in
@@ -249,7 +256,14 @@ def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]
         )
         for r in rows
     ] + [
-        (f"{c.contrast.id}", c.comparison.mean_diff, c.comparison.ci_low, c.comparison.ci_high, "0.55", None)
+        (
+            _contrast_label(c, study.hypotheses.metric),
+            c.comparison.mean_diff,
+            c.comparison.ci_low,
+            c.comparison.ci_high,
+            "0.55",
+            None,
+        )
         for c in contrasts
     ]
     items = [item for item in items if not math.isnan(item[1])]
@@ -271,7 +285,10 @@ def forest(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]
     key = study.hypotheses.metric
     ax.set_xlabel(f"Δ {metric(key).label} ({LOSS_UNIT}); < 0: the first lowers the loss")
     titles = (
-        ["confirmatory: green better, red worse, blue equivalent, grey inconclusive; dashes ±margin"]
+        [
+            "confirmatory: green better, red worse, blue equivalent, grey inconclusive",
+            "dashes: the equivalence margin",
+        ]
         if rows
         else []
     )
