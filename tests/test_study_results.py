@@ -3,6 +3,7 @@ seed paper's published values and table reach their reports."""
 
 import contextlib
 import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -92,9 +93,11 @@ def test_a_committed_lm_store_loads_and_reports_with_this_version(study_dir, tmp
     assert all(row.summary("train_loss_window").n == row.done for row in analysis.summaries)
     report = write_report(copy)
     assert (report / "index.html").is_file()
-    # Made before runs recorded their code: unknown, for every run alike (not mixed).
-    assert "Runs made by code: unknown (all " in (report / "report.md").read_text()
-    assert "\ncode: unknown (all " in study_status(copy)
+    # Every run made by one code: one commit, or (made before runs recorded it) unknown for
+    # every run alike; never a mix.
+    code = r"(unknown|\d+\.\d+\.\d+\S* @ [0-9a-f]{12}) \(all \d+ finished runs\)"
+    assert re.search(f"Runs made by code: {code}", (report / "report.md").read_text())
+    assert re.search(f"\ncode: {code}", study_status(copy))
 
 
 def test_the_committed_mnist_study_reports_with_this_version_from_one_commit(tmp_path):
