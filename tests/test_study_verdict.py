@@ -136,6 +136,8 @@ def test_the_report_opens_with_one_verdict_paragraph_per_hypothesis(study_dir):
     assert [p.split(")")[0][1:] for p in paragraphs] == list(words)
     for paragraph, word in zip(paragraphs, words.values(), strict=True):
         assert f"**{word}**" in paragraph
+        # A "worse" verdict on a `better` hypothesis says it is the claim's opposite.
+        assert ("the opposite of the claim" in paragraph) == (word == "worse")
         assert "Holm p" in paragraph and "CI" in paragraph
     assert "4 pre-registered tests, one Holm family at α = 0.05" in first
     assert "Caveats" not in first  # the caveats come after the answer

@@ -145,6 +145,8 @@ def _paragraph(row: HypothesisRow, several_datasets: bool) -> str:
     claim = h.claim or f"{h.treatment} vs {h.control}"
     where = f" on {row.dataset}" if several_datasets else ""
     head = f"({h.id}) {claim}{where}: **{row.word}**"
+    if row.word == WORSE:  # a `better` hypothesis claims the treatment wins
+        head += ", the opposite of the claim"
     if math.isnan(row.p):
         note = row.equivalence.note if row.equivalence is not None else c.note
         return f"{head}: {h.treatment} − {h.control}: {note}."
