@@ -237,3 +237,18 @@ def test_the_forest_plot_names_a_contrast_on_another_metric_than_its_axis():
 
     assert verdict._contrast_label(row("val_loss_full"), "val_loss_full") == "rel-vs-drop"
     assert verdict._contrast_label(row("best_val_loss"), "val_loss_full") == "rel-vs-drop (best val loss)"
+
+
+def test_a_noise_study_without_hypotheses_leads_with_a_noise_level_not_its_reference(tmp_path):
+    def offset(config) -> float:  # dropout helps most; every noise level helps less
+        if config.dropout:
+            return -0.5
+        return -0.1 if config.noise != "none" else 0.0
+
+    fill_packaged(tmp_path, "sweep", offset)
+    first = (tmp_path / "report" / "report.md").read_text().split("\n## ")[1]
+    lead = next(line for line in first.splitlines() if line.startswith("Best-supported finding"))
+    method = re.search(r": (\S+) vs baseline: \*\*better\*\*", lead).group(1)
+    assert method in load_spec("sweep").dose_response.methods
+    assert "Holm over 12 methods" in lead  # adjusted over every method, not only those it asks about
+    assert re.search(r"Against dropout-0\.1: Δ = \+0\.(39\d|40\d) ", lead)  # 0.4 and the jitter

@@ -68,16 +68,19 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
 
 
 def lead_finding(analysis: Analysis, dataset: str) -> str | None:
-    """The best-supported finding of a study without hypotheses: on the headline metric, the
-    method whose difference from the baseline has the lowest Holm-adjusted p, the word its
-    test allows, and, where the spec names a reference, the same method against it."""
+    """The best-supported finding of a study without hypotheses: on the headline metric, of
+    the methods the study asks about (`asked_about`), the one whose difference from the
+    baseline has the lowest Holm-adjusted p (Holm over every method), the word its test
+    allows, and, where the spec names a reference, the same method against it."""
     study = analysis.study
     key = headline_metric(study)
-    rows = [
+    family = [
         r
         for r in analysis.comparisons
         if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
     ]
+    asked = asked_about(study)
+    rows = [r for r in family if r.method in asked]
     if not rows:
         return None
     best = min(rows, key=lambda r: (r.t_p_holm, -improvement_sign(key) * r.comparison.mean_diff))
@@ -86,7 +89,7 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     text = (
         f"Best-supported finding ({dataset}, {metric(key).label}): {best.method} vs {study.baseline}: "
         f"**{word}**, Δ = {signed(c.mean_diff, 3)} {LOSS_UNIT} (95% CI {signed(c.ci_low, 3)} to "
-        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {_count(len(rows), 'method')}: "
+        f"{signed(c.ci_high, 3)}, n = {c.n_pairs}), paired t, Holm over {_count(len(family), 'method')}: "
         f"{p_equals(best.t_p_holm)}."
     )
     reference = next(
@@ -101,6 +104,16 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
             f"{'' if reference.t_p_holm < ALPHA else ' (inconclusive: not a demonstration of equality)'}."
         )
     return text + " Exploratory: no hypothesis was fixed in advance."
+
+
+def asked_about(study: Study) -> set[str]:
+    """The methods a study asks about: its noise levels where it has a dose-response block,
+    else every method but the baseline and the reference they are compared with (dropout
+    beating no noise is not what a noise study asks)."""
+    if study.dose is not None:
+        return set(study.dose.methods)
+    reference = study.findings.reference if study.findings is not None else None
+    return set(study.methods) - {study.baseline, reference}
 
 
 def best_val_note(analysis: Analysis, dataset: str) -> str | None:
