@@ -69,9 +69,10 @@ def dose_findings(analysis: Analysis, dataset: str) -> list[str]:
 
 def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     """The best-supported finding of a study without hypotheses: on the headline metric, of
-    the methods the study asks about (`asked_about`), the one whose difference from the
-    baseline has the lowest Holm-adjusted p (Holm over every method), the word its test
-    allows, and, where the spec names a reference, the same method against it."""
+    the methods it asks about (`asked_about`: those that add noise), the one whose
+    difference from the baseline has the lowest Holm-adjusted p (Holm over every method),
+    the word its test allows, and, where the spec names a reference, the same method
+    against it."""
     study = analysis.study
     key = headline_metric(study)
     family = [
@@ -79,7 +80,7 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
         for r in analysis.comparisons
         if (r.dataset, r.metric) == (dataset, key) and not math.isnan(r.t_p_holm)
     ]
-    asked = asked_about(study)
+    asked = asked_about(study, dataset)
     rows = [r for r in family if r.method in asked]
     if not rows:
         return None
@@ -106,14 +107,18 @@ def lead_finding(analysis: Analysis, dataset: str) -> str | None:
     return text + " Exploratory: no hypothesis was fixed in advance."
 
 
-def asked_about(study: Study) -> set[str]:
-    """The methods a study asks about: its noise levels where it has a dose-response block,
-    else every method but the baseline and the reference they are compared with (dropout
-    beating no noise is not what a noise study asks)."""
-    if study.dose is not None:
-        return set(study.dose.methods)
-    reference = study.findings.reference if study.findings is not None else None
-    return set(study.methods) - {study.baseline, reference}
+def asked_about(study: Study, dataset: str) -> set[str]:
+    """The methods a noise study asks about: those that add noise (to the gradient, the
+    update or the embeddings), not the baseline and the regularizers they are compared
+    with (dropout beating no noise is not its question); every method but the baseline in
+    a study without noise."""
+    others = [m for m in study.methods if m != study.baseline]
+    noisy = {m for m in others if _adds_noise(study.config(dataset, m) or {})}
+    return noisy or set(others)
+
+
+def _adds_noise(config: dict) -> bool:
+    return config.get("noise", "none") != "none" or bool(config.get("embedding_noise_alpha"))
 
 
 def best_val_note(analysis: Analysis, dataset: str) -> str | None:
