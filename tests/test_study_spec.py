@@ -592,11 +592,23 @@ def test_transfer_varies_width_and_data_against_controls_of_the_same_condition()
         for c in config.values()
         if c.train_fraction == 0.02
     }
-    assert levels == {(w, r) for w in (64, 256) for r in (0.0, 1.0, 3.0, 10.0)}
+    assert levels == {(w, r) for w in (64, 128, 256) for r in (0.0, 1.0, 3.0, 10.0)}
     for contrast in transfer.hypotheses.contrasts:
         treated, control = config[contrast.treatment], config[contrast.control]
         assert (treated.n_embd, treated.train_fraction) == (control.n_embd, control.train_fraction)
         assert control.noise == "none" and control.dropout == 0.0
+
+
+def test_transfer_repeats_the_sweeps_width_128_runs():
+    sweep, transfer = load_spec("sweep"), load_spec("transfer")
+    sweep_ids = {r.run_id: r.method for r in sweep.runs}
+    shared = {(r.method, sweep_ids[r.run_id]) for r in transfer.runs if r.run_id in sweep_ids}
+    assert shared == {
+        ("w128-r0", "baseline"),
+        ("w128-r1", "rel-1"),
+        ("w128-r3", "rel-3"),
+        ("w128-r10", "rel-10"),
+    }
 
 
 def test_paper_tries_noise_at_1x_and_3x_its_gradient_rms_alone_and_on_top_of_dropout():
