@@ -161,6 +161,26 @@ def test_the_interaction_is_reported_with_its_ci(study_dir):
     assert row.comparison.ci_high - row.comparison.ci_low == pytest.approx(2 * half)
     markdown = (study_dir / "report" / "report.md").read_text()
     assert "| inter | (rel+drop − drop) − (rel − baseline) |" in markdown
+    # One contrast: its Holm p is its own p; an interaction's word is its sign.
+    p = scipy.stats.ttest_1samp(per_seed, 0.0).pvalue
+    assert row.p_holm == pytest.approx(p)
+    expected = "inconclusive" if p >= 0.05 else ("positive" if statistics.mean(per_seed) > 0 else "negative")
+    assert row.word == expected
+
+
+def test_tests_csv_lists_every_test_and_contrast_with_its_verdict(study_dir):
+    import csv
+
+    with open(study_dir / "report" / "tests.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    assert [r["id"] for r in records] == ["a", "b", "c", "d", "inter"]
+    by_id = {r["id"]: r for r in records}
+    assert {i: by_id[i]["verdict"] for i in "abcd"} == expected_words()
+    assert by_id["d"]["kind"] == "confirmatory (equivalent)" and by_id["inter"]["kind"] == "exploratory"
+    diffs = [t - c for t, c in zip(values("rel+drop"), values("drop"), strict=True)]
+    assert float(by_id["b"]["mean_diff"]) == pytest.approx(statistics.mean(diffs))
+    # The made-up runs end 0.1 above their best val.
+    assert float(by_id["a"]["control_final_minus_best"]) == pytest.approx(0.1)
 
 
 def fill_packaged(directory, name: str, offset) -> dict:
@@ -197,7 +217,30 @@ def test_the_transfer_report_draws_each_width_by_noise_level(tmp_path):
     assert "(answer_levels.png)" in first and (tmp_path / "report" / "answer_levels.png").is_file()
     # Each contrast's control overfits by its best-val gap: 0.1 (no noise) in every made-up run.
     assert re.search(r"\| w64-r3 \| w64-r3 − w64-r0 \| val_loss_full \| 5 \| -0\.06\d\d \|", markdown)
-    assert re.search(r"\| w64-r3 \| [^\n]*\| \+0\.100 \|", markdown)
+    assert re.search(r"\| w64-r3 \| [^\n]*\| better \| \+0\.100 \|", markdown)
+    # The answer in words: a line per control, its claims' shared prefix ahead.
+    (line,) = [text for text in first.splitlines() if text.startswith("width 64 (vs w64-r0): ")]
+    words = re.findall(r"(r = \d+) vs none \*\*(\w+)\*\* \(Δ (\S+)\)", line)
+    assert [(level, word) for level, word, _ in words] == [
+        ("r = 1", "better"),
+        ("r = 3", "better"),
+        ("r = 10", "better"),
+    ]
+    assert [round(float(delta.replace("−", "-")), 2) for *_, delta in words] == [-0.02, -0.06, -0.2]
+    assert (
+        sum(
+            text.startswith(("width 128 (vs w128-r0)", "width 256 (vs w256-r0)"))
+            for text in first.splitlines()
+        )
+        == 2
+    )
+
+
+def test_contrast_lines_share_a_prefix_only_where_every_claim_has_it():
+    assert verdict._shared_prefix(["width 64: r = 1 vs none", "width 64: r = 3 vs none"]) == "width 64"
+    assert verdict._shared_prefix(["width 64: r = 1 vs none", "width 256: r = 3 vs none"]) == ""
+    assert verdict._shared_prefix(["width 64: r = 1 vs none", "no colon"]) == ""
+    assert verdict._shared_prefix(["", ""]) == ""
 
 
 def test_the_confirm_report_answers_its_four_hypotheses(tmp_path):

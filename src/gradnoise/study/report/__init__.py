@@ -11,6 +11,8 @@ reads DIR/study.sqlite through `Store` and writes
     speed_cost.csv   per dataset × method: steps and seconds to the baseline's best val
                      loss, median step time, overhead %
     runs.csv         per run: its finals, wall time, and its directory and log (relative links)
+    tests.csv        (a spec with hypotheses:) each confirmatory test and exploratory contrast:
+                     Δ, CI, p, Holm p, verdict, the control's final − best val
     curves_*.png, final_val_*.png, gradients_*.png, dose_response_*.png (a spec with
     dose_response:), sigma_schedules.png, overhead.png, and the answer's figure:
     answer.png (a spec with hypotheses:, see `verdict`) or answer_*.png (dose-response)
@@ -146,9 +148,7 @@ def _answer(analysis: Analysis, directory: Path) -> Section | None:
         text = (
             [verdict.family_sentence(study, rows), *verdict.verdict_paragraphs(study, rows)]
             if rows
-            else [
-                "No confirmatory hypothesis: these contrasts are exploratory, each against its own control."
-            ]
+            else verdict.exploratory_paragraphs(study, contrasts)
         )
         forest = verdict.forest(study, rows, contrasts, directory / "answer.png")
         levels = verdict.contrasts_by_level(study, contrasts, directory / "answer_levels.png")
@@ -186,6 +186,9 @@ def _build(analysis: Analysis, directory: Path, made_by: str) -> None:
     sections, then report.md and index.html."""
     study = analysis.study
     render.write_csvs(directory, analysis)
+    if study.hypotheses is not None:
+        records = verdict.tests_records(study, verdict.hypothesis_rows(study), verdict.contrast_rows(study))
+        render.write_tests_csv(directory, verdict.TESTS_COLUMNS, records)
     answer = _answer(analysis, directory)
     lead = [answer] if answer else []
     sections = [

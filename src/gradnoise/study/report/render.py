@@ -340,6 +340,11 @@ def _run_record(r: RunRow) -> dict:
     }
 
 
+def write_tests_csv(directory: Path, columns: list[str], records: list[dict]) -> None:
+    """tests.csv: the hypotheses' and contrasts' lines (`verdict.tests_records`)."""
+    _write_csv(directory / "tests.csv", columns, records)
+
+
 def _csv_value(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""

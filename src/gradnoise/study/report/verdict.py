@@ -33,6 +33,8 @@ from gradnoise.study.stats import (
 )
 
 BETTER, WORSE, INCONCLUSIVE, UNTESTED = "better", "worse", "inconclusive", "no test"
+#: The words of an interaction (a difference of differences has no better side).
+POSITIVE, NEGATIVE = "positive", "negative"
 #: The colour each word is drawn in (the forest plot).
 WORD_COLORS = {BETTER: "tab:green", WORSE: "tab:red", INCONCLUSIVE: "tab:gray", UNTESTED: "tab:gray"}
 
@@ -81,6 +83,19 @@ class ContrastRow:
     contrast: Contrast
     comparison: Comparison
     p_holm: float
+    alpha: float = 0.05
+
+    @property
+    def word(self) -> str:
+        """better / worse for a difference, positive / negative for an interaction, where
+        the Holm-adjusted p is below α; else inconclusive."""
+        if math.isnan(self.p_holm):
+            return UNTESTED
+        if self.p_holm >= self.alpha:
+            return INCONCLUSIVE
+        if self.contrast.versus is not None:
+            return POSITIVE if self.comparison.mean_diff > 0 else NEGATIVE
+        return BETTER if improves(self.contrast.metric, self.comparison.mean_diff) else WORSE
 
 
 def hypothesis_rows(study: Study) -> list[HypothesisRow]:
@@ -120,7 +135,9 @@ def contrast_rows(study: Study) -> list[ContrastRow]:
                 comparison = interaction_contrast(treatment, control, *versus)
             estimated.append((dataset, c, comparison))
     adjusted = holm([comparison.t_p for *_, comparison in estimated])
-    return [ContrastRow(d, c, comp, p) for (d, c, comp), p in zip(estimated, adjusted, strict=True)]
+    return [
+        ContrastRow(d, c, comp, p, block.alpha) for (d, c, comp), p in zip(estimated, adjusted, strict=True)
+    ]
 
 
 def family_sentence(study: Study, rows: list[HypothesisRow]) -> str:
@@ -158,6 +175,117 @@ def _paragraph(row: HypothesisRow, several_datasets: bool) -> str:
     )
 
 
+def exploratory_paragraphs(study: Study, contrasts: list[ContrastRow]) -> list[str]:
+    """Without confirmatory tests, the answer in words: the family, then one line per
+    control (e.g. per model width) giving each contrast's word and Δ; the table gives CIs."""
+    if not contrasts:
+        return []
+    block = study.hypotheses
+    lead = (
+        f"No confirmatory hypothesis: {len(contrasts)} exploratory "
+        f"{'contrast' if len(contrasts) == 1 else 'contrasts'}, each against its own control, one "
+        f"{block.correction.capitalize()} family at α = {block.alpha:g}; Δ in {LOSS_UNIT}, "
+        "lower is better; 95% CIs in the table below."
+    )
+    groups: dict[tuple[str, str], list[ContrastRow]] = {}
+    for row in contrasts:
+        groups.setdefault((row.dataset, row.contrast.control), []).append(row)
+    several = len(study.datasets) > 1
+    lines = []
+    for (dataset, control), rows in groups.items():
+        prefix = _shared_prefix([r.contrast.claim for r in rows])
+        where = f" on {dataset}" if several else ""
+        head = f"{prefix} (vs {control}{where})" if prefix else f"vs {control}{where}"
+        items = [
+            f"{_claim(r.contrast, prefix)} **{r.word}** (Δ {signed(r.comparison.mean_diff, 3)})" for r in rows
+        ]
+        lines.append(f"{head}: {'; '.join(items)}.")
+    return [lead, *lines]
+
+
+def _shared_prefix(claims: list[str]) -> str:
+    """The text before ": " that every claim starts with ("width 64" of "width 64: r = 3
+    vs none"), or "" where they do not share one."""
+    heads = {claim.split(": ", 1)[0] for claim in claims if ": " in claim}
+    if len(heads) == 1 and all(": " in claim for claim in claims):
+        return heads.pop()
+    return ""
+
+
+def _claim(c: Contrast, prefix: str) -> str:
+    claim = c.claim or _contrast_text(c)
+    return claim[len(prefix) + 2 :] if prefix else claim
+
+
+TESTS_COLUMNS = [
+    "dataset",
+    "kind",
+    "id",
+    "claim",
+    "treatment",
+    "control",
+    "versus",
+    "metric",
+    "pairs",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "verdict",
+    "control_final_minus_best",
+]
+
+
+def tests_records(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]) -> list[dict]:
+    """tests.csv's lines: each confirmatory test (its CI the one its verdict reads), then each
+    exploratory contrast, with the control's overfitting beside it."""
+    records = []
+    for r in rows:
+        low, high, _ = r.interval
+        records.append(
+            {
+                "dataset": r.dataset,
+                "kind": f"confirmatory ({r.hypothesis.kind})",
+                "id": r.hypothesis.id,
+                "claim": r.hypothesis.claim,
+                "treatment": r.hypothesis.treatment,
+                "control": r.hypothesis.control,
+                "metric": r.hypothesis.metric,
+                "pairs": r.comparison.n_pairs,
+                "mean_diff": r.comparison.mean_diff,
+                "ci_low": low,
+                "ci_high": high,
+                "p": r.p,
+                "p_holm": r.p_holm,
+                "verdict": r.word,
+                "control_final_minus_best": _overfit(study, r.dataset, r.hypothesis.control),
+            }
+        )
+    for c in contrasts:
+        records.append(
+            {
+                "dataset": c.dataset,
+                "kind": "exploratory",
+                "id": c.contrast.id,
+                "claim": c.contrast.claim,
+                "treatment": c.contrast.treatment,
+                "control": c.contrast.control,
+                "versus": " − ".join(c.contrast.versus) if c.contrast.versus else None,
+                "metric": c.contrast.metric,
+                "pairs": c.comparison.n_pairs,
+                "mean_diff": c.comparison.mean_diff,
+                "ci_low": c.comparison.ci_low,
+                "ci_high": c.comparison.ci_high,
+                "p": c.comparison.t_p,
+                "p_holm": c.p_holm,
+                "verdict": c.word,
+                "control_final_minus_best": _overfit(study, c.dataset, c.contrast.control),
+            }
+        )
+    return records
+
+
 def hypotheses_table(rows: list[HypothesisRow]) -> Table:
     return Table(
         title="Confirmatory hypotheses (one Holm family)",
@@ -193,6 +321,7 @@ def contrasts_table(study: Study, rows: list[ContrastRow]) -> Table:
             "Δ",
             "95% CI",
             "p (Holm)",
+            "verdict",
             "control's final − best val",
         ],
         rows=[
@@ -204,13 +333,15 @@ def contrasts_table(study: Study, rows: list[ContrastRow]) -> Table:
                 signed(r.comparison.mean_diff),
                 _interval(r.comparison.ci_low, r.comparison.ci_high),
                 p_value(r.p_holm),
+                r.word,
                 signed(_overfit(study, r.dataset, r.contrast.control), 3),
             ]
             for r in rows
         ],
         notes=[
-            "Holm across these contrasts only. An interaction (a − b) − (c − d) is negative where "
-            "the treatment helps more in the first setting than in the second."
+            "Holm across these contrasts only; the verdict reads the Holm p at the spec's α. An "
+            "interaction (a − b) − (c − d) is negative where the treatment helps more in the first "
+            "setting than in the second."
         ],
     )
 
@@ -308,6 +439,7 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
     from matplotlib.figure import Figure
 
     lines: dict[tuple[str, str, bool], list[tuple[float, Comparison]]] = {}
+    claims: dict[str, list[str]] = {}
     for row in contrasts:
         config = study.config(row.dataset, row.contrast.treatment) or {}
         schedule = schedules.parse(config.get("noise", "none"))
@@ -318,6 +450,7 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
         lines.setdefault((row.contrast.control, row.contrast.metric, relative), []).append(
             (level, row.comparison)
         )
+        claims.setdefault(row.contrast.control, []).append(row.contrast.claim)
     if not any(len(points) > 1 for points in lines.values()):
         return None
     figure = Figure(figsize=(7.0, 3.8), layout="constrained")
@@ -328,7 +461,10 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
         means = [c.mean_diff for _, c in points]
         errors = [[c.mean_diff - c.ci_low for _, c in points], [c.ci_high - c.mean_diff for _, c in points]]
         unit = "r" if relative else "σ"
-        label = f"vs {control}" + ("" if key == study.hypotheses.metric else f" ({metric(key).label})")
+        prefix = _shared_prefix(claims[control])
+        label = (f"{prefix}, vs {control}" if prefix else f"vs {control}") + (
+            "" if key == study.hypotheses.metric else f" ({metric(key).label})"
+        )
         ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=f"{label}, {unit}")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log")
