@@ -453,25 +453,35 @@ def contrasts_by_level(study: Study, contrasts: list[ContrastRow], path: Path) -
         claims.setdefault(row.contrast.control, []).append(row.contrast.claim)
     if not any(len(points) > 1 for points in lines.values()):
         return None
+    kinds = {relative for _, _, relative in lines}
     figure = Figure(figsize=(7.0, 3.8), layout="constrained")
     ax = figure.subplots()
-    for (control, key, relative), points in lines.items():
+    for k, ((control, key, relative), points) in enumerate(lines.items()):
         points.sort(key=lambda point: point[0])
-        xs = [level for level, _ in points]
+        # Each line a little to the side of the last, so that CIs at one level do not overlap.
+        dodge = 1.04 ** (k - (len(lines) - 1) / 2)
+        xs = [level * dodge for level, _ in points]
         means = [c.mean_diff for _, c in points]
         errors = [[c.mean_diff - c.ci_low for _, c in points], [c.ci_high - c.mean_diff for _, c in points]]
-        unit = "r" if relative else "σ"
         prefix = _shared_prefix(claims[control])
-        label = (f"{prefix}, vs {control}" if prefix else f"vs {control}") + (
-            "" if key == study.hypotheses.metric else f" ({metric(key).label})"
-        )
-        ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=f"{label}, {unit}")
+        label = f"{prefix} (vs {control})" if prefix else f"vs {control}"
+        label += "" if key == study.hypotheses.metric else f", {metric(key).label}"
+        label += f", {'r' if relative else 'σ'}" if len(kinds) > 1 else ""
+        ax.errorbar(xs, means, yerr=errors, fmt="o-", capsize=3, label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("noise level of the treatment (σ, or r for relative noise)")
+    levels = sorted({level for points in lines.values() for level, _ in points})
+    ax.set_xticks(levels, [f"{level:g}" for level in levels])
+    ax.minorticks_off()
+    ax.set_xlabel(
+        {
+            frozenset({True}): "relative noise r (σ = r × RMS of the clipped gradient)",
+            frozenset({False}): "noise σ",
+        }.get(frozenset(kinds), "noise level of the treatment (σ, or r for relative noise)")
+    )
     ax.set_ylabel(f"Δ {metric(study.hypotheses.metric).label} ({LOSS_UNIT})")
     ax.set_title("exploratory: treatment − its control by noise level, mean and 95% CI", fontsize="small")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     figure.savefig(path, dpi=110, metadata={"Software": None})
     return path
