@@ -62,7 +62,7 @@ def test_the_paper_baseline_is_reported_like_for_like():
 
 
 def test_the_committed_studies_are_there():
-    expected = {"quick", "paper-baseline", "sweep", "placements", "neelakantan", "confirm"}
+    expected = {"quick", "paper-baseline", "sweep", "placements", "neelakantan", "confirm", "transfer"}
     assert {path.name for path in STUDIES} >= expected
 
 

@@ -68,7 +68,9 @@ def study_dir(tmp_path_factory):
 
     def result_of(method, index, seed):
         full = values(method)[index]
-        return {"steps": 100, "val_loss_full": full, "best_val_loss": full - 0.1, "val_loss": full}, []
+        # The last periodic estimate 0.02 above the full pass, the best 0.1 below it.
+        finals = {"steps": 100, "val_loss_full": full, "best_val_loss": full - 0.1, "val_loss": full + 0.02}
+        return finals, []
 
     fabricated.store_done_runs(directory, SPEC, METHODS, SEEDS, DATASET, result_of)
     write_report(directory)
@@ -179,8 +181,8 @@ def test_tests_csv_lists_every_test_and_contrast_with_its_verdict(study_dir):
     assert by_id["d"]["kind"] == "confirmatory (equivalent)" and by_id["inter"]["kind"] == "exploratory"
     diffs = [t - c for t, c in zip(values("rel+drop"), values("drop"), strict=True)]
     assert float(by_id["b"]["mean_diff"]) == pytest.approx(statistics.mean(diffs))
-    # The made-up runs end 0.1 above their best val.
-    assert float(by_id["a"]["control_final_minus_best"]) == pytest.approx(0.1)
+    # Overfitting reads the periodic estimates alone: the last (full + 0.02) − the best (full − 0.1).
+    assert float(by_id["a"]["control_final_minus_best"]) == pytest.approx(0.12)
 
 
 def fill_packaged(directory, name: str, offset) -> dict:

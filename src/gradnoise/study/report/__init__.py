@@ -13,6 +13,7 @@ reads DIR/study.sqlite through `Store` and writes
     runs.csv         per run: its finals, wall time, and its directory and log (relative links)
     tests.csv        (a spec with hypotheses:) each confirmatory test and exploratory contrast:
                      Δ, CI, p, Holm p, verdict, the control's final − best val
+                     (periodic estimates, the same batches)
     curves_*.png, final_val_*.png, gradients_*.png, dose_response_*.png (a spec with
     dose_response:), sigma_schedules.png, overhead.png, and the answer's figure:
     answer.png (a spec with hypotheses:, see `verdict`) or answer_*.png (dose-response)
