@@ -139,13 +139,17 @@ def _build_settings(
     )
 
 
-def _answer(analysis: Analysis, directory: Path) -> Section | None:
+#: A study's confirmatory tests and exploratory contrasts (`verdict`), estimated once.
+Tested = tuple[list[verdict.HypothesisRow], list[verdict.ContrastRow]]
+
+
+def _answer(analysis: Analysis, tested: Tested | None, directory: Path) -> Section | None:
     """What the report opens with. With hypotheses: a paragraph per confirmatory test and
     the forest plot of the tested differences and exploratory contrasts. Without: the
     best-supported finding and the figure that shows it (dose-response, else final val)."""
     study = analysis.study
-    if study.hypotheses is not None:
-        rows, contrasts = verdict.hypothesis_rows(study), verdict.contrast_rows(study)
+    if tested is not None:
+        rows, contrasts = tested
         text = (
             [verdict.family_sentence(study, rows), *verdict.verdict_paragraphs(study, rows)]
             if rows
@@ -169,11 +173,10 @@ def _answer(analysis: Analysis, directory: Path) -> Section | None:
     return Section("The answer", text=text, plots=_drawn(figure)) if text or figure else None
 
 
-def _tests_in_full(analysis: Analysis) -> Section | None:
-    study = analysis.study
-    if study.hypotheses is None:
+def _tests_in_full(study, tested: Tested | None) -> Section | None:
+    if tested is None:
         return None
-    rows, contrasts = verdict.hypothesis_rows(study), verdict.contrast_rows(study)
+    rows, contrasts = tested
     found = [
         *([verdict.hypotheses_table(rows)] if rows else []),
         *([verdict.contrasts_table(study, contrasts)] if contrasts else []),
@@ -187,13 +190,14 @@ def _build(analysis: Analysis, directory: Path, made_by: str) -> None:
     sections, then report.md and index.html."""
     study = analysis.study
     render.write_csvs(directory, analysis)
+    tested = None
     if study.hypotheses is not None:
-        records = verdict.tests_records(study, verdict.hypothesis_rows(study), verdict.contrast_rows(study))
-        render.write_tests_csv(directory, verdict.TESTS_COLUMNS, records)
-    answer = _answer(analysis, directory)
+        tested = verdict.hypothesis_rows(study), verdict.contrast_rows(study)
+        render.write_tests_csv(directory, verdict.TESTS_COLUMNS, verdict.tests_records(study, *tested))
+    answer = _answer(analysis, tested, directory)
     lead = [answer] if answer else []
     sections = [
-        *[s for s in (_tests_in_full(analysis), _published_section(analysis)) if s is not None],
+        *[s for s in (_tests_in_full(study, tested), _published_section(analysis)) if s is not None],
         *_findings_sections(analysis),
         *_dose_sections(analysis, directory),
         *[_dataset_section(analysis, dataset, directory) for dataset in study.datasets],

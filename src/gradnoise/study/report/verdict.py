@@ -240,50 +240,56 @@ TESTS_COLUMNS = [
 def tests_records(study: Study, rows: list[HypothesisRow], contrasts: list[ContrastRow]) -> list[dict]:
     """tests.csv's lines: each confirmatory test (its CI the one its verdict reads), then each
     exploratory contrast, with the control's overfitting beside it."""
-    records = []
-    for r in rows:
-        low, high, _ = r.interval
-        records.append(
-            {
-                "dataset": r.dataset,
-                "kind": f"confirmatory ({r.hypothesis.kind})",
-                "id": r.hypothesis.id,
-                "claim": r.hypothesis.claim,
-                "treatment": r.hypothesis.treatment,
-                "control": r.hypothesis.control,
-                "metric": r.hypothesis.metric,
-                "pairs": r.comparison.n_pairs,
-                "mean_diff": r.comparison.mean_diff,
-                "ci_low": low,
-                "ci_high": high,
-                "p": r.p,
-                "p_holm": r.p_holm,
-                "verdict": r.word,
-                "control_final_minus_best": _overfit(study, r.dataset, r.hypothesis.control),
-            }
-        )
-    for c in contrasts:
-        records.append(
-            {
-                "dataset": c.dataset,
-                "kind": "exploratory",
-                "id": c.contrast.id,
-                "claim": c.contrast.claim,
-                "treatment": c.contrast.treatment,
-                "control": c.contrast.control,
-                "versus": " − ".join(c.contrast.versus) if c.contrast.versus else None,
-                "metric": c.contrast.metric,
-                "pairs": c.comparison.n_pairs,
-                "mean_diff": c.comparison.mean_diff,
-                "ci_low": c.comparison.ci_low,
-                "ci_high": c.comparison.ci_high,
-                "p": c.comparison.t_p,
-                "p_holm": c.p_holm,
-                "verdict": c.word,
-                "control_final_minus_best": _overfit(study, c.dataset, c.contrast.control),
-            }
-        )
-    return records
+
+    def record(dataset, kind, c, comparison, interval, p, p_holm, word, versus=None) -> dict:
+        return {
+            "dataset": dataset,
+            "kind": kind,
+            "id": c.id,
+            "claim": c.claim,
+            "treatment": c.treatment,
+            "control": c.control,
+            "versus": " − ".join(versus) if versus else None,
+            "metric": c.metric,
+            "pairs": comparison.n_pairs,
+            "mean_diff": comparison.mean_diff,
+            "ci_low": interval[0],
+            "ci_high": interval[1],
+            "p": p,
+            "p_holm": p_holm,
+            "verdict": word,
+            "control_final_minus_best": _overfit(study, dataset, c.control),
+        }
+
+    return [
+        *[
+            record(
+                r.dataset,
+                f"confirmatory ({r.hypothesis.kind})",
+                r.hypothesis,
+                r.comparison,
+                r.interval,
+                r.p,
+                r.p_holm,
+                r.word,
+            )
+            for r in rows
+        ],
+        *[
+            record(
+                c.dataset,
+                "exploratory",
+                c.contrast,
+                c.comparison,
+                (c.comparison.ci_low, c.comparison.ci_high),
+                c.comparison.t_p,
+                c.p_holm,
+                c.word,
+                c.contrast.versus,
+            )
+            for c in contrasts
+        ],
+    ]
 
 
 def hypotheses_table(rows: list[HypothesisRow]) -> Table:
